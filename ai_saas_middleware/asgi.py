@@ -1,0 +1,194 @@
+"""Pure ASGI middleware: any ASGI app (Starlette, FastAPI, Quart, ...).
+
+::
+
+    from ai_saas_middleware.asgi import AISaaSMiddleware
+    app = AISaaSMiddleware(app, config="ai-saas-config.yaml")
+
+Requests that match no configured endpoint, and every non-HTTP scope, go straight to
+the app: no Redis call, no body read, nothing wrapped. For an AI request the body is
+read once (at most ``http.maxBodyBytes``, else 413), admitted by the core in one
+``redis.asyncio`` round trip, and replayed to the app; the context is put at
+``scope["ai_saas"]`` and ``scope["state"]["ai"]`` (``request.state.ai`` in Starlette).
+The response passes through unchanged but for the ``X-Request-ID``, ``X-AI-Model`` and
+RateLimit headers; streamed bodies are forwarded chunk by chunk. When the app is done,
+after the last byte was handed to the server, the request is settled in one more
+round trip, also when the client went away half way (what was produced is billed).
+
+``resolver``, when given, maps the scope to a tenant id (for apps whose users are
+already authenticated, e.g. from ``scope["user"]``); it may be a coroutine function.
+When it returns None, the API key decides.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any, Union
+
+from .config import Config, EndpointConfig
+from .gateway import AsyncGateway
+from .responses import refusal
+from .types import Decision, RequestInfo
+from .usage import ResponseMeter
+
+__all__ = ["AISaaSMiddleware"]
+
+log = logging.getLogger("ai_saas_middleware")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Resolver = Callable[[Scope], Union[str, None, Awaitable[Union[str, None]]]]
+ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]"]
+
+
+async def send_decision(send: Send, decision: Decision) -> None:
+    """Write a refusal as a whole response."""
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers]
+    headers.append((b"content-length", str(len(decision.body)).encode()))
+    await send({"type": "http.response.start", "status": decision.status, "headers": headers})
+    await send({"type": "http.response.body", "body": decision.body, "more_body": False})
+
+
+class AISaaSMiddleware:
+    """ASGI middleware that makes every AI request cost-aware.
+
+    Args:
+        app: the ASGI app to wrap.
+        config: a YAML path, a dict or a loaded Config (ignored when ``gateway`` is given).
+        gateway: an :class:`AsyncGateway` to share between apps.
+        resolver: ``scope -> tenant id | None`` (sync or async), for apps that already
+            know their user; None defers to the API key.
+        redis_url: overrides ``redis.url``.
+    """
+
+    def __init__(self, app: ASGIApp, config: ConfigSource | None = None, *,
+                 gateway: AsyncGateway | None = None, resolver: Resolver | None = None,
+                 redis_url: str | None = None):
+        if gateway is None:
+            if config is None:
+                raise TypeError("AISaaSMiddleware needs config= (a YAML path, a dict or a "
+                                "Config) or gateway=")
+            gateway = AsyncGateway(config, redis_url=redis_url)
+        self.app = app
+        self.gateway = gateway
+        self.resolver = resolver
+        self._resolver_is_async = resolver is not None and (
+            inspect.iscoroutinefunction(resolver)
+            or inspect.iscoroutinefunction(getattr(resolver, "__call__", None)))
+        self.max_body_bytes = gateway.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = self.gateway.endpoint_for(scope["method"], scope["path"])
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        await self._ai_request(scope, receive, send, endpoint)
+
+    async def _resolve(self, scope: Scope) -> str | None:
+        if self.resolver is None:
+            return None
+        tenant = self.resolver(scope)
+        if self._resolver_is_async or inspect.isawaitable(tenant):
+            tenant = await tenant  # type: ignore[misc]
+        return tenant  # type: ignore[return-value]
+
+    async def _read_body(self, receive: Receive, headers: Mapping[str, str]
+                         ) -> bytes | Decision | None:
+        """The whole body, a refusal (413/400), or None when the client left."""
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return refusal("invalid_request", "Content-Length must be a whole number")
+            if int(declared) > self.max_body_bytes:
+                return self.gateway.too_large()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return self.gateway.too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _ai_request(self, scope: Scope, receive: Receive, send: Send,
+                          endpoint: EndpointConfig) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        body = await self._read_body(receive, headers)
+        if body is None:
+            return
+        if isinstance(body, Decision):
+            await send_decision(send, body)
+            return
+        info = RequestInfo(scope["method"], scope["path"], headers, body,
+                           await self._resolve(scope))
+        decision = await self.gateway.admit(info, endpoint)
+        if not decision.allowed:
+            await send_decision(send, decision)
+            return
+        ctx, ticket = decision.context, decision.ticket
+        assert ctx is not None and ticket is not None
+        scope["ai_saas"] = ctx
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["ai"] = ctx
+
+        extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers]
+        meter = ResponseMeter()
+        replayed = False
+        disconnected = False
+
+        async def replay_receive() -> Message:
+            nonlocal replayed, disconnected
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        async def metered_send(message: Message) -> None:
+            nonlocal disconnected
+            kind = message["type"]
+            if kind == "http.response.start":
+                raw = list(message.get("headers", ()))
+                content_type = next((v for k, v in raw if k.lower() == b"content-type"), b"")
+                meter.start(message["status"], content_type.decode("latin-1"))
+                message = {**message, "headers": raw + extra}
+            elif kind == "http.response.body":
+                meter.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    meter.finish()
+            try:
+                await send(message)
+            except OSError:
+                disconnected = True
+                raise
+
+        failed = False
+        try:
+            await self.app(scope, replay_receive, metered_send)
+        except BaseException:
+            failed = not disconnected
+            raise
+        finally:
+            outcome = meter.outcome(failed=failed or ctx.failed, disconnected=disconnected)
+            try:
+                await self.gateway.settle(ticket, outcome, ctx)
+            except Exception:  # noqa: BLE001 - accounting must never break the response
+                log.exception("settling request %s failed", ticket.request_id)

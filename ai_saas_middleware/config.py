@@ -1,0 +1,758 @@
+"""Configuration: YAML file or dict in, frozen typed objects out.
+
+``load_config(source)`` accepts a path to a YAML file, a ``dict`` of the same
+structure, or an already loaded :class:`Config` (returned as is). Every problem is
+collected and raised at once as one :class:`~ai_saas_middleware.errors.ConfigError`,
+each naming its path (``tenant.tiers[1].rateLimit``), what was expected and what was
+found. Prices are read as exact decimals: the YAML loader never turns ``0.00000015``
+into a binary float.
+
+The sections, all optional except that a serving deployment needs ``models``,
+``endpoints`` and some tenants (see :func:`serving_gaps`)::
+
+    tenant.tiers[]      name, monthlyQuota (tokens | unlimited), rateLimit (req/min | unlimited),
+                        allowedModels, onUnavailable (open | closed, overrides redis.onUnavailable)
+    routing             strategy, fallbackChain, circuitBreaker {errorThreshold, resetTimeout}
+    cache               enabled, ttl, similarityThreshold
+    billing             provider, usageMetric, pricingRules[] {metric, rate}
+    models[]            id, provider, costPerInputToken, costPerOutputToken, maxTokens,
+                        qualityScore, latencyP99Ms
+    modelCatalog        path of a LiteLLM-format cost map; models[] entries may then omit
+                        provider, prices and maxTokens
+    tenants[]           id, tier, apiKeys ["sha256:<hex>"], stripeCustomerId
+    endpoints[]         path (glob), methods, requiredQuality, maxLatencyMs,
+                        maxCostPerRequest, defaultMaxOutputTokens
+    redis               url, keyPrefix, shards, onUnavailable, socketTimeout, connectTimeout,
+                        retryInterval, dedupeTtl, spoolDir
+    http                maxBodyBytes, tenantHeader (trusted header; off by default)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from fnmatch import translate
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, ConfigProblem
+
+__all__ = [
+    "BillingConfig",
+    "CacheConfig",
+    "CircuitBreakerConfig",
+    "Config",
+    "EndpointConfig",
+    "HttpConfig",
+    "ModelProfile",
+    "PricingRule",
+    "RedisConfig",
+    "RoutingConfig",
+    "TenantConfig",
+    "TierConfig",
+    "describe",
+    "load_config",
+    "serving_gaps",
+]
+
+TENANT_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_KEY_HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ON_UNAVAILABLE = ("open", "closed")
+_STRATEGIES = ("cost_optimized",)
+
+
+# --------------------------------------------------------------------------- objects
+
+
+@dataclass(frozen=True, slots=True)
+class TierConfig:
+    """A service tier. ``None`` limits mean unlimited."""
+
+    name: str
+    monthly_quota: int | None
+    rate_limit: int | None  # requests per minute
+    allowed_models: tuple[str, ...]
+    on_unavailable: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProfile:
+    """What routing knows of a model. Prices are exact USD per token."""
+
+    id: str
+    provider: str
+    cost_per_input_token: Decimal
+    cost_per_output_token: Decimal
+    max_tokens: int  # context window
+    quality_score: float
+    latency_p99_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """A tenant declared in the configuration (static; Redis holds the rest)."""
+
+    id: str
+    tier: str
+    api_key_hashes: tuple[str, ...] = ()  # hex SHA-256 digests, never keys
+    stripe_customer_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """A path pattern that counts as an AI endpoint, with its requirements."""
+
+    path: str
+    methods: frozenset[str] | None = None  # None: every method
+    required_quality: float | None = None
+    max_latency_ms: int | None = None
+    max_cost_per_request: Decimal | None = None
+    default_max_output_tokens: int = 512
+    pattern: re.Pattern[str] = field(default=re.compile(""), compare=False, repr=False)
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.methods is None or method in self.methods) and (
+            self.pattern.match(path) is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str | None = None
+    key_prefix: str = "aisaas"
+    shards: int = 16
+    on_unavailable: str = "open"
+    socket_timeout_s: float = 0.25
+    connect_timeout_s: float = 0.25
+    retry_interval_s: float = 2.0  # how long an unreachable Redis is left alone
+    dedupe_ttl_s: int = 86400  # how long settled request ids are remembered
+    spool_dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    error_threshold: int = 5
+    reset_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    strategy: str = "cost_optimized"
+    fallback_chain: tuple[str, ...] = ()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    enabled: bool = False
+    ttl_s: float = 3600.0
+    similarity_threshold: float = 0.85
+
+
+@dataclass(frozen=True, slots=True)
+class PricingRule:
+    metric: str
+    rate: Decimal  # USD per unit of metric
+
+
+@dataclass(frozen=True, slots=True)
+class BillingConfig:
+    provider: str | None = None
+    usage_metric: str = "tokens"
+    pricing_rules: tuple[PricingRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    max_body_bytes: int = 1_048_576
+    tenant_header: str | None = None  # trusted only when the deployment names it
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, validated configuration. Immutable; share it freely."""
+
+    tiers: Mapping[str, TierConfig]
+    models: Mapping[str, ModelProfile]
+    tenants: Mapping[str, TenantConfig]
+    endpoints: tuple[EndpointConfig, ...]
+    redis: RedisConfig
+    routing: RoutingConfig
+    cache: CacheConfig
+    billing: BillingConfig
+    http: HttpConfig
+    source: str = ""
+
+    def tier(self, name: str) -> TierConfig:
+        return self.tiers[name]
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _DecimalLoader(yaml.SafeLoader):
+    """SafeLoader that reads every float literal as an exact Decimal."""
+
+
+def _construct_decimal(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    text = str(loader.construct_scalar(node)).replace("_", "")  # type: ignore[arg-type]
+    low = text.lower()
+    if low in (".inf", "+.inf", "-.inf", ".nan"):
+        return float(text.replace(".", "", 1))
+    return Decimal(text)
+
+
+_DecimalLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
+
+
+def _read_yaml(path: Path) -> Any:
+    with path.open("r", encoding="utf-8") as fh:
+        return yaml.load(fh, Loader=_DecimalLoader)  # noqa: S506 - SafeLoader subclass
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"boolean {value!r}"
+    if isinstance(value, (int, float, Decimal)):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
+
+
+_MISSING = object()
+
+
+class _Reader:
+    """Collects problems while reading one configuration tree."""
+
+    def __init__(self) -> None:
+        self.problems: list[ConfigProblem] = []
+
+    def problem(self, path: str, expected: str, found: str) -> None:
+        self.problems.append(ConfigProblem(path, expected, found))
+
+    def mapping(self, value: Any, path: str, known: tuple[str, ...]) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.problem(path, "a mapping", _kind(value))
+            return {}
+        for key in value:
+            if key not in known:
+                self.problem(f"{path}.{key}" if path else str(key),
+                             "one of " + ", ".join(known), f"unknown key {key!r}")
+        return value
+
+    def items(self, value: Any, path: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)):
+            self.problem(path, "a list", _kind(value))
+            return []
+        return list(value)
+
+    def string(self, m: Mapping[str, Any], key: str, path: str, default: Any = _MISSING,
+               pattern: re.Pattern[str] | None = None, what: str = "a string") -> Any:
+        value = m.get(key, _MISSING)
+        if value is _MISSING or value is None:
+            if default is _MISSING:
+                self.problem(f"{path}.{key}", what, "nothing")
+                return None
+            return default
+        if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
+            self.problem(f"{path}.{key}", what, _kind(value))
+            return default if default is not _MISSING else None
+        return value
+
+    def integer(self, m: Mapping[str, Any], key: str, path: str, default: Any = _MISSING,
+                minimum: int = 0, unlimited: bool = False) -> Any:
+        value = m.get(key, _MISSING)
+        what = f"a whole number >= {minimum}" + (" or 'unlimited'" if unlimited else "")
+        if value is _MISSING or value is None:
+            if default is _MISSING:
+                self.problem(f"{path}.{key}", what, "nothing")
+                return None
+            return default
+        if unlimited and isinstance(value, str) and value.strip().lower() == "unlimited":
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, Decimal)) or value != int(value):
+            self.problem(f"{path}.{key}", what, _kind(value))
+            return default if default is not _MISSING else None
+        if int(value) < minimum:
+            self.problem(f"{path}.{key}", what, _kind(value))
+            return default if default is not _MISSING else None
+        return int(value)
+
+    def decimal(self, m: Mapping[str, Any], key: str, path: str, default: Any = _MISSING,
+                minimum: Decimal = Decimal(0), maximum: Decimal | None = None) -> Any:
+        value = m.get(key, _MISSING)
+        what = f"a decimal number >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        if value is _MISSING or value is None:
+            if default is _MISSING:
+                self.problem(f"{path}.{key}", what, "nothing")
+                return None
+            return default
+        number = _to_decimal(value)
+        if number is None or number < minimum or (maximum is not None and number > maximum):
+            self.problem(f"{path}.{key}", what, _kind(value))
+            return default if default is not _MISSING else None
+        return number
+
+    def duration(self, m: Mapping[str, Any], key: str, path: str, default: float) -> float:
+        value = m.get(key, _MISSING)
+        if value is _MISSING or value is None:
+            return default
+        seconds = _to_seconds(value)
+        if seconds is None:
+            self.problem(f"{path}.{key}", "a duration like 30s, 5m, 1h or plain seconds",
+                         _kind(value))
+            return default
+        return seconds
+
+    def boolean(self, m: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+        value = m.get(key, _MISSING)
+        if value is _MISSING or value is None:
+            return default
+        if not isinstance(value, bool):
+            self.problem(f"{path}.{key}", "true or false", _kind(value))
+            return default
+        return value
+
+    def choice(self, m: Mapping[str, Any], key: str, path: str, options: tuple[str, ...],
+               default: Any) -> Any:
+        value = m.get(key, _MISSING)
+        if value is _MISSING or value is None:
+            return default
+        if value not in options:
+            self.problem(f"{path}.{key}", "one of " + ", ".join(options), _kind(value))
+            return default
+        return value
+
+    def string_list(self, m: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+        out: list[str] = []
+        for i, item in enumerate(self.items(m.get(key), f"{path}.{key}")):
+            if not isinstance(item, str) or not item:
+                self.problem(f"{path}.{key}[{i}]", "a non-empty string", _kind(item))
+            else:
+                out.append(item)
+        return tuple(out)
+
+
+def _to_decimal(value: Any) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Decimal):
+        return value if value.is_finite() else None
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        # A float from a dict config: its shortest repr is what the user wrote.
+        return Decimal(repr(value)) if value == value and abs(value) != float("inf") else None
+    if isinstance(value, str):
+        try:
+            number = Decimal(value.strip())
+        except InvalidOperation:
+            return None
+        return number if number.is_finite() else None
+    return None
+
+
+def _to_seconds(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, Decimal)):
+        return float(value) if value >= 0 else None
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return None
+
+
+# --------------------------------------------------------------------------- sections
+
+
+_TOP = ("tenant", "routing", "cache", "billing", "models", "modelCatalog", "tenants",
+        "endpoints", "redis", "http")
+
+
+def _read_tiers(r: _Reader, tenant_section: Any) -> dict[str, TierConfig]:
+    section = r.mapping(tenant_section, "tenant", ("tiers",))
+    tiers: dict[str, TierConfig] = {}
+    for i, raw in enumerate(r.items(section.get("tiers"), "tenant.tiers")):
+        path = f"tenant.tiers[{i}]"
+        m = r.mapping(raw, path, ("name", "monthlyQuota", "rateLimit", "allowedModels",
+                                  "onUnavailable"))
+        if not m:
+            continue
+        name = r.string(m, "name", path, pattern=TENANT_ID_RE,
+                        what="a tier name of [A-Za-z0-9_.-], 1 to 64 characters")
+        tier = TierConfig(
+            name=name or "",
+            monthly_quota=r.integer(m, "monthlyQuota", path, minimum=0, unlimited=True),
+            rate_limit=r.integer(m, "rateLimit", path, minimum=1, unlimited=True),
+            allowed_models=r.string_list(m, "allowedModels", path),
+            on_unavailable=r.choice(m, "onUnavailable", path, _ON_UNAVAILABLE, None),
+        )
+        if name and name in tiers:
+            r.problem(f"{path}.name", "a tier name used once", f"duplicate {name!r}")
+        elif name:
+            tiers[name] = tier
+    return tiers
+
+
+def _read_catalog(r: _Reader, value: Any, base: Path | None) -> dict[str, Mapping[str, Any]]:
+    if value is None:
+        return {}
+    if not isinstance(value, str):
+        r.problem("modelCatalog", "a path to a LiteLLM-format JSON cost map", _kind(value))
+        return {}
+    path = Path(value)
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_float=Decimal)
+    except OSError as exc:
+        r.problem("modelCatalog", "a readable JSON file", f"{value!r} ({exc.strerror})")
+        return {}
+    except ValueError as exc:
+        r.problem("modelCatalog", "valid JSON", f"{value!r} ({exc})")
+        return {}
+    if not isinstance(data, Mapping):
+        r.problem("modelCatalog", "a JSON object of model id -> prices", _kind(data))
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, Mapping)}
+
+
+def _read_models(r: _Reader, value: Any, catalog: Mapping[str, Mapping[str, Any]]
+                 ) -> dict[str, ModelProfile]:
+    models: dict[str, ModelProfile] = {}
+    for i, raw in enumerate(r.items(value, "models")):
+        path = f"models[{i}]"
+        m = r.mapping(raw, path, ("id", "provider", "costPerInputToken", "costPerOutputToken",
+                                  "maxTokens", "qualityScore", "latencyP99Ms"))
+        if not m:
+            continue
+        model_id = r.string(m, "id", path)
+        # A LiteLLM catalog entry fills what the profile leaves out.
+        entry = catalog.get(model_id or "", {})
+        merged = {
+            "provider": entry.get("litellm_provider"),
+            "costPerInputToken": entry.get("input_cost_per_token"),
+            "costPerOutputToken": entry.get("output_cost_per_token"),
+            "maxTokens": entry.get("max_input_tokens", entry.get("max_tokens")),
+        }
+        merged = {k: v for k, v in merged.items() if v is not None}
+        merged.update({k: v for k, v in m.items() if v is not None})
+        profile = ModelProfile(
+            id=model_id or "",
+            provider=r.string(merged, "provider", path),
+            cost_per_input_token=r.decimal(merged, "costPerInputToken", path),
+            cost_per_output_token=r.decimal(merged, "costPerOutputToken", path),
+            max_tokens=r.integer(merged, "maxTokens", path, minimum=1),
+            quality_score=float(r.decimal(merged, "qualityScore", path, maximum=Decimal(1)) or 0),
+            latency_p99_ms=r.integer(merged, "latencyP99Ms", path, minimum=1),
+        )
+        if model_id and model_id in models:
+            r.problem(f"{path}.id", "a model id used once", f"duplicate {model_id!r}")
+        elif model_id:
+            models[model_id] = profile
+    return models
+
+
+def _read_tenants(r: _Reader, value: Any, tiers: Mapping[str, TierConfig]
+                  ) -> dict[str, TenantConfig]:
+    tenants: dict[str, TenantConfig] = {}
+    seen_keys: dict[str, str] = {}
+    for i, raw in enumerate(r.items(value, "tenants")):
+        path = f"tenants[{i}]"
+        m = r.mapping(raw, path, ("id", "tier", "apiKeys", "stripeCustomerId"))
+        if not m:
+            continue
+        tenant_id = r.string(m, "id", path, pattern=TENANT_ID_RE,
+                             what="a tenant id of [A-Za-z0-9_.-], 1 to 64 characters")
+        tier = r.string(m, "tier", path)
+        if tier is not None and tier not in tiers:
+            r.problem(f"{path}.tier", "one of the tiers " + ", ".join(tiers) if tiers
+                      else "a tier defined in tenant.tiers", repr(tier))
+        hashes: list[str] = []
+        for j, key in enumerate(r.items(m.get("apiKeys"), f"{path}.apiKeys")):
+            match = _KEY_HASH_RE.match(key) if isinstance(key, str) else None
+            if match is None:
+                # Never echo what might be a plaintext key back into a log.
+                found = "a value that is not a sha256 digest" if isinstance(key, str) else _kind(key)
+                r.problem(f"{path}.apiKeys[{j}]", "'sha256:' and 64 lowercase hex digits", found)
+                continue
+            digest = match.group(1)
+            if digest in seen_keys and seen_keys[digest] != tenant_id:
+                r.problem(f"{path}.apiKeys[{j}]", "a key hash that belongs to one tenant",
+                          f"the same hash as tenant {seen_keys[digest]!r}")
+            seen_keys[digest] = tenant_id or ""
+            hashes.append(digest)
+        stripe = r.string(m, "stripeCustomerId", path, default=None)
+        if tenant_id and tenant_id in tenants:
+            r.problem(f"{path}.id", "a tenant id used once", f"duplicate {tenant_id!r}")
+        elif tenant_id:
+            tenants[tenant_id] = TenantConfig(tenant_id, tier or "", tuple(hashes), stripe)
+    return tenants
+
+
+def _read_endpoints(r: _Reader, value: Any) -> tuple[EndpointConfig, ...]:
+    endpoints: list[EndpointConfig] = []
+    for i, raw in enumerate(r.items(value, "endpoints")):
+        path = f"endpoints[{i}]"
+        m = r.mapping(raw, path, ("path", "methods", "requiredQuality", "maxLatencyMs",
+                                  "maxCostPerRequest", "defaultMaxOutputTokens"))
+        if not m:
+            continue
+        glob = r.string(m, "path", path, pattern=re.compile(r"^/"),
+                        what="a path glob starting with '/'")
+        methods = r.string_list(m, "methods", path)
+        quality = r.decimal(m, "requiredQuality", path, default=None, maximum=Decimal(1))
+        endpoints.append(EndpointConfig(
+            path=glob or "/",
+            methods=frozenset(x.upper() for x in methods) if methods else None,
+            required_quality=float(quality) if quality is not None else None,
+            max_latency_ms=r.integer(m, "maxLatencyMs", path, default=None, minimum=1),
+            max_cost_per_request=r.decimal(m, "maxCostPerRequest", path, default=None),
+            default_max_output_tokens=r.integer(m, "defaultMaxOutputTokens", path,
+                                                default=512, minimum=1),
+            pattern=re.compile(translate(glob or "/")),
+        ))
+    return tuple(endpoints)
+
+
+def _read_redis(r: _Reader, value: Any) -> RedisConfig:
+    m = r.mapping(value, "redis", ("url", "keyPrefix", "shards", "onUnavailable",
+                                   "socketTimeout", "connectTimeout", "retryInterval",
+                                   "dedupeTtl", "spoolDir"))
+    url = r.string(m, "url", "redis", default=None,
+                   pattern=re.compile(r"^(redis|rediss|unix|redis\+cluster|rediss\+cluster)://"),
+                   what="a URL starting redis://, rediss://, unix:// or redis+cluster://")
+    return RedisConfig(
+        url=url,
+        key_prefix=r.string(m, "keyPrefix", "redis", default="aisaas",
+                            pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,32}$"),
+                            what="a prefix of [A-Za-z0-9_.:-], 1 to 32 characters (no braces)"),
+        shards=r.integer(m, "shards", "redis", default=16, minimum=1),
+        on_unavailable=r.choice(m, "onUnavailable", "redis", _ON_UNAVAILABLE, "open"),
+        socket_timeout_s=r.duration(m, "socketTimeout", "redis", 0.25),
+        connect_timeout_s=r.duration(m, "connectTimeout", "redis", 0.25),
+        retry_interval_s=r.duration(m, "retryInterval", "redis", 2.0),
+        dedupe_ttl_s=int(r.duration(m, "dedupeTtl", "redis", 86400.0)),
+        spool_dir=r.string(m, "spoolDir", "redis", default=None),
+    )
+
+
+def _read_routing(r: _Reader, value: Any) -> RoutingConfig:
+    m = r.mapping(value, "routing", ("strategy", "fallbackChain", "circuitBreaker"))
+    cb = r.mapping(m.get("circuitBreaker"), "routing.circuitBreaker",
+                   ("errorThreshold", "resetTimeout"))
+    return RoutingConfig(
+        strategy=r.choice(m, "strategy", "routing", _STRATEGIES, "cost_optimized"),
+        fallback_chain=r.string_list(m, "fallbackChain", "routing"),
+        circuit_breaker=CircuitBreakerConfig(
+            error_threshold=r.integer(cb, "errorThreshold", "routing.circuitBreaker",
+                                      default=5, minimum=1),
+            reset_timeout_s=r.duration(cb, "resetTimeout", "routing.circuitBreaker", 30.0),
+        ),
+    )
+
+
+def _read_cache(r: _Reader, value: Any) -> CacheConfig:
+    m = r.mapping(value, "cache", ("enabled", "ttl", "similarityThreshold"))
+    threshold = r.decimal(m, "similarityThreshold", "cache", default=Decimal("0.85"),
+                          maximum=Decimal(1))
+    return CacheConfig(
+        enabled=r.boolean(m, "enabled", "cache", False),
+        ttl_s=r.duration(m, "ttl", "cache", 3600.0),
+        similarity_threshold=float(threshold),
+    )
+
+
+def _read_billing(r: _Reader, value: Any) -> BillingConfig:
+    m = r.mapping(value, "billing", ("provider", "usageMetric", "pricingRules"))
+    rules: list[PricingRule] = []
+    for i, raw in enumerate(r.items(m.get("pricingRules"), "billing.pricingRules")):
+        path = f"billing.pricingRules[{i}]"
+        rule = r.mapping(raw, path, ("metric", "rate"))
+        if rule:
+            rules.append(PricingRule(r.string(rule, "metric", path) or "",
+                                     r.decimal(rule, "rate", path) or Decimal(0)))
+    return BillingConfig(
+        provider=r.string(m, "provider", "billing", default=None),
+        usage_metric=r.string(m, "usageMetric", "billing", default="tokens"),
+        pricing_rules=tuple(rules),
+    )
+
+
+def _read_http(r: _Reader, value: Any) -> HttpConfig:
+    m = r.mapping(value, "http", ("maxBodyBytes", "tenantHeader"))
+    header = r.string(m, "tenantHeader", "http", default=None,
+                      pattern=re.compile(r"^[A-Za-z0-9-]{1,64}$"), what="an HTTP header name")
+    return HttpConfig(
+        max_body_bytes=r.integer(m, "maxBodyBytes", "http", default=1_048_576, minimum=1),
+        tenant_header=header.lower() if header else None,
+    )
+
+
+def _check_references(r: _Reader, tiers: Mapping[str, TierConfig],
+                      models: Mapping[str, ModelProfile], routing: RoutingConfig) -> None:
+    # Models named without a profile are allowed (the seed template has none); but a
+    # deployment that does give profiles must give one for every model it names.
+    if not models:
+        return
+    for i, tier in enumerate(tiers.values()):
+        for j, model_id in enumerate(tier.allowed_models):
+            if model_id not in models:
+                r.problem(f"tenant.tiers[{i}].allowedModels[{j}]",
+                          "a model with a profile in models", repr(model_id))
+    for i, model_id in enumerate(routing.fallback_chain):
+        if model_id not in models:
+            r.problem(f"routing.fallbackChain[{i}]", "a model with a profile in models",
+                      repr(model_id))
+
+
+def _build(data: Any, source: str, base: Path | None) -> Config:
+    r = _Reader()
+    top = r.mapping(data, "", _TOP)
+    tiers = _read_tiers(r, top.get("tenant"))
+    catalog = _read_catalog(r, top.get("modelCatalog"), base)
+    models = _read_models(r, top.get("models"), catalog)
+    tenants = _read_tenants(r, top.get("tenants"), tiers)
+    routing = _read_routing(r, top.get("routing"))
+    _check_references(r, tiers, models, routing)
+    config = Config(
+        tiers=MappingProxyType(tiers),
+        models=MappingProxyType(models),
+        tenants=MappingProxyType(tenants),
+        endpoints=_read_endpoints(r, top.get("endpoints")),
+        redis=_read_redis(r, top.get("redis")),
+        routing=routing,
+        cache=_read_cache(r, top.get("cache")),
+        billing=_read_billing(r, top.get("billing")),
+        http=_read_http(r, top.get("http")),
+        source=source,
+    )
+    if r.problems:
+        raise ConfigError(r.problems, source)
+    return config
+
+
+def load_config(source: Config | Mapping[str, Any] | str | os.PathLike[str]) -> Config:
+    """Load and validate a configuration.
+
+    Args:
+        source: a path to a YAML file, a mapping of the same structure, or a
+            :class:`Config` (returned unchanged).
+
+    Returns:
+        The frozen :class:`Config`.
+
+    Raises:
+        ConfigError: with every problem found, each with its path, expected and found.
+    """
+    if isinstance(source, Config):
+        return source
+    if isinstance(source, Mapping):
+        return _build(source, "<dict>", None)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            data = _read_yaml(path)
+        except OSError as exc:
+            raise ConfigError([ConfigProblem(str(path), "a readable YAML file",
+                                             exc.strerror or type(exc).__name__)],
+                              str(path)) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+            raise ConfigError([ConfigProblem(where, "valid YAML",
+                                             str(getattr(exc, "problem", exc)))],
+                              str(path)) from None
+        if data is None:
+            data = {}
+        return _build(data, str(path), path.parent)
+    raise ConfigError([ConfigProblem("config", "a YAML path, a mapping or a Config",
+                                     _kind(source))])
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def serving_gaps(config: Config) -> list[str]:
+    """What a serving deployment still lacks (empty when nothing does)."""
+    gaps: list[str] = []
+    if not config.tiers:
+        gaps.append("no tiers (tenant.tiers): no tenant can be admitted")
+    named = sorted({m for t in config.tiers.values() for m in t.allowed_models})
+    missing = [m for m in named if m not in config.models]
+    if missing:
+        gaps.append("no model profile (models) for " + ", ".join(missing)
+                    + ": routing only considers models with profiles")
+    for tier in config.tiers.values():
+        if tier.allowed_models and not any(m in config.models for m in tier.allowed_models):
+            gaps.append(f"tier {tier.name!r} has no allowed model with a profile")
+    if not config.endpoints:
+        gaps.append("no endpoints: no request counts as an AI request")
+    if not config.tenants:
+        gaps.append("no static tenants: add some under tenants, or store them in Redis "
+                    "with 'ai-saas tenants add'")
+    if config.redis.url is None:
+        gaps.append("no redis.url: REDIS_URL or redis://127.0.0.1:6379/0 will be used")
+    return gaps
+
+
+def _limit(value: int | None, unit: str) -> str:
+    return "unlimited" if value is None else f"{value:,} {unit}"
+
+
+def describe(config: Config) -> str:
+    """A human summary of a valid configuration (tiers, models, endpoints)."""
+    lines = [f"Configuration {config.source or ''} is valid.".replace("  ", " "), "", "Tiers:"]
+    for t in config.tiers.values():
+        lines.append(f"  {t.name:<12} {_limit(t.rate_limit, 'req/min'):>16}  "
+                     f"{_limit(t.monthly_quota, 'tokens/month'):>22}  "
+                     f"models: {', '.join(t.allowed_models) or '-'}")
+    lines.append("Models:" if config.models else "Models: none with a profile")
+    for m in config.models.values():
+        lines.append(f"  {m.id:<16} {m.provider:<10} in ${m.cost_per_input_token}/tok  "
+                     f"out ${m.cost_per_output_token}/tok  ctx {m.max_tokens:,}  "
+                     f"quality {m.quality_score}  p99 {m.latency_p99_ms} ms")
+    lines.append("Endpoints:" if config.endpoints else "Endpoints: none")
+    for e in config.endpoints:
+        needs = []
+        if e.required_quality is not None:
+            needs.append(f"quality >= {e.required_quality}")
+        if e.max_latency_ms is not None:
+            needs.append(f"p99 <= {e.max_latency_ms} ms")
+        if e.max_cost_per_request is not None:
+            needs.append(f"cost <= ${e.max_cost_per_request}")
+        methods = ",".join(sorted(e.methods)) if e.methods else "any"
+        lines.append(f"  {e.path:<20} methods {methods}; {'; '.join(needs) or 'no requirements'}"
+                     f"; default max output {e.default_max_output_tokens} tokens")
+    lines.append(f"Tenants in config: {len(config.tenants)}")
+    gaps = serving_gaps(config)
+    if gaps:
+        lines += ["", "A serving deployment still lacks:"] + [f"  - {g}" for g in gaps]
+    return "\n".join(lines)
+

@@ -1,0 +1,649 @@
+"""The framework-agnostic core: admission before the handler, settlement after.
+
+:class:`Gateway` (sync, redis-py) and :class:`AsyncGateway` (asyncio, ``redis.asyncio``)
+are twins with the same method names. All of their logic lives, without I/O, in
+:class:`_Core`; the twins only run the Redis calls it asks for. Admission and settlement
+are written as generators that *yield* a script call and are *sent* its reply (or
+*thrown* the :class:`StoreError`), so one body of logic serves both I/O styles::
+
+    decision = gateway.admit(info)               # one EVALSHA of admit.lua
+    if decision.allowed:
+        try: ... run the handler with decision.context ...
+        finally: gateway.settle(decision.ticket, outcome, decision.context)   # one EVALSHA
+
+A request costs one Redis round trip before the handler and one after. The only
+exceptions: the first request of a Redis-stored tenant in a process (and the first
+after ``ai-saas tenants set-tier``) costs one more, to learn its tier; and a request
+whose app server's clock is in another month than Redis's costs one more.
+
+Outside a web request, ``with gateway.request(tenant_id=..., endpoint=...) as ctx:``
+(``async with`` on :class:`AsyncGateway`) gives background jobs the same admission,
+context and settlement.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any, Union
+
+from .config import Config, EndpointConfig, TenantConfig, TierConfig, load_config
+from .context import RequestContext, Ticket
+from .errors import (
+    NoEligibleModel,
+    QuotaExceeded,
+    RateLimited,
+    RequestRefused,
+    StoreError,
+    UnknownTenant,
+)
+from .pricing import cost_of, format_usd
+from .responses import refusal
+from .routing import Requirements, select_model
+from .spool import LocalAllowance, Spool
+from .store.keys import KeySchema, is_valid_tenant_id
+from .store.redis import AsyncRedisStore, RedisStore
+from .types import Decision, Outcome, RequestInfo, Usage
+from .usage import estimate_prompt_tokens, estimate_tokens
+
+__all__ = ["AsyncGateway", "Gateway"]
+
+log = logging.getLogger("ai_saas_middleware")
+
+WINDOW_MS = 60_000  # rate limits are per minute
+QUOTA_TTL_S = 62 * 86400  # a month's counter outlives its month, for reports
+STORED_KEY_PREFIX = "ais_"
+_STORED_KEY_SECRET = 32  # hex digits of a stored tenant's key, before "_<tenant>"
+_TIER_TTL_S = 300.0  # how long a stored tenant's tier is trusted before it is rechecked
+
+ScriptCall = tuple[str, list[str], list[Any]]  # ("admit" | "settle", KEYS, ARGV)
+AdmitSteps = Generator[ScriptCall, Any, Decision]
+
+
+def _now_month() -> str:
+    return time.strftime("%Y-%m", time.gmtime())
+
+
+def _seconds_to_next_month(now_ms: int) -> int:
+    t = time.gmtime(now_ms // 1000)
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return max(1, calendar.timegm((year, month, 1, 0, 0, 0)) - now_ms // 1000)
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def hash_api_key(key: str) -> str:
+    """The hex SHA-256 of an API key, as config (``sha256:<hex>``) and Redis store it."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def stored_key_tenant(key: str) -> str | None:
+    """The tenant id a stored-tenant key (``ais_<32 hex>_<tenant>``) names, if well formed."""
+    n = len(STORED_KEY_PREFIX) + _STORED_KEY_SECRET
+    if not key.startswith(STORED_KEY_PREFIX) or len(key) < n + 2 or key[n] != "_":
+        return None
+    secret = key[len(STORED_KEY_PREFIX):n]
+    if any(c not in "0123456789abcdef" for c in secret):
+        return None
+    return key[n + 1:]
+
+
+def new_stored_key(tenant_id: str) -> str:
+    """A fresh API key for a Redis-stored tenant. Shown once; only its hash is kept."""
+    return f"{STORED_KEY_PREFIX}{secrets.token_hex(_STORED_KEY_SECRET // 2)}_{tenant_id}"
+
+
+class _Plan:
+    """One AI request on its way through admission (internal, mutable)."""
+
+    __slots__ = ("tenant_id", "tier", "mode", "key_hash", "endpoint", "body", "prompt_tokens",
+                 "max_output_tokens", "selection", "request_id", "month", "stored")
+
+    def __init__(self) -> None:
+        self.mode = "static"
+        self.key_hash = ""
+        self.month = _now_month()
+        self.stored = False
+
+
+class _Core:
+    """Everything the twins share; no I/O."""
+
+    def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str], *,
+                 redis_url: str | None = None):
+        self.config = load_config(config)
+        cfg = self.config
+        self.redis_url = redis_url or cfg.redis.url or os.environ.get("REDIS_URL") or None
+        self.keys = KeySchema(cfg.redis.key_prefix, cfg.redis.shards)
+        self._endpoints = cfg.endpoints
+        self._key_index: dict[str, TenantConfig] = {
+            digest: tenant for tenant in cfg.tenants.values() for digest in tenant.api_key_hashes
+        }
+        self._stored_tiers: dict[str, tuple[str, float]] = {}
+        self._verified_keys: dict[str, str] = {}  # key hash -> stored tenant, for outages
+        self._tenant_header = cfg.http.tenant_header
+        self.max_body_bytes = cfg.http.max_body_bytes
+        spool_dir = cfg.redis.spool_dir or os.path.join(
+            os.environ.get("TMPDIR", "/tmp"), f"ai-saas-spool-{cfg.redis.key_prefix}")
+        self.spool = Spool(spool_dir)
+        self.allowance = LocalAllowance()
+        self._degraded = False
+
+    # ---------------------------------------------------------------- matching
+
+    def endpoint_for(self, method: str, path: str) -> EndpointConfig | None:
+        """The AI endpoint ``path`` belongs to, or None (then the request is not ours)."""
+        for endpoint in self._endpoints:
+            if endpoint.matches(method, path):
+                return endpoint
+        return None
+
+    def too_large(self) -> Decision:
+        """The refusal for a body over ``http.maxBodyBytes``."""
+        return refusal("request_too_large",
+                       f"request body is larger than the limit of {self.max_body_bytes} bytes")
+
+    # ---------------------------------------------------------------- admission
+
+    def _authenticate(self, info: RequestInfo, plan: _Plan) -> Decision | None:
+        tenant_id = info.tenant_id
+        if tenant_id is None and self._tenant_header is not None:
+            tenant_id = info.headers.get(self._tenant_header)
+        if tenant_id is not None:
+            if not is_valid_tenant_id(tenant_id):
+                return refusal("invalid_tenant_id",
+                               "tenant id must be 1 to 64 characters of [A-Za-z0-9_.-]")
+            static = self.config.tenants.get(tenant_id)
+            plan.tenant_id = tenant_id
+            if static is None:
+                plan.mode, plan.stored = "stored", True
+            else:
+                plan.tier = self.config.tiers[static.tier]
+            return None
+        key = info.headers.get("x-api-key")
+        if key is None:
+            auth = info.headers.get("authorization", "")
+            scheme, _, credentials = auth.partition(" ")
+            if scheme.lower() == "bearer" and credentials.strip():
+                key = credentials.strip()
+        if not key:
+            return refusal("missing_api_key", "no API key: send 'Authorization: Bearer <key>' "
+                                              "or 'X-API-Key: <key>'")
+        digest = hash_api_key(key)
+        static = self._key_index.get(digest)
+        if static is not None:
+            plan.tenant_id = static.id
+            plan.tier = self.config.tiers[static.tier]
+            return None
+        tenant_id = stored_key_tenant(key)
+        if tenant_id is None or not is_valid_tenant_id(tenant_id) \
+                or tenant_id in self.config.tenants:
+            return refusal("invalid_api_key", "the API key is not valid")
+        plan.tenant_id, plan.mode, plan.key_hash, plan.stored = tenant_id, "key", digest, True
+        return None
+
+    def _stored_tier(self, tenant_id: str) -> TierConfig | None:
+        known = self._stored_tiers.get(tenant_id)
+        if known is None or known[1] < time.monotonic():
+            return None
+        return self.config.tiers.get(known[0])
+
+    def _parse_body(self, info: RequestInfo, plan: _Plan) -> Decision | None:
+        body: Any = {}
+        if info.body.strip():
+            content_type = info.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/json" and not content_type.endswith("+json"):
+                return refusal("unsupported_media_type",
+                               f"this endpoint takes application/json, not "
+                               f"{content_type or 'a body without a content type'}")
+            try:
+                body = json.loads(info.body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return refusal("invalid_json", f"request body is not valid JSON: {exc}")
+            if not isinstance(body, dict):
+                return refusal("invalid_json", "request body must be a JSON object")
+        plan.body = body
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is None:
+            assert plan.endpoint is not None
+            max_tokens = plan.endpoint.default_max_output_tokens
+        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            return refusal("invalid_request", "max_tokens must be a whole number >= 1")
+        plan.max_output_tokens = max_tokens
+        plan.prompt_tokens = estimate_prompt_tokens(body)
+        return None
+
+    def _requirements(self, info: RequestInfo, plan: _Plan) -> Requirements | Decision:
+        endpoint = plan.endpoint
+        assert endpoint is not None
+        quality = endpoint.required_quality
+        latency = endpoint.max_latency_ms
+        cost = endpoint.max_cost_per_request
+        headers = info.headers
+        # A request may tighten its endpoint's needs, never loosen them.
+        try:
+            if "x-ai-min-quality" in headers:
+                value = float(headers["x-ai-min-quality"])
+                if not 0 <= value <= 1:
+                    raise ValueError
+                quality = value if quality is None else max(quality, value)
+            if "x-ai-max-latency-ms" in headers:
+                ms = int(headers["x-ai-max-latency-ms"])
+                if ms < 1:
+                    raise ValueError
+                latency = ms if latency is None else min(latency, ms)
+            if "x-ai-max-cost" in headers:
+                usd = Decimal(headers["x-ai-max-cost"])
+                if not usd.is_finite() or usd < 0:
+                    raise ValueError
+                cost = usd if cost is None else min(cost, usd)
+        except (ValueError, InvalidOperation):
+            return refusal("invalid_request", "X-AI-Min-Quality must be 0..1, X-AI-Max-Latency-Ms "
+                                              "a whole number >= 1, X-AI-Max-Cost a USD amount")
+        model = plan.body.get("model")
+        if model is not None and (not isinstance(model, str) or model == "auto"):
+            model = None
+        return Requirements(plan.prompt_tokens, plan.max_output_tokens, quality, latency, cost,
+                            model)
+
+    def _select(self, info: RequestInfo, plan: _Plan) -> Decision | None:
+        needs = self._requirements(info, plan)
+        if isinstance(needs, Decision):
+            return needs
+        selection = select_model(plan.tier, self.config.models, needs)
+        if selection.chosen is None:
+            if selection.unhealthy_only:
+                return refusal("no_healthy_model", "every eligible model is unavailable",
+                               retry_after_s=int(self.config.routing.circuit_breaker
+                                                 .reset_timeout_s))
+            reason = selection.explain() or f"tier {plan.tier.name!r} allows no model"
+            return refusal("no_eligible_model", f"no model meets this request's needs: {reason}")
+        plan.selection = selection
+        return None
+
+    def _admit_call(self, plan: _Plan) -> ScriptCall:
+        keys = self.keys.tenant(plan.tenant_id)
+        tier = plan.tier
+        return ("admit",
+                [keys.rate_limit, keys.quota(plan.month), keys.record, keys.api_keys],
+                [plan.request_id, plan.month, plan.mode, plan.key_hash, tier.name,
+                 tier.rate_limit or 0, WINDOW_MS,
+                 -1 if tier.monthly_quota is None else tier.monthly_quota,
+                 plan.prompt_tokens + plan.max_output_tokens, QUOTA_TTL_S])
+
+    def _admitted(self, plan: _Plan, now_ms: int, remaining: int, reset_ms: int,
+                  local: bool = False) -> Decision:
+        tier = plan.tier
+        keys = self.keys.tenant(plan.tenant_id)
+        reserve = plan.prompt_tokens + plan.max_output_tokens
+        ticket = Ticket(plan.request_id, plan.tenant_id, tier.name, keys, plan.month,
+                        0 if local else reserve, plan.prompt_tokens, now_ms, time.monotonic(),
+                        plan.endpoint, local)
+        selection = plan.selection
+        assert selection.chosen is not None
+        ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=selection.chosen,
+                             candidates=selection.candidates, request_id=plan.request_id,
+                             max_output_tokens=plan.max_output_tokens, body=plan.body,
+                             ticket=ticket)
+        headers = [("x-request-id", plan.request_id), ("x-ai-model", selection.chosen.id)]
+        if tier.rate_limit:
+            headers += [("ratelimit-limit", str(tier.rate_limit)),
+                        ("ratelimit-remaining", str(max(remaining, 0))),
+                        ("ratelimit-reset", str(math.ceil(reset_ms / 1000))),
+                        ("ratelimit-policy", f"{tier.rate_limit};w=60")]
+        return Decision(True, 200, tuple(headers), context=ctx, ticket=ticket)
+
+    def _refused_by_limit(self, plan: _Plan, reply: list[Any]) -> Decision:
+        tier = plan.tier
+        if reply[0] == 1:
+            retry = max(1, math.ceil(int(reply[2]) / 1000))
+            decision = refusal(
+                "rate_limit_exceeded",
+                f"rate limit of {tier.rate_limit} requests per minute reached for tier "
+                f"{tier.name!r}; retry in {retry}s",
+                retry_after_s=retry,
+                headers=(("ratelimit-limit", str(tier.rate_limit)), ("ratelimit-remaining", "0"),
+                         ("ratelimit-reset", str(retry)),
+                         ("ratelimit-policy", f"{tier.rate_limit};w=60")))
+            return decision
+        remaining = max(0, int(reply[2]))
+        retry = _seconds_to_next_month(int(reply[1]))
+        reserve = plan.prompt_tokens + plan.max_output_tokens
+        return refusal(
+            "quota_exceeded",
+            f"monthly token quota of {tier.monthly_quota} for tier {tier.name!r} cannot hold "
+            f"this request: {reserve} tokens needed (prompt estimate + max_tokens), "
+            f"{remaining} left this month",
+            retry_after_s=retry,
+            headers=(("ratelimit-limit", str(tier.monthly_quota)),
+                     ("ratelimit-remaining", str(remaining)),
+                     ("ratelimit-reset", str(retry)),
+                     ("ratelimit-policy", f'{tier.monthly_quota};w=2592000;name="tokens"')))
+
+    def _admission(self, info: RequestInfo, endpoint: EndpointConfig) -> AdmitSteps:
+        """Admission as steps: yields script calls, is sent their replies."""
+        plan = _Plan()
+        plan.endpoint = endpoint
+        refused = self._parse_body(info, plan) or self._authenticate(info, plan)
+        if refused is not None:
+            return refused
+        plan.request_id = "req_" + secrets.token_hex(12)
+        if plan.stored:
+            tier = self._stored_tier(plan.tenant_id)
+            plan.tier = tier if tier is not None else TierConfig("", 0, 0, ())
+        if plan.tier.name:
+            refused = self._select(info, plan)
+            if refused is not None:
+                return refused
+        for _attempt in range(3):
+            try:
+                reply = yield self._admit_call(plan)
+            except StoreError as exc:
+                return self._admit_locally(plan, info, exc)
+            code = int(reply[0])
+            now_ms = int(reply[1])
+            if code == 0:
+                if self._degraded:  # Redis is back: the outage allowance starts afresh
+                    self._degraded = False
+                    self.allowance.reset()
+                if plan.stored:
+                    self._stored_tiers[plan.tenant_id] = (plan.tier.name,
+                                                          time.monotonic() + _TIER_TTL_S)
+                    if plan.key_hash:
+                        self._verified_keys[plan.key_hash] = plan.tenant_id
+                return self._admitted(plan, now_ms, int(reply[2]), int(reply[3]))
+            if code in (1, 2):
+                return self._refused_by_limit(plan, reply)
+            if code == 3:
+                self._verified_keys.pop(plan.key_hash, None)
+                if reply[2] == b"revoked":
+                    return refusal("revoked_api_key", "the API key has been revoked")
+                return refusal("invalid_api_key", "the API key is not valid")
+            if code == 4:
+                self._stored_tiers.pop(plan.tenant_id, None)
+                if plan.mode == "key":
+                    return refusal("invalid_api_key", "the API key is not valid")
+                return refusal("unknown_tenant", f"no tenant {plan.tenant_id!r}")
+            if code == 5:
+                plan.month = reply[2].decode()
+                continue
+            if code == 6:  # the stored tier differs from what this process believed
+                tier = self.config.tiers.get(reply[2].decode())
+                if tier is None:
+                    log.error("stored tenant %s has tier %r, which the config does not define",
+                              plan.tenant_id, reply[2].decode())
+                    return refusal("unknown_tenant",
+                                   f"tenant {plan.tenant_id!r} has a tier this deployment "
+                                   "does not define")
+                plan.tier = tier
+                self._stored_tiers[plan.tenant_id] = (tier.name, time.monotonic() + _TIER_TTL_S)
+                refused = self._select(info, plan)
+                if refused is not None:
+                    return refused
+                continue
+            raise StoreError(f"admit.lua answered an unknown code {code}")
+        raise StoreError("admission did not settle after 3 attempts (tier or month kept moving)")
+
+    def _admit_locally(self, plan: _Plan, info: RequestInfo, exc: StoreError) -> Decision:
+        """Redis is unreachable: serve within the per-process allowance, or refuse (503)."""
+        tier = plan.tier
+        policy = tier.on_unavailable or self.config.redis.on_unavailable
+        verified = not plan.key_hash or self._verified_keys.get(plan.key_hash) == plan.tenant_id
+        if policy == "closed" or not tier.name or not verified:
+            log.warning("refusing an AI request while Redis is unavailable: %s", exc)
+            return refusal("store_unavailable", "usage accounting is unavailable; retry shortly",
+                           retry_after_s=max(1, math.ceil(self.config.redis.retry_interval_s)))
+        reserve = plan.prompt_tokens + plan.max_output_tokens
+        self._degraded = True
+        verdict = self.allowance.take(plan.tenant_id, tier, reserve, WINDOW_MS)
+        if verdict is not None:
+            return self._refused_by_limit(plan, verdict)
+        return self._admitted(plan, int(time.time() * 1000), -1, WINDOW_MS, local=True)
+
+    # ---------------------------------------------------------------- settlement
+
+    def _usage(self, ticket: Ticket, ctx: RequestContext | None, outcome: Outcome) -> Usage:
+        if ctx is not None and ctx.usage is not None:
+            return ctx.usage
+        if outcome.provider_usage is not None:
+            return Usage(outcome.provider_usage[0], outcome.provider_usage[1], "provider")
+        failed = outcome.failed or (ctx is not None and ctx.failed) or outcome.status >= 400
+        if failed and not outcome.completion_chars:
+            return Usage(0, 0, "estimate")  # nothing was produced: release the reservation
+        return Usage(ticket.prompt_estimate, estimate_tokens(outcome.completion_chars),
+                     "estimate")
+
+    def _settle_call(self, ticket: Ticket, outcome: Outcome,
+                     ctx: RequestContext | None) -> ScriptCall:
+        usage = self._usage(ticket, ctx, outcome)
+        model = ctx.answered_by or ctx.model if ctx is not None else None
+        assert model is not None
+        cost = cost_of(model, usage.prompt_tokens, usage.completion_tokens)
+        latency_ms = int((time.monotonic() - ticket.started) * 1000)
+        event = [
+            "request_id", ticket.request_id,
+            "tenant_id", ticket.tenant_id,
+            "tier", ticket.tier,
+            "model_id", model.id,
+            "provider", model.provider,
+            "prompt_tokens", usage.prompt_tokens,
+            "completion_tokens", usage.completion_tokens,
+            "usage_source", usage.source,
+            "cost", format_usd(cost),
+            "latency_ms", latency_ms,
+            "status", outcome.status,
+            "cache", "miss",
+            "fallback_from", (ctx.fallback_from if ctx is not None else None) or "",
+            "outcome_value", (ctx.outcome_value if ctx is not None else None) or "",
+            "ts", _iso(ticket.admitted_ms),
+            "endpoint", ticket.endpoint.path if ticket.endpoint is not None else "",
+            "client_disconnected", "true" if outcome.disconnected else "false",
+        ]
+        keys = ticket.keys
+        delta = usage.total_tokens - ticket.reserved_tokens
+        return ("settle", [keys.quota(ticket.month), keys.stream, keys.settled(ticket.request_id)],
+                [delta, self.config.redis.dedupe_ttl_s, QUOTA_TTL_S, *event])
+
+    # ---------------------------------------------------------------- background jobs
+
+    def _job_info(self, tenant_id: str, endpoint: str | None, body: Mapping[str, Any] | None,
+                  headers: Mapping[str, str] | None) -> tuple[RequestInfo, EndpointConfig]:
+        matched = self.endpoint_for("POST", endpoint) if endpoint else None
+        if endpoint and matched is None:
+            raise ValueError(f"{endpoint!r} matches no configured endpoint")
+        chosen = matched or EndpointConfig(path=endpoint or "<job>")
+        raw = json.dumps(dict(body or {})).encode()
+        hdrs = {"content-type": "application/json", **{k.lower(): v for k, v in
+                                                       (headers or {}).items()}}
+        return RequestInfo("POST", chosen.path, hdrs, raw, tenant_id=tenant_id), chosen
+
+    @staticmethod
+    def _raise_refusal(decision: Decision) -> None:
+        code = decision.error_code
+        if code == "rate_limit_exceeded":
+            raise RateLimited(decision)
+        if code == "quota_exceeded":
+            raise QuotaExceeded(decision)
+        if code in ("no_eligible_model", "no_healthy_model"):
+            raise NoEligibleModel(decision)
+        if code in ("unknown_tenant", "invalid_tenant_id"):
+            raise UnknownTenant(decision.error_message)
+        raise RequestRefused(decision)
+
+    @staticmethod
+    def _job_outcome(ctx: RequestContext, failed: bool) -> Outcome:
+        return Outcome(status=500 if failed else 200, failed=failed)
+
+
+class Gateway(_Core):
+    """Synchronous gateway (WSGI apps, workers, scripts).
+
+    Args:
+        config: a YAML path, a dict, or a loaded :class:`~ai_saas_middleware.config.Config`.
+        redis_url: overrides ``redis.url`` (else ``REDIS_URL``, else localhost).
+    """
+
+    def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str], *,
+                 redis_url: str | None = None):
+        super().__init__(config, redis_url=redis_url)
+        self.store = RedisStore(self.config.redis, self.redis_url)
+
+    def _run(self, call: ScriptCall) -> Any:
+        kind, keys, args = call
+        return (self.store.admit if kind == "admit" else self.store.settle)(keys, args)
+
+    def admit(self, info: RequestInfo, endpoint: EndpointConfig | None = None) -> Decision:
+        """Admit an AI request, or refuse it. One Redis round trip.
+
+        Args:
+            info: the request.
+            endpoint: its endpoint, if the caller already matched it (else matched here).
+
+        Returns:
+            A :class:`Decision`; when ``allowed`` it carries the context and the ticket.
+        """
+        endpoint = endpoint or self.endpoint_for(info.method, info.path)
+        if endpoint is None:
+            raise ValueError(f"{info.method} {info.path} is not an AI endpoint")
+        steps = self._admission(info, endpoint)
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    reply = self._run(call)
+                except StoreError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(reply)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def settle(self, ticket: Ticket, outcome: Outcome, ctx: RequestContext | None = None) -> None:
+        """Record the request's usage and settle its quota. One Redis round trip.
+
+        Never raises for Redis trouble: an event that cannot be written now is spooled
+        to disk and replayed, in order, when Redis is back.
+        """
+        call = self._settle_call(ticket, outcome, ctx)
+        try:
+            self._run(call)
+        except StoreError as exc:
+            log.warning("usage event %s spooled: %s", ticket.request_id, exc)
+            self.spool.append(call)
+            return
+        if self.spool.pending:
+            self.spool.replay(self._run)
+
+    @contextlib.contextmanager
+    def request(self, *, tenant_id: str, endpoint: str | None = None,
+                body: Mapping[str, Any] | None = None,
+                headers: Mapping[str, str] | None = None) -> Iterator[RequestContext]:
+        """Admission, context and settlement for work outside a web request.
+
+        Args:
+            tenant_id: the (already verified) tenant.
+            endpoint: a path of a configured endpoint, whose requirements apply.
+            body: an OpenAI-style body (``messages``, ``max_tokens``, ``model``) used to
+                estimate the prompt and reserve tokens.
+            headers: optional requirement headers (``X-AI-Min-Quality`` ...).
+
+        Raises:
+            RateLimited, QuotaExceeded, NoEligibleModel, UnknownTenant, RequestRefused.
+        """
+        info, matched = self._job_info(tenant_id, endpoint, body, headers)
+        decision = self.admit(info, matched)
+        if not decision.allowed:
+            self._raise_refusal(decision)
+        ctx, ticket = decision.context, decision.ticket
+        assert ctx is not None and ticket is not None
+        failed = True
+        try:
+            yield ctx
+            failed = False
+        finally:
+            self.settle(ticket, self._job_outcome(ctx, failed), ctx)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class AsyncGateway(_Core):
+    """Asyncio twin of :class:`Gateway` (ASGI apps); every Redis call awaits."""
+
+    def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str], *,
+                 redis_url: str | None = None):
+        super().__init__(config, redis_url=redis_url)
+        self.store = AsyncRedisStore(self.config.redis, self.redis_url)
+
+    async def _run(self, call: ScriptCall) -> Any:
+        kind, keys, args = call
+        if kind == "admit":
+            return await self.store.admit(keys, args)
+        return await self.store.settle(keys, args)
+
+    async def admit(self, info: RequestInfo, endpoint: EndpointConfig | None = None) -> Decision:
+        """See :meth:`Gateway.admit`."""
+        endpoint = endpoint or self.endpoint_for(info.method, info.path)
+        if endpoint is None:
+            raise ValueError(f"{info.method} {info.path} is not an AI endpoint")
+        steps = self._admission(info, endpoint)
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    reply = await self._run(call)
+                except StoreError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(reply)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def settle(self, ticket: Ticket, outcome: Outcome,
+                     ctx: RequestContext | None = None) -> None:
+        """See :meth:`Gateway.settle`."""
+        call = self._settle_call(ticket, outcome, ctx)
+        try:
+            await self._run(call)
+        except StoreError as exc:
+            log.warning("usage event %s spooled: %s", ticket.request_id, exc)
+            self.spool.append(call)
+            return
+        if self.spool.pending:
+            await self.spool.areplay(self._run)
+
+    @contextlib.asynccontextmanager
+    async def request(self, *, tenant_id: str, endpoint: str | None = None,
+                      body: Mapping[str, Any] | None = None,
+                      headers: Mapping[str, str] | None = None
+                      ) -> AsyncIterator[RequestContext]:
+        """See :meth:`Gateway.request`; use with ``async with``."""
+        info, matched = self._job_info(tenant_id, endpoint, body, headers)
+        decision = await self.admit(info, matched)
+        if not decision.allowed:
+            self._raise_refusal(decision)
+        ctx, ticket = decision.context, decision.ticket
+        assert ctx is not None and ticket is not None
+        failed = True
+        try:
+            yield ctx
+            failed = False
+        finally:
+            await self.settle(ticket, self._job_outcome(ctx, failed), ctx)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+AnyGateway = Union[Gateway, AsyncGateway]

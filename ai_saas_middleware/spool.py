@@ -1,0 +1,216 @@
+"""What keeps serving and billing honest while Redis is unreachable.
+
+- :class:`Spool`: settlement script calls that could not run are appended to a local
+  append-only file (one JSON line each, fsynced) and replayed, in order, once Redis
+  answers again. settle.lua ignores a request id it has already settled, so a replay
+  of an event whose first attempt did reach Redis (a timeout after the write) counts
+  once. Files of a process that died are replayed by the next one that finds them.
+- :class:`LocalAllowance`: with ``onUnavailable: open``, each process admits a tenant
+  at most its tier's rate limit per minute and at most a tenth of its monthly quota in
+  tokens, until Redis is back (then the allowance starts afresh).
+
+Timeline of a replay racing an append (why the inode check in ``append``)::
+
+    writer: open(path)            replayer: lock(path); rename(path -> .replaying)
+    writer: lock(fd) ... waits    replayer: unlock; read .replaying; settle each; unlink
+    writer: lock granted; fd is the renamed inode -> reopen path, write there instead
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from .config import TierConfig
+from .errors import StoreError
+
+__all__ = ["LocalAllowance", "Spool"]
+
+log = logging.getLogger("ai_saas_middleware")
+
+
+class Spool:
+    """An append-only, fsynced file of script calls waiting for Redis."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.dir = Path(directory)
+        self.path = self.dir / f"spool-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
+        self._lock = threading.Lock()
+        self._replaying = False
+        self._alock: asyncio.Lock | None = None
+        self.pending = self._has_files()
+
+    def _has_files(self) -> bool:
+        try:
+            return any(self.dir.glob("spool-*.jsonl")) or any(self.dir.glob("*.replaying"))
+        except OSError:
+            return False
+
+    def append(self, call: tuple[str, list[str], list[Any]]) -> None:
+        """Append one call; durable when this returns."""
+        line = (json.dumps([call[0], call[1], [str(a) for a in call[2]]]) + "\n").encode()
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            while True:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    try:
+                        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                    except FileNotFoundError:
+                        same = False
+                    if same:
+                        os.write(fd, line)
+                        os.fsync(fd)
+                        break
+                finally:
+                    os.close(fd)  # closing releases the lock
+            self.pending = True
+
+    def _claim(self) -> list[Path]:
+        """Rename every spool file this process can lock to ``*.replaying``; oldest first."""
+        claimed: list[Path] = []
+        try:
+            files = sorted(self.dir.glob("spool-*.jsonl"), key=lambda p: p.stat().st_mtime)
+        except OSError:
+            return claimed
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                target = path.with_suffix(f".{secrets.token_hex(3)}.replaying")
+                try:
+                    os.rename(path, target)
+                except FileNotFoundError:
+                    continue
+                claimed.append(target)
+            finally:
+                os.close(fd)
+        claimed += [p for p in self.dir.glob("*.replaying") if p not in claimed
+                    and time.time() - p.stat().st_mtime > 60]  # a replayer that died
+        return claimed
+
+    @staticmethod
+    def _entries(path: Path) -> list[tuple[str, list[str], list[Any]]]:
+        entries = []
+        for raw in path.read_text("utf-8").splitlines():
+            try:
+                kind, keys, args = json.loads(raw)
+            except ValueError:
+                log.error("skipping a torn line in spool file %s", path)
+                continue
+            entries.append((kind, keys, args))
+        return entries
+
+    def _keep(self, path: Path, entries: list[Any], done: int) -> None:
+        rest = entries[done:]
+        if not rest:
+            path.unlink(missing_ok=True)
+            return
+        # Put what is left back where the next replay finds it, in order.
+        back = path.with_name(f"spool-{os.getpid()}-{secrets.token_hex(4)}.jsonl")
+        back.write_text("".join(json.dumps(list(e)) + "\n" for e in rest), "utf-8")
+        os.utime(back, (0, 0))  # oldest first next time
+        path.unlink(missing_ok=True)
+
+    def replay(self, run: Callable[[tuple[str, list[str], list[Any]]], Any]) -> int:
+        """Replay every claimable spooled call with ``run``; returns how many ran."""
+        with self._lock:
+            if self._replaying:
+                return 0
+            self._replaying = True
+        ran = 0
+        try:
+            for path in self._claim():
+                entries = self._entries(path)
+                done = 0
+                try:
+                    for entry in entries:
+                        run(entry)
+                        done += 1
+                except StoreError:
+                    self._keep(path, entries, done)
+                    return ran + done
+                self._keep(path, entries, done)
+                ran += done
+            self.pending = self._has_files()
+            return ran
+        finally:
+            self._replaying = False
+
+    async def areplay(self, run: Callable[[tuple[str, list[str], list[Any]]],
+                                          Awaitable[Any]]) -> int:
+        """Asyncio twin of :meth:`replay`."""
+        if self._replaying:
+            return 0
+        self._replaying = True
+        ran = 0
+        try:
+            for path in self._claim():
+                entries = self._entries(path)
+                done = 0
+                try:
+                    for entry in entries:
+                        await run(entry)
+                        done += 1
+                except StoreError:
+                    self._keep(path, entries, done)
+                    return ran + done
+                self._keep(path, entries, done)
+                ran += done
+            self.pending = self._has_files()
+            return ran
+        finally:
+            self._replaying = False
+
+
+class LocalAllowance:
+    """Per-process admission while Redis is unreachable."""
+
+    QUOTA_SHARE = 10  # a process may spend 1/10 of a tier's monthly quota per outage
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._times: dict[str, deque[float]] = {}
+        self._tokens: dict[str, int] = {}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._times.clear()
+            self._tokens.clear()
+
+    def take(self, tenant_id: str, tier: TierConfig, tokens: int, window_ms: int
+             ) -> list[Any] | None:
+        """None when admitted; else a reply shaped like admit.lua's refusals."""
+        now = time.monotonic()
+        now_ms = int(time.time() * 1000)
+        with self._lock:
+            times = self._times.setdefault(tenant_id, deque())
+            while times and times[0] <= now - window_ms / 1000:
+                times.popleft()
+            if tier.rate_limit and len(times) >= tier.rate_limit:
+                return [1, now_ms, int((times[0] + window_ms / 1000 - now) * 1000) + 1]
+            spent = self._tokens.get(tenant_id, 0)
+            if tier.monthly_quota is not None:
+                budget = tier.monthly_quota // self.QUOTA_SHARE
+                if spent + tokens > budget:
+                    return [2, now_ms, budget - spent, spent]
+            times.append(now)
+            self._tokens[tenant_id] = spent + tokens
+        return None

@@ -1,0 +1,104 @@
+"""The one place Redis key names are built.
+
+Every key of one tenant, and the usage stream shard that tenant writes to, carry the
+same hash tag ``{s<shard>}``, so each Lua script touches a single cluster slot and the
+same code runs on one Redis server or on a Redis Cluster::
+
+    <prefix>:{s<shard>}:t:<tenant>:rl             rate-limit log (sorted set)
+    <prefix>:{s<shard>}:t:<tenant>:q:<YYYY-MM>    monthly token counter
+    <prefix>:{s<shard>}:t:<tenant>:tenant         stored tenant record (hash)
+    <prefix>:{s<shard>}:t:<tenant>:keys           stored tenant's API key hashes (hash)
+    <prefix>:{s<shard>}:t:<tenant>:ev:<request>   settled-request marker (dedupe, expires)
+    <prefix>:{s<shard>}:usage                     usage stream of the shard
+    <prefix>:{s<shard>}:tenants                   ids of stored tenants in the shard (set)
+
+``shard = crc32(tenant) mod shards``: stable across processes, machines and Python
+versions (``hash()`` is salted per process and would not be).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+__all__ = ["KeySchema", "TenantKeys", "is_valid_tenant_id", "is_valid_request_id"]
+
+_TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def is_valid_tenant_id(tenant_id: str) -> bool:
+    """True when ``tenant_id`` may be put in a key: [A-Za-z0-9_.-], 1 to 64 characters."""
+    return _TENANT_ID.match(tenant_id) is not None
+
+
+def is_valid_request_id(request_id: str) -> bool:
+    return _REQUEST_ID.match(request_id) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKeys:
+    """The keys of one tenant; ``base`` is ``<prefix>:{s<shard>}:t:<tenant>``."""
+
+    tenant_id: str
+    shard: int
+    base: str
+    stream: str
+
+    @property
+    def rate_limit(self) -> str:
+        return self.base + ":rl"
+
+    def quota(self, month: str) -> str:
+        return f"{self.base}:q:{month}"
+
+    @property
+    def record(self) -> str:
+        return self.base + ":tenant"
+
+    @property
+    def api_keys(self) -> str:
+        return self.base + ":keys"
+
+    def settled(self, request_id: str) -> str:
+        return f"{self.base}:ev:{request_id}"
+
+
+class KeySchema:
+    """Builds key names for one deployment (prefix and shard count)."""
+
+    def __init__(self, prefix: str, shards: int):
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"key prefix must not contain braces, found {prefix!r}")
+        self.prefix = prefix
+        self.shards = shards
+        self._cache: dict[str, TenantKeys] = {}
+
+    def shard_of(self, tenant_id: str) -> int:
+        return zlib.crc32(tenant_id.encode()) % self.shards
+
+    def tag(self, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}"
+
+    def stream(self, shard: int) -> str:
+        return self.tag(shard) + ":usage"
+
+    def streams(self) -> list[str]:
+        return [self.stream(s) for s in range(self.shards)]
+
+    def tenant_index(self, shard: int) -> str:
+        return self.tag(shard) + ":tenants"
+
+    def tenant(self, tenant_id: str) -> TenantKeys:
+        """Keys of a tenant. The id must already be validated (``is_valid_tenant_id``)."""
+        keys = self._cache.get(tenant_id)
+        if keys is None:
+            if not is_valid_tenant_id(tenant_id):
+                raise ValueError(f"invalid tenant id {tenant_id!r}")
+            shard = self.shard_of(tenant_id)
+            keys = TenantKeys(tenant_id, shard, f"{self.tag(shard)}:t:{tenant_id}",
+                              self.stream(shard))
+            if len(self._cache) < 100_000:  # bounded: ids come from verified credentials
+                self._cache[tenant_id] = keys
+        return keys

@@ -1,0 +1,98 @@
+-- admit.lua: authenticate a stored tenant, enforce the rate limit and reserve tokens
+-- against the monthly quota, atomically, in one round trip. Touches one tenant's keys
+-- only (one hash tag, one cluster slot). Time comes from the server (TIME), never from
+-- the app servers' clocks.
+--
+-- KEYS[1]  rate-limit log, sorted set of request ids scored by admission time (us)
+-- KEYS[2]  monthly token counter of the month in ARGV[2]
+-- KEYS[3]  stored tenant record (hash: tier, status, ...)
+-- KEYS[4]  stored tenant's API keys (hash: sha256 hex -> 'active' | 'revoked')
+-- ARGV[1]  request id (the member added to the rate-limit log)
+-- ARGV[2]  month the caller expects, 'YYYY-MM' (UTC)
+-- ARGV[3]  auth mode: 'static' (tier known from config; KEYS[3], KEYS[4] unused),
+--          'key' (ARGV[4] must be an active key of the stored tenant),
+--          'stored' (the stored tenant must exist; identity verified by the app)
+-- ARGV[4]  API key hash (hex), mode 'key' only
+-- ARGV[5]  tier the caller expects; modes 'key' and 'stored' check it against KEYS[3]
+-- ARGV[6]  rate limit, requests per window; 0 = unlimited
+-- ARGV[7]  rate-limit window, ms
+-- ARGV[8]  monthly quota, tokens; -1 = unlimited
+-- ARGV[9]  tokens to reserve (estimated prompt + max output)
+-- ARGV[10] TTL of a new monthly counter, seconds
+--
+-- Returns {code, now_ms, a, b}:
+--   {0, now_ms, remaining, reset_ms, used}   admitted; remaining requests in the window,
+--                                            ms until a slot frees, tokens now counted
+--   {1, now_ms, retry_after_ms}              rate limited
+--   {2, now_ms, remaining_tokens, used}      quota cannot hold the reservation
+--   {3, now_ms, 'unknown' | 'revoked'}       the API key is not an active key
+--   {4, now_ms}                              no stored tenant / tenant suspended
+--   {5, now_ms, 'YYYY-MM'}                   the server's month differs; retry with it
+--   {6, now_ms, tier}                        the stored tier differs; retry with it
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now_us / 1000)
+
+local mode = ARGV[3]
+if mode ~= 'static' then
+  if mode == 'key' then
+    local state = redis.call('HGET', KEYS[4], ARGV[4])
+    if not state then return {3, now_ms, 'unknown'} end
+    if state ~= 'active' then return {3, now_ms, 'revoked'} end
+  end
+  local record = redis.call('HMGET', KEYS[3], 'tier', 'status')
+  if not record[1] or record[2] == 'suspended' then return {4, now_ms} end
+  if record[1] ~= ARGV[5] then return {6, now_ms, record[1]} end
+end
+
+-- The month, in UTC, from days since the epoch (Howard Hinnant's civil_from_days).
+local z = math.floor(tonumber(t[1]) / 86400) + 719468
+local era = math.floor(z / 146097)
+local doe = z - era * 146097
+local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+local mp = math.floor((5 * doy + 2) / 153)
+local month = mp < 10 and mp + 3 or mp - 9
+local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+local server_month = string.format('%04d-%02d', year, month)
+if server_month ~= ARGV[2] then return {5, now_ms, server_month} end
+
+-- Sliding-window log: exact, at most `limit` admissions in any window.
+local limit = tonumber(ARGV[6])
+local window_us = tonumber(ARGV[7]) * 1000
+local remaining = -1
+local reset_ms = 0
+if limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_us - window_us)
+  local count = redis.call('ZCARD', KEYS[1])
+  if count >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    local retry_ms = math.ceil((tonumber(oldest[2]) + window_us - now_us) / 1000)
+    return {1, now_ms, retry_ms}
+  end
+  remaining = limit - count - 1
+  if count > 0 then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    reset_ms = math.ceil((tonumber(oldest[2]) + window_us - now_us) / 1000)
+  else
+    reset_ms = tonumber(ARGV[7])
+  end
+end
+
+-- Quota: refuse a reservation the month cannot hold; never go over.
+local quota = tonumber(ARGV[8])
+local reserve = tonumber(ARGV[9])
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if quota >= 0 and used + reserve > quota then
+  return {2, now_ms, quota - used, used}
+end
+
+if limit > 0 then
+  redis.call('ZADD', KEYS[1], now_us, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]) + 1000)
+end
+used = redis.call('INCRBY', KEYS[2], reserve)
+if redis.call('TTL', KEYS[2]) < 0 then
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
+end
+return {0, now_ms, remaining, reset_ms, used}

@@ -1,0 +1,223 @@
+"""The one place that talks to Redis.
+
+Two twins with the same method names: :class:`RedisStore` (redis-py, for WSGI apps,
+workers and the CLI) and :class:`AsyncRedisStore` (``redis.asyncio``, for ASGI apps: a
+sync client would block the event loop). Both pool connections, use short timeouts,
+run the Lua scripts by SHA (redis-py's ``register_script`` reloads on NOSCRIPT) and
+translate every driver error into :class:`~ai_saas_middleware.errors.StoreError`.
+
+An unreachable Redis is not retried on every request: after a connection failure the
+store answers ``StoreError`` at once for ``retry_interval_s``, then tries again.
+
+URLs: ``redis://``, ``rediss://``, ``unix://`` for one server, and
+``redis+cluster://host:port`` (or ``rediss+cluster://``) for a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.exceptions import RedisError, ResponseError
+
+from ..config import RedisConfig
+from ..errors import StoreError
+
+__all__ = ["AsyncRedisStore", "RedisStore", "load_script"]
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def load_script(name: str) -> str:
+    """The source of ``store/lua/<name>.lua``."""
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+_ADMIT = load_script("admit")
+_SETTLE = load_script("settle")
+
+
+def _split_url(url: str) -> tuple[bool, str]:
+    for scheme in ("redis+cluster://", "rediss+cluster://"):
+        if url.startswith(scheme):
+            return True, url.replace("+cluster", "", 1)
+    return False, url
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+class _Health:
+    """Remembers a failure so an unreachable Redis is not dialled on every request."""
+
+    def __init__(self, cfg: RedisConfig, url: str):
+        self.retry_interval_s = cfg.retry_interval_s
+        self.url = _redact(url)
+        self.down_until = 0.0
+        self.last_error = ""
+
+    def check(self) -> None:
+        if self.down_until and time.monotonic() < self.down_until:
+            raise StoreError(f"Redis at {self.url} is unavailable ({self.last_error}); "
+                             f"not retried for {self.retry_interval_s:g}s")
+
+    def failed(self, exc: BaseException) -> StoreError:
+        from redis.exceptions import ConnectionError as RConnectionError
+        from redis.exceptions import TimeoutError as RTimeoutError
+
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (RConnectionError, RTimeoutError, OSError, asyncio.TimeoutError)):
+            self.down_until = time.monotonic() + self.retry_interval_s
+        return StoreError(f"Redis at {self.url}: {self.last_error}")
+
+    def ok(self) -> None:
+        self.down_until = 0.0
+
+
+def _client_kwargs(cfg: RedisConfig) -> dict[str, Any]:
+    return {
+        "socket_timeout": cfg.socket_timeout_s,
+        "socket_connect_timeout": cfg.connect_timeout_s,
+        "decode_responses": False,
+        "health_check_interval": 0,
+    }
+
+
+class RedisStore:
+    """Synchronous store over redis-py.
+
+    Args:
+        cfg: the ``redis`` section of the configuration.
+        url: overrides ``cfg.url`` (else ``REDIS_URL`` is the caller's business).
+    """
+
+    def __init__(self, cfg: RedisConfig, url: str | None = None):
+        self.url = url or cfg.url or DEFAULT_URL
+        self.cluster, plain = _split_url(self.url)
+        kwargs = _client_kwargs(cfg)
+        if self.cluster:
+            self.client: Any = redis.cluster.RedisCluster.from_url(plain, **kwargs)
+        else:
+            self.client = redis.Redis.from_url(plain, **kwargs)
+        self.health = _Health(cfg, self.url)
+        self._admit = self.client.register_script(_ADMIT)
+        self._settle = self.client.register_script(_SETTLE)
+
+    def _run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        self.health.check()
+        try:
+            result = script(keys=keys, args=args)
+        except ResponseError as exc:
+            raise StoreError(f"Redis refused a script: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            raise self.health.failed(exc) from exc
+        self.health.ok()
+        return result
+
+    def admit(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
+        """Run admit.lua; see its header for KEYS, ARGV and the reply."""
+        return list(self._run(self._admit, keys, args))
+
+    def settle(self, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
+        """Run settle.lua; returns the stream entry id, or None if already settled."""
+        return self._run(self._settle, keys, args)  # type: ignore[no-any-return]
+
+    def call(self, *command: Any) -> Any:
+        """Run one plain command (admin paths only, never the request path)."""
+        self.health.check()
+        try:
+            result = self.client.execute_command(*command)
+        except ResponseError as exc:
+            raise StoreError(f"Redis refused {command[0]}: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            raise self.health.failed(exc) from exc
+        self.health.ok()
+        return result
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncRedisStore:
+    """Asyncio twin of :class:`RedisStore` over ``redis.asyncio``.
+
+    A client belongs to the event loop it first ran on; when called from another loop
+    (a test client that starts one loop per request, a second thread) the store makes
+    a client for that loop instead of failing.
+    """
+
+    def __init__(self, cfg: RedisConfig, url: str | None = None):
+        self.cfg = cfg
+        self.url = url or cfg.url or DEFAULT_URL
+        self.cluster, self._plain = _split_url(self.url)
+        self.health = _Health(cfg, self.url)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Any = None
+        self._admit: Any = None
+        self._settle: Any = None
+
+    def _bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        kwargs = _client_kwargs(self.cfg)
+        if self.cluster:
+            client: Any = redis.asyncio.cluster.RedisCluster.from_url(self._plain, **kwargs)
+        else:
+            client = redis.asyncio.Redis.from_url(self._plain, **kwargs)
+        self._client, self._loop = client, loop
+        self._admit = client.register_script(_ADMIT)
+        self._settle = client.register_script(_SETTLE)
+
+    @property
+    def client(self) -> Any:
+        self._bind()
+        return self._client
+
+    async def _run(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        self.health.check()
+        if self._loop is not asyncio.get_running_loop():
+            self._bind()
+        script = self._admit if which == "admit" else self._settle
+        try:
+            result = await script(keys=keys, args=args)
+        except ResponseError as exc:
+            raise StoreError(f"Redis refused a script: {exc}") from exc
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise self.health.failed(exc) from exc
+        self.health.ok()
+        return result
+
+    async def admit(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
+        return list(await self._run("admit", keys, args))
+
+    async def settle(self, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
+        return await self._run("settle", keys, args)  # type: ignore[no-any-return]
+
+    async def call(self, *command: Any) -> Any:
+        self.health.check()
+        try:
+            result = await self.client.execute_command(*command)
+        except ResponseError as exc:
+            raise StoreError(f"Redis refused {command[0]}: {exc}") from exc
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise self.health.failed(exc) from exc
+        self.health.ok()
+        return result
+
+    async def close(self) -> None:
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = self._loop = None

@@ -1,0 +1,176 @@
+"""Usage from request and response bodies. Pure; no I/O.
+
+- :func:`estimate_prompt_tokens`: tokens of an OpenAI-style request body (``messages``,
+  ``prompt`` or ``input``), estimated at 4 characters a token plus a small overhead per
+  message; good enough to reserve quota and check a context window, and always marked
+  ``estimate`` when it ends up billed.
+- :class:`ResponseMeter`: fed the response body as it passes (JSON or SSE), it finds the
+  provider's own ``usage`` (an OpenAI-compatible JSON body, or the final usage chunk of
+  an SSE stream) and counts the text produced, without changing or holding back a byte.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .types import Outcome
+
+__all__ = ["ResponseMeter", "estimate_prompt_tokens", "estimate_tokens", "usage_from"]
+
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_REQUEST = 3
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens in ``chars`` characters of text (rounded up)."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...] or ["a", "b"]
+        total = 0
+        for part in content:
+            if isinstance(part, str):
+                total += len(part)
+            elif isinstance(part, Mapping):
+                text = part.get("text")
+                if isinstance(text, str):
+                    total += len(text)
+        return total
+    return 0
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """Estimated prompt tokens of an OpenAI-style request body (0 when it has no prompt)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        tokens = TOKENS_PER_REQUEST
+        for message in messages:
+            if isinstance(message, Mapping):
+                tokens += TOKENS_PER_MESSAGE + estimate_tokens(_text_chars(message.get("content")))
+        return tokens
+    for key in ("prompt", "input"):
+        if key in body:
+            return TOKENS_PER_REQUEST + estimate_tokens(_text_chars(body[key]))
+    return 0
+
+
+def usage_from(payload: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of an OpenAI-compatible ``usage`` object, if present."""
+    if not isinstance(payload, Mapping):
+        return None
+    usage = payload.get("usage")
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    if (isinstance(prompt, int) and isinstance(completion, int) and not isinstance(prompt, bool)
+            and not isinstance(completion, bool) and prompt >= 0 and completion >= 0):
+        return prompt, completion
+    return None
+
+
+def _completion_chars(payload: Any) -> int:
+    if not isinstance(payload, Mapping):
+        return 0
+    total = 0
+    choices = payload.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, Mapping):
+                continue
+            for part in ("delta", "message"):
+                holder = choice.get(part)
+                if isinstance(holder, Mapping):
+                    total += _text_chars(holder.get("content"))
+            total += _text_chars(choice.get("text"))
+    return total
+
+
+class ResponseMeter:
+    """Watches one response body go by and says what it used.
+
+    Call :meth:`start` with the status and content type, :meth:`feed` with each body
+    chunk as it is sent, and :meth:`outcome` when the response ended (or the client
+    left). JSON bodies are kept up to ``max_buffer`` bytes to be parsed at the end;
+    SSE streams are parsed event by event, so a long stream holds only one line.
+    """
+
+    __slots__ = ("status", "_sse", "_json", "_buffer", "_size", "max_buffer",
+                 "provider_usage", "completion_chars", "complete")
+
+    def __init__(self, max_buffer: int = 1_048_576):
+        self.max_buffer = max_buffer
+        self.status = 0
+        self._sse = False
+        self._json = False
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self.provider_usage: tuple[int, int] | None = None
+        self.completion_chars = 0
+        self.complete = False
+
+    def start(self, status: int, content_type: str) -> None:
+        self.status = status
+        content_type = content_type.lower()
+        self._sse = content_type.startswith("text/event-stream")
+        self._json = "json" in content_type
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if self._sse:
+            self._buffer.append(chunk)
+            if b"\n" in chunk:
+                self._scan_sse(final=False)
+        elif self._json and self._size <= self.max_buffer:
+            self._buffer.append(chunk)
+            self._size += len(chunk)
+
+    def _scan_sse(self, final: bool) -> None:
+        data = b"".join(self._buffer)
+        lines = data.split(b"\n")
+        rest = b"" if final else lines.pop()
+        self._buffer = [rest] if rest else []
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if not payload or payload == b"[DONE]":
+                continue
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                continue
+            usage = usage_from(event)
+            if usage is not None:
+                self.provider_usage = usage
+            self.completion_chars += _completion_chars(event)
+
+    def finish(self) -> None:
+        """The last byte was sent."""
+        self.complete = True
+
+    def outcome(self, *, failed: bool = False, disconnected: bool = False) -> Outcome:
+        if self._sse:
+            self._scan_sse(final=True)
+        elif self._json and self._buffer and self._size <= self.max_buffer:
+            try:
+                payload = json.loads(b"".join(self._buffer))
+            except ValueError:
+                payload = None
+            self.provider_usage = usage_from(payload)
+            self.completion_chars = _completion_chars(payload)
+            self._buffer = []
+        return Outcome(
+            status=self.status or 500,
+            provider_usage=self.provider_usage,
+            completion_chars=self.completion_chars,
+            failed=failed,
+            disconnected=disconnected or (not self.complete and not failed),
+        )
