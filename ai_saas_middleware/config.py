@@ -735,8 +735,8 @@ def describe(config: Config) -> str:
                      f"models: {', '.join(t.allowed_models) or '-'}")
     lines.append("Models:" if config.models else "Models: none with a profile")
     for m in config.models.values():
-        lines.append(f"  {m.id:<16} {m.provider:<10} in ${m.cost_per_input_token}/tok  "
-                     f"out ${m.cost_per_output_token}/tok  ctx {m.max_tokens:,}  "
+        lines.append(f"  {m.id:<16} {m.provider:<10} in ${m.cost_per_input_token:f}/tok  "
+                     f"out ${m.cost_per_output_token:f}/tok  ctx {m.max_tokens:,}  "
                      f"quality {m.quality_score}  p99 {m.latency_p99_ms} ms")
     lines.append("Endpoints:" if config.endpoints else "Endpoints: none")
     for e in config.endpoints:
@@ -746,7 +746,7 @@ def describe(config: Config) -> str:
         if e.max_latency_ms is not None:
             needs.append(f"p99 <= {e.max_latency_ms} ms")
         if e.max_cost_per_request is not None:
-            needs.append(f"cost <= ${e.max_cost_per_request}")
+            needs.append(f"cost <= ${e.max_cost_per_request:f}")
         methods = ",".join(sorted(e.methods)) if e.methods else "any"
         lines.append(f"  {e.path:<20} methods {methods}; {'; '.join(needs) or 'no requirements'}"
                      f"; default max output {e.default_max_output_tokens} tokens")

@@ -114,10 +114,21 @@ class RedisStore:
         self.health = _Health(cfg, self.url)
         self._admit = self.client.register_script(_ADMIT)
         self._settle = self.client.register_script(_SETTLE)
+        self._loaded = False
+
+    def _load_scripts(self) -> None:
+        # Once per client, so that concurrent first requests do not all meet NOSCRIPT.
+        # Script objects still reload on NOSCRIPT (a SCRIPT FLUSH, a failover).
+        if not self.cluster:
+            self.client.script_load(_ADMIT)
+            self.client.script_load(_SETTLE)
+        self._loaded = True
 
     def _run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         self.health.check()
         try:
+            if not self._loaded:
+                self._load_scripts()
             result = script(keys=keys, args=args)
         except ResponseError as exc:
             raise StoreError(f"Redis refused a script: {exc}") from exc
@@ -167,6 +178,7 @@ class AsyncRedisStore:
         self._client: Any = None
         self._admit: Any = None
         self._settle: Any = None
+        self._loading: asyncio.Future[None] | None = None
 
     def _bind(self) -> None:
         loop = asyncio.get_running_loop()
@@ -180,6 +192,22 @@ class AsyncRedisStore:
         self._client, self._loop = client, loop
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
+        self._loading = None
+
+    async def _load_scripts(self) -> None:
+        """SCRIPT LOAD once per client; concurrent first requests wait for the one load."""
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(self._do_load(self._client))
+        try:
+            await asyncio.shield(self._loading)
+        except BaseException:
+            self._loading = None
+            raise
+
+    async def _do_load(self, client: Any) -> None:
+        if not self.cluster:
+            await client.script_load(_ADMIT)
+            await client.script_load(_SETTLE)
 
     @property
     def client(self) -> Any:
@@ -192,6 +220,8 @@ class AsyncRedisStore:
             self._bind()
         script = self._admit if which == "admit" else self._settle
         try:
+            if self._loading is None or not self._loading.done():
+                await self._load_scripts()
             result = await script(keys=keys, args=args)
         except ResponseError as exc:
             raise StoreError(f"Redis refused a script: {exc}") from exc

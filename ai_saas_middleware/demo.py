@@ -1,0 +1,198 @@
+"""``ai-saas demo``: the demo app, the middleware, real traffic and a summary.
+
+1. Redis: ``--redis-url`` or ``REDIS_URL`` when given, else a private embedded server.
+2. The local OpenAI-compatible provider and the demo app, each under uvicorn on a free
+   loopback port (real HTTP on both hops).
+3. A short burst of multi-tenant traffic: a free tenant over its 10 req/min, a pro and
+   an enterprise tenant, a tenant stored in Redis with a fresh key, streamed answers
+   (one of them abandoned half way by its client), an unknown key, non-AI pages.
+4. A per-tenant table read back from the usage stream, and what Redis was asked.
+
+The demo apps live in ``demo_projects/`` of the source checkout (``pip install -e .``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import AISaaSError
+
+__all__ = ["run_demo", "serve_in_thread"]
+
+DEMO_KEYS = {"free-co": "demo-key-free", "pro-co": "demo-key-pro", "big-co": "demo-key-enterprise"}
+
+
+def _demo_root() -> Path:
+    here = Path(__file__).resolve().parent.parent
+    for root in (here, Path.cwd()):
+        if (root / "demo_projects" / "provider.py").exists():
+            return root
+    raise AISaaSError("the demo apps are in demo_projects/ of the source checkout: run "
+                      "'pip install -e .' in a clone, or run this from the clone's folder")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class serve_in_thread:  # noqa: N801 - used like a function, as a context manager
+    """Serve an ASGI app with uvicorn on a free loopback port in a daemon thread."""
+
+    def __init__(self, app: Any, port: int | None = None):
+        import uvicorn
+
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> serve_in_thread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise AISaaSError(f"the demo server on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+async def _traffic(base: str, stored_key: str) -> tuple[Counter[tuple[str, int]], int]:
+    """Send the burst; returns (tenant, status) counts and the number of AI requests."""
+    import httpx
+
+    statuses: Counter[tuple[str, int]] = Counter()
+    messages = [{"role": "user", "content": "Summarize our quarterly numbers in one line."}]
+    plan: list[tuple[str, str, str, dict[str, Any]]] = []
+    for tenant, key, n in (("free-co", DEMO_KEYS["free-co"], 14),
+                           ("pro-co", DEMO_KEYS["pro-co"], 12),
+                           ("big-co", DEMO_KEYS["big-co"], 8),
+                           ("startup-co", stored_key, 6)):
+        for i in range(n):
+            path = "/ai/chat/stream" if i % 4 == 3 else "/ai/chat"
+            plan.append((tenant, key, path, {"messages": messages, "max_tokens": 64}))
+    plan += [("big-co", DEMO_KEYS["big-co"], "/ai/premium/chat",
+              {"messages": messages, "max_tokens": 128})] * 2
+    plan.append(("(unknown key)", "not-a-real-key", "/ai/chat", {"messages": messages}))
+    limit = asyncio.Semaphore(8)
+
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        async def one(tenant: str, key: str, path: str, body: dict[str, Any]) -> None:
+            async with limit:
+                reply = await client.post(path, json=body,
+                                          headers={"Authorization": f"Bearer {key}"})
+                statuses[(tenant, reply.status_code)] += 1
+
+        await asyncio.gather(*(one(*p) for p in plan))
+
+        # A client that reads a little of a stream, then hangs up.
+        async with client.stream("POST", "/ai/chat/stream",
+                                 json={"messages": messages, "max_tokens": 40},
+                                 headers={"Authorization": f"Bearer {DEMO_KEYS['pro-co']}"}
+                                 ) as reply:
+            async for _chunk in reply.aiter_raw():
+                break
+        statuses[("pro-co", reply.status_code)] += 1
+        for _ in range(5):
+            page = await client.get("/")
+            statuses[("(non-AI page)", page.status_code)] += 1
+    return statuses, len(plan) + 1
+
+
+def run_demo(framework: str = "starlette", redis_url: str | None = None,
+             out: Callable[[str], Any] = print) -> int:
+    """Run the demo end to end; returns the exit status."""
+    import logging
+    import os
+
+    import yaml
+
+    from .config import _DecimalLoader, load_config
+    from .embedded import start_server
+    from .report import format_table, read_events, summarize
+    from .store.keys import KeySchema
+    from .store.redis import RedisStore
+    from .tenants import TenantAdmin
+
+    # A client that hangs up mid-stream is part of the show; asyncio's note about
+    # writing to its closed socket is not.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    root = _demo_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from demo_projects import provider
+    from demo_projects.starlette_app.app import CONFIG, create_app
+
+    url = redis_url or os.environ.get("REDIS_URL")
+    server = None
+    if not url:
+        server = start_server(prefer="embedded")
+        url = server.url
+        out(f"Redis: started {server.name} on {url}")
+    else:
+        out(f"Redis: {url.split('@')[-1]}")
+    try:
+        raw = yaml.load(CONFIG.read_text(), Loader=_DecimalLoader)  # noqa: S506
+        prefix = f"demo{int(time.time() * 1000) % 10**10}"
+        raw["redis"] = {**raw.get("redis", {}), "url": url, "keyPrefix": prefix}
+        config = load_config(raw)
+        store = RedisStore(config.redis, url)
+        stored_key = TenantAdmin(config, store).add("startup-co", "pro")
+        out(f"Stored tenant startup-co (tier pro) in Redis; its key: {stored_key[:12]}...")
+        before = _evalsha_calls(store)
+        with serve_in_thread(provider.app) as upstream, \
+                serve_in_thread(create_app(config, provider_url=upstream.url)) as app:
+            out(f"Provider stand-in on {upstream.url}; demo app ({framework}) on {app.url}")
+            started = time.monotonic()
+            statuses, ai_requests = asyncio.run(_traffic(app.url, stored_key))
+            elapsed = time.monotonic() - started
+        round_trips = _evalsha_calls(store) - before
+        out(f"\nSent {sum(statuses.values())} requests in {elapsed:.2f}s. Statuses by tenant:")
+        for tenant in sorted({t for t, _ in statuses}):
+            parts = ", ".join(f"{status} x{n}" for (t, status), n in sorted(statuses.items())
+                              if t == tenant)
+            out(f"  {tenant:<16} {parts}")
+        keys = KeySchema(prefix, config.redis.shards)
+        rows = summarize(read_events(store, keys))
+        refused = {t: n for (t, status), n in statuses.items() if status == 429}
+        out("\nUsage read back from the Redis stream (one event per admitted AI request):")
+        out(format_table(rows, refused))
+        admitted = sum(r.requests for r in rows.values())
+        limited = sum(refused.values())
+        extra = round_trips - 2 * admitted - limited
+        out(f"\nRedis round trips (EVALSHA): {round_trips} = {admitted} admitted x 2 (admission "
+            f"+ settlement) + {limited} refused at admission + {extra} tier look-up(s) of a "
+            f"stored tenant seen for the first time. Non-AI pages: "
+            f"{statuses[('(non-AI page)', 200)]}, no Redis call.")
+        store.close()
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _evalsha_calls(store: Any) -> int:
+    stats = store.call("INFO", "commandstats")
+    if isinstance(stats, bytes):
+        stats = stats.decode()
+    if isinstance(stats, str):
+        for line in stats.splitlines():
+            if line.startswith("cmdstat_evalsha:"):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+    entry = stats.get("cmdstat_evalsha") if isinstance(stats, dict) else None
+    return int(entry["calls"]) if entry else 0
