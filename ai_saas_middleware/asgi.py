@@ -99,7 +99,7 @@ class AISaaSMiddleware:
         tenant = self.resolver(scope)
         if self._resolver_is_async or inspect.isawaitable(tenant):
             tenant = await tenant  # type: ignore[misc]
-        return tenant  # type: ignore[return-value]
+        return tenant
 
     async def _read_body(self, receive: Receive, headers: Mapping[str, str]
                          ) -> bytes | Decision | None:

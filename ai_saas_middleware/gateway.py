@@ -48,7 +48,7 @@ from .errors import (
 )
 from .pricing import cost_of, format_usd
 from .responses import refusal
-from .routing import Requirements, select_model
+from .routing import Requirements, Selection, select_model
 from .spool import LocalAllowance, Spool
 from .store.keys import KeySchema, is_valid_tenant_id
 from .store.redis import AsyncRedisStore, RedisStore
@@ -107,8 +107,21 @@ def new_stored_key(tenant_id: str) -> str:
 class _Plan:
     """One AI request on its way through admission (internal, mutable)."""
 
-    __slots__ = ("tenant_id", "tier", "mode", "key_hash", "endpoint", "body", "prompt_tokens",
-                 "max_output_tokens", "selection", "request_id", "month", "stored")
+    __slots__ = ("body", "endpoint", "key_hash", "max_output_tokens", "mode", "month",
+                 "prompt_tokens", "request_id", "selection", "stored", "tenant_id", "tier")
+
+    tenant_id: str
+    tier: TierConfig
+    mode: str  # static | key | stored (see admit.lua)
+    key_hash: str
+    endpoint: EndpointConfig
+    body: dict[str, Any]
+    prompt_tokens: int
+    max_output_tokens: int
+    selection: Selection
+    request_id: str
+    month: str
+    stored: bool
 
     def __init__(self) -> None:
         self.mode = "static"

@@ -55,12 +55,13 @@ class AISaaSMiddleware(asgi.AISaaSMiddleware):
                  redis_url: str | None = None):
         scope_resolver: asgi.Resolver | None = None
         if resolver is not None:
-            request_resolver = resolver
+            request_resolver: Any = resolver
             if inspect.iscoroutinefunction(request_resolver):
-                async def scope_resolver(scope: Any) -> str | None:
-                    return await request_resolver(Request(scope))  # type: ignore[misc]
+                async def from_request(scope: Any) -> str | None:
+                    tenant: str | None = await request_resolver(Request(scope))
+                    return tenant
+                scope_resolver = from_request
             else:
-                def scope_resolver(scope: Any) -> Any:  # type: ignore[misc]
-                    return request_resolver(Request(scope))
+                scope_resolver = lambda scope: request_resolver(Request(scope))  # noqa: E731
         super().__init__(app, config, gateway=gateway, resolver=scope_resolver,
                          redis_url=redis_url)

@@ -37,7 +37,7 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 def load_script(name: str) -> str:
     """The source of ``store/lua/<name>.lua``."""
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
 
 
 _ADMIT = load_script("admit")

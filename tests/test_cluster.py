@@ -1,0 +1,114 @@
+"""The same scripts and keys on a real 3-node Redis Cluster.
+
+The key schema puts every key of a tenant, and its shard's stream, behind one hash tag,
+so admit.lua and settle.lua each touch one slot. This starts a cluster (redis-server and
+redis-cli from PATH, else the embedded Valkey's server and valkey-cli), spreads tenants
+over many shards (so over all three nodes), and runs admission and settlement through
+``redis+cluster://`` with the sync and the asyncio gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from ai_saas_middleware import AsyncGateway, Gateway, RequestInfo
+from ai_saas_middleware.embedded import LocalServer, find_server_binary, start_server
+from ai_saas_middleware.types import Outcome
+
+from conftest import BASE_CONFIG
+
+
+def _cli_for(server_binary: str) -> str | None:
+    sibling = os.path.join(os.path.dirname(server_binary),
+                           "valkey-cli" if "valkey" in os.path.basename(server_binary)
+                           else "redis-cli")
+    return sibling if os.access(sibling, os.X_OK) else shutil.which("redis-cli")
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    binary = find_server_binary()
+    cli = _cli_for(binary) if binary else None
+    if binary is None or cli is None:
+        pytest.skip("no redis-server/valkey-server with its cli to build a cluster")
+    nodes: list[LocalServer] = []
+    try:
+        for _ in range(3):
+            nodes.append(start_server(binary, args=("--cluster-enabled", "yes",
+                                                    "--cluster-config-file", "nodes.conf",
+                                                    "--cluster-node-timeout", "2000")))
+        addresses = [f"127.0.0.1:{n.port}" for n in nodes]
+        subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = redis.Redis(port=nodes[0].port).execute_command("CLUSTER", "INFO")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            if "cluster_state:ok" in text:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the cluster did not reach cluster_state:ok")
+        yield f"redis+cluster://127.0.0.1:{nodes[0].port}"
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _config(url: str, tmp_path: Any) -> dict[str, Any]:
+    config = dict(BASE_CONFIG)
+    tenants = [{"id": f"tenant-{i}", "tier": "pro"} for i in range(24)]
+    config["tenants"] = list(BASE_CONFIG["tenants"]) + tenants
+    config["redis"] = {"url": url, "keyPrefix": "cl", "shards": 16,
+                       "spoolDir": str(tmp_path / "spool")}
+    return config
+
+
+def _info(tenant: str) -> RequestInfo:
+    return RequestInfo("POST", "/ai/chat", {"content-type": "application/json"},
+                       b'{"messages": [{"role": "user", "content": "hello"}]}', tenant_id=tenant)
+
+
+def test_admit_and_settle_on_a_cluster(cluster_url: str, tmp_path: Any) -> None:
+    gateway = Gateway(_config(cluster_url, tmp_path))
+    tenants = [f"tenant-{i}" for i in range(24)]
+    for tenant in tenants:
+        decision = gateway.admit(_info(tenant))
+        assert decision.allowed, decision.body
+        assert decision.ticket is not None
+        gateway.settle(decision.ticket, Outcome(200, provider_usage=(10, 5)), decision.context)
+    assert not gateway.spool.pending  # nothing fell back to the local spool
+
+    client = RedisCluster.from_url(cluster_url.replace("+cluster", ""), decode_responses=True)
+    month = time.strftime("%Y-%m", time.gmtime())
+    used_nodes = set()
+    for tenant in tenants:
+        keys = gateway.keys.tenant(tenant)
+        assert client.get(keys.quota(month)) == "15"
+        entries = [f for _, f in client.xrange(keys.stream) if f["tenant_id"] == tenant]
+        assert len(entries) == 1 and entries[0]["cost"] == "0.0000045"
+        used_nodes.add(client.get_node_from_key(keys.stream).name)
+    assert len(used_nodes) == 3  # the tenants' slots really are spread over every node
+    gateway.close()
+    client.close()
+
+
+async def test_async_gateway_on_a_cluster(cluster_url: str, tmp_path: Any) -> None:
+    gateway = AsyncGateway(_config(cluster_url, tmp_path))
+    for i in range(12):
+        decision = await gateway.admit(_info(f"tenant-{i}"))
+        assert decision.allowed, decision.body
+        assert decision.ticket is not None
+        await gateway.settle(decision.ticket, Outcome(200, provider_usage=(3, 4)),
+                             decision.context)
+    assert not gateway.spool.pending
+    await gateway.close()
