@@ -192,3 +192,31 @@ class AISaaSMiddleware:
                 await self.gateway.settle(ticket, outcome, ctx)
             except Exception:  # noqa: BLE001 - accounting must never break the response
                 log.exception("settling request %s failed", ticket.request_id)
+
+
+class UsageApp:
+    """ASGI app answering ``GET`` with the caller's own usage this month (JSON).
+
+    Credentials as for AI requests (API key, or ``resolver``). Mount it where the
+    tenant's clients can reach it, e.g. ``/ai-saas/usage``.
+    """
+
+    def __init__(self, gateway: AsyncGateway, resolver: Resolver | None = None):
+        self.gateway = gateway
+        self.resolver = resolver
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_decision(send, refusal("method_not_allowed", "use GET"))
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        tenant: Any = None
+        if self.resolver is not None:
+            tenant = self.resolver(scope)
+            if inspect.isawaitable(tenant):
+                tenant = await tenant
+        info = RequestInfo(scope["method"], scope["path"], headers, b"", tenant)
+        await send_decision(send, await self.gateway.usage(info))
+

@@ -378,16 +378,8 @@ class _Core:
                 return self._admitted(plan, now_ms, int(reply[2]), int(reply[3]))
             if code in (1, 2):
                 return self._refused_by_limit(plan, reply)
-            if code == 3:
-                self._verified_keys.pop(plan.key_hash, None)
-                if reply[2] == b"revoked":
-                    return refusal("revoked_api_key", "the API key has been revoked")
-                return refusal("invalid_api_key", "the API key is not valid")
-            if code == 4:
-                self._stored_tiers.pop(plan.tenant_id, None)
-                if plan.mode == "key":
-                    return refusal("invalid_api_key", "the API key is not valid")
-                return refusal("unknown_tenant", f"no tenant {plan.tenant_id!r}")
+            if code in (3, 4):
+                return self._credentials_refused(plan, reply)
             if code == 5:
                 plan.month = reply[2].decode()
                 continue
@@ -407,6 +399,54 @@ class _Core:
                 continue
             raise StoreError(f"admit.lua answered an unknown code {code}")
         raise StoreError("admission did not settle after 3 attempts (tier or month kept moving)")
+
+    def _credentials_refused(self, plan: _Plan, reply: list[Any]) -> Decision:
+        """The refusal for admit.lua's / usage.lua's codes 3 (key) and 4 (no tenant)."""
+        if int(reply[0]) == 3:
+            self._verified_keys.pop(plan.key_hash, None)
+            if reply[2] == b"revoked":
+                return refusal("revoked_api_key", "the API key has been revoked")
+            return refusal("invalid_api_key", "the API key is not valid")
+        self._stored_tiers.pop(plan.tenant_id, None)
+        if plan.mode == "key":
+            return refusal("invalid_api_key", "the API key is not valid")
+        return refusal("unknown_tenant", f"no tenant {plan.tenant_id!r}")
+
+    def _usage_steps(self, info: RequestInfo) -> AdmitSteps:
+        """The caller's own usage this month, as a JSON response (the usage endpoint)."""
+        plan = _Plan()
+        refused = self._authenticate(info, plan)
+        if refused is not None:
+            return refused
+        keys = self.keys.tenant(plan.tenant_id)
+        try:
+            reply = yield ("usage", [keys.rate_limit, keys.quota(plan.month), keys.record,
+                                     keys.api_keys],
+                           [plan.mode, plan.month, plan.key_hash, WINDOW_MS])
+        except StoreError:
+            return refusal("store_unavailable", "usage accounting is unavailable; retry shortly",
+                           retry_after_s=max(1, math.ceil(self.config.redis.retry_interval_s)))
+        if int(reply[0]) != 0:
+            return self._credentials_refused(plan, reply)
+        tier = plan.tier if not plan.stored else self.config.tiers.get(reply[4].decode())
+        if tier is None:
+            return refusal("unknown_tenant", f"tenant {plan.tenant_id!r} has a tier this "
+                                             "deployment does not define")
+        used = int(reply[2])
+        body = {
+            "tenant_id": plan.tenant_id,
+            "tier": tier.name,
+            "month": plan.month,
+            "tokens_used": used,
+            "monthly_quota": tier.monthly_quota,
+            "tokens_remaining": (None if tier.monthly_quota is None
+                                 else max(0, tier.monthly_quota - used)),
+            "rate_limit_per_minute": tier.rate_limit,
+            "requests_last_minute": int(reply[3]),
+            "allowed_models": list(tier.allowed_models),
+        }
+        return Decision(True, 200, (("content-type", "application/json"),),
+                        json.dumps(body, separators=(",", ":")).encode())
 
     def _admit_locally(self, plan: _Plan, info: RequestInfo, exc: StoreError) -> Decision:
         """Redis is unreachable: serve within the per-process allowance, or refuse (503)."""
@@ -514,7 +554,21 @@ class Gateway(_Core):
 
     def _run(self, call: ScriptCall) -> Any:
         kind, keys, args = call
-        return (self.store.admit if kind == "admit" else self.store.settle)(keys, args)
+        return getattr(self.store, kind)(keys, args)
+
+    def _drive(self, steps: AdmitSteps) -> Decision:
+        """Run the script calls ``steps`` yields until it returns its Decision."""
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    reply = self._run(call)
+                except StoreError as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(reply)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     def admit(self, info: RequestInfo, endpoint: EndpointConfig | None = None) -> Decision:
         """Admit an AI request, or refuse it. One Redis round trip.
@@ -529,18 +583,11 @@ class Gateway(_Core):
         endpoint = endpoint or self.endpoint_for(info.method, info.path)
         if endpoint is None:
             raise ValueError(f"{info.method} {info.path} is not an AI endpoint")
-        steps = self._admission(info, endpoint)
-        try:
-            call = next(steps)
-            while True:
-                try:
-                    reply = self._run(call)
-                except StoreError as exc:
-                    call = steps.throw(exc)
-                else:
-                    call = steps.send(reply)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+        return self._drive(self._admission(info, endpoint))
+
+    def usage(self, info: RequestInfo) -> Decision:
+        """The caller's own usage this month (credentials as for admission), as JSON."""
+        return self._drive(self._usage_steps(info))
 
     def settle(self, ticket: Ticket, outcome: Outcome, ctx: RequestContext | None = None) -> None:
         """Record the request's usage and settle its quota. One Redis round trip.
@@ -603,14 +650,12 @@ class AsyncGateway(_Core):
         kind, keys, args = call
         if kind == "admit":
             return await self.store.admit(keys, args)
-        return await self.store.settle(keys, args)
+        if kind == "settle":
+            return await self.store.settle(keys, args)
+        return await self.store.usage(keys, args)
 
-    async def admit(self, info: RequestInfo, endpoint: EndpointConfig | None = None) -> Decision:
-        """See :meth:`Gateway.admit`."""
-        endpoint = endpoint or self.endpoint_for(info.method, info.path)
-        if endpoint is None:
-            raise ValueError(f"{info.method} {info.path} is not an AI endpoint")
-        steps = self._admission(info, endpoint)
+    async def _drive(self, steps: AdmitSteps) -> Decision:
+        """See :meth:`Gateway._drive`."""
         try:
             call = next(steps)
             while True:
@@ -622,6 +667,17 @@ class AsyncGateway(_Core):
                     call = steps.send(reply)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+
+    async def admit(self, info: RequestInfo, endpoint: EndpointConfig | None = None) -> Decision:
+        """See :meth:`Gateway.admit`."""
+        endpoint = endpoint or self.endpoint_for(info.method, info.path)
+        if endpoint is None:
+            raise ValueError(f"{info.method} {info.path} is not an AI endpoint")
+        return await self._drive(self._admission(info, endpoint))
+
+    async def usage(self, info: RequestInfo) -> Decision:
+        """See :meth:`Gateway.usage`."""
+        return await self._drive(self._usage_steps(info))
 
     async def settle(self, ticket: Ticket, outcome: Outcome,
                      ctx: RequestContext | None = None) -> None:

@@ -21,6 +21,7 @@ CODES: dict[str, tuple[int, str]] = {
     "revoked_api_key": (401, "authentication_error"),
     "unknown_tenant": (401, "authentication_error"),
     "invalid_tenant_id": (401, "authentication_error"),
+    "method_not_allowed": (405, "invalid_request_error"),
     "request_too_large": (413, "invalid_request_error"),
     "unsupported_media_type": (415, "invalid_request_error"),
     "no_eligible_model": (422, "invalid_request_error"),

@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 from . import asgi
 from .gateway import AsyncGateway
 
-__all__ = ["AISaaSMiddleware"]
+__all__ = ["AISaaSMiddleware", "admin_app"]
 
 RequestResolver = Callable[[Request], Union[str, None, Awaitable[Union[str, None]]]]
 
@@ -65,3 +65,30 @@ class AISaaSMiddleware(asgi.AISaaSMiddleware):
                 scope_resolver = lambda scope: request_resolver(Request(scope))  # noqa: E731
         super().__init__(app, config, gateway=gateway, resolver=scope_resolver,
                          redis_url=redis_url)
+
+
+def admin_app(config: asgi.ConfigSource | None = None, *, gateway: AsyncGateway | None = None,
+              resolver: RequestResolver | None = None, redis_url: str | None = None) -> Any:
+    """The tenant-facing admin endpoints, to mount: ``GET /usage`` (the caller's usage).
+
+    ::
+
+        gateway = AsyncGateway("ai-saas-config.yaml")
+        app.add_middleware(AISaaSMiddleware, gateway=gateway)
+        app.mount("/ai-saas", admin_app(gateway=gateway))
+
+    (The dashboard joins it when it lands.)
+    """
+    from starlette.routing import Route, Router
+
+    if gateway is None:
+        if config is None:
+            raise TypeError("admin_app needs config= or gateway=")
+        gateway = AsyncGateway(config, redis_url=redis_url)
+    scope_resolver: asgi.Resolver | None = None
+    if resolver is not None:
+        request_resolver: Any = resolver
+        scope_resolver = lambda scope: request_resolver(Request(scope))  # noqa: E731
+    usage = asgi.UsageApp(gateway, scope_resolver)
+    return Router(routes=[Route("/usage", usage)])
+

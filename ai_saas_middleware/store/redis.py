@@ -42,6 +42,7 @@ def load_script(name: str) -> str:
 
 _ADMIT = load_script("admit")
 _SETTLE = load_script("settle")
+_USAGE = load_script("usage")
 
 
 def _split_url(url: str) -> tuple[bool, str]:
@@ -114,6 +115,7 @@ class RedisStore:
         self.health = _Health(cfg, self.url)
         self._admit = self.client.register_script(_ADMIT)
         self._settle = self.client.register_script(_SETTLE)
+        self._usage = self.client.register_script(_USAGE)
         self._loaded = False
 
     def _load_scripts(self) -> None:
@@ -144,6 +146,10 @@ class RedisStore:
     def settle(self, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
         """Run settle.lua; returns the stream entry id, or None if already settled."""
         return self._run(self._settle, keys, args)  # type: ignore[no-any-return]
+
+    def usage(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
+        """Run usage.lua (a tenant's own usage endpoint)."""
+        return list(self._run(self._usage, keys, args))
 
     def call(self, *command: Any) -> Any:
         """Run one plain command (admin paths only, never the request path)."""
@@ -178,6 +184,7 @@ class AsyncRedisStore:
         self._client: Any = None
         self._admit: Any = None
         self._settle: Any = None
+        self._usage: Any = None
         self._loading: asyncio.Future[None] | None = None
 
     def _bind(self) -> None:
@@ -192,6 +199,7 @@ class AsyncRedisStore:
         self._client, self._loop = client, loop
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
+        self._usage = client.register_script(_USAGE)
         self._loading = None
 
     async def _load_scripts(self) -> None:
@@ -218,7 +226,8 @@ class AsyncRedisStore:
         self.health.check()
         if self._loop is not asyncio.get_running_loop():
             self._bind()
-        script = self._admit if which == "admit" else self._settle
+        script = (self._admit if which == "admit" else
+                  self._settle if which == "settle" else self._usage)
         try:
             if self._loading is None or not self._loading.done():
                 await self._load_scripts()
@@ -235,6 +244,9 @@ class AsyncRedisStore:
 
     async def settle(self, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
         return await self._run("settle", keys, args)  # type: ignore[no-any-return]
+
+    async def usage(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
+        return list(await self._run("usage", keys, args))
 
     async def call(self, *command: Any) -> Any:
         self.health.check()
