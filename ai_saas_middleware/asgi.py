@@ -158,7 +158,9 @@ class AISaaSMiddleware:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
             message = await receive()
-            if message["type"] == "http.disconnect":
+            # Servers also answer http.disconnect once the response is complete (e.g. to
+            # Starlette's disconnect listener): only a hang-up before the end counts.
+            if message["type"] == "http.disconnect" and not meter.complete:
                 disconnected = True
             return message
 

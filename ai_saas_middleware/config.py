@@ -120,9 +120,14 @@ class EndpointConfig:
     pattern: re.Pattern[str] = field(default=re.compile(""), compare=False, repr=False)
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.methods is None or method in self.methods) and (
-            self.pattern.match(path) is not None
-        )
+        # A CORS preflight carries no credentials and runs no model: unless the endpoint
+        # names OPTIONS, it passes through to the app (and its CORS middleware).
+        if self.methods is None:
+            if method == "OPTIONS":
+                return False
+        elif method not in self.methods:
+            return False
+        return self.pattern.match(path) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,6 +171,9 @@ class _Core:
 
     def _authenticate(self, info: RequestInfo, plan: _Plan) -> Decision | None:
         tenant_id = info.tenant_id
+        if tenant_id is not None and not isinstance(tenant_id, str):
+            raise TypeError("a tenant resolver must return a tenant id (str) or None, not "
+                            f"{type(tenant_id).__name__}")
         if tenant_id is None and self._tenant_header is not None:
             tenant_id = info.headers.get(self._tenant_header)
         if tenant_id is not None:
@@ -222,7 +225,7 @@ class _Core:
                                f"{content_type or 'a body without a content type'}")
             try:
                 body = json.loads(info.body)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 return refusal("invalid_json", f"request body is not valid JSON: {exc}")
             if not isinstance(body, dict):
                 return refusal("invalid_json", "request body must be a JSON object")
@@ -302,7 +305,7 @@ class _Core:
         reserve = plan.prompt_tokens + plan.max_output_tokens
         ticket = Ticket(plan.request_id, plan.tenant_id, tier.name, keys, plan.month,
                         0 if local else reserve, plan.prompt_tokens, now_ms, time.monotonic(),
-                        plan.endpoint, local)
+                        plan.endpoint, local, plan.selection.chosen)
         selection = plan.selection
         assert selection.chosen is not None
         ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=selection.chosen,
@@ -480,7 +483,7 @@ class _Core:
     def _settle_call(self, ticket: Ticket, outcome: Outcome,
                      ctx: RequestContext | None) -> ScriptCall:
         usage = self._usage(ticket, ctx, outcome)
-        model = ctx.answered_by or ctx.model if ctx is not None else None
+        model = (ctx.answered_by or ctx.model) if ctx is not None else ticket.model
         assert model is not None
         cost = cost_of(model, usage.prompt_tokens, usage.completion_tokens)
         latency_ms = int((time.monotonic() - ticket.started) * 1000)

@@ -145,7 +145,7 @@ class ResponseMeter:
                 continue
             try:
                 event = json.loads(payload)
-            except ValueError:
+            except (ValueError, RecursionError):  # too deeply nested
                 continue
             usage = usage_from(event)
             if usage is not None:
@@ -162,7 +162,7 @@ class ResponseMeter:
         elif self._json and self._buffer and self._size <= self.max_buffer:
             try:
                 payload = json.loads(b"".join(self._buffer))
-            except ValueError:
+            except (ValueError, RecursionError):
                 payload = None
             self.provider_usage = usage_from(payload)
             self.completion_chars = _completion_chars(payload)
