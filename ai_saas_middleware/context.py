@@ -31,6 +31,7 @@ class Ticket:
     started: float  # time.monotonic() at admission
     endpoint: EndpointConfig | None
     local: bool = False  # admitted by the per-process allowance while Redis was down
+    model: ModelProfile | None = None  # the chosen model, for settle() without a context
 
 
 class RequestContext:

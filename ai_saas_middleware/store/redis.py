@@ -25,6 +25,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from ..config import RedisConfig
@@ -43,6 +44,10 @@ def load_script(name: str) -> str:
 _ADMIT = load_script("admit")
 _SETTLE = load_script("settle")
 _USAGE = load_script("usage")
+
+
+def _retry_args(which: str, args: Sequence[Any]) -> Sequence[Any]:
+    return [*args, "retry"] if which == "admit" else args
 
 
 def _split_url(url: str) -> tuple[bool, str]:
@@ -231,7 +236,16 @@ class AsyncRedisStore:
         try:
             if self._loading is None or not self._loading.done():
                 await self._load_scripts()
-            result = await script(keys=keys, args=args)
+            try:
+                result = await script(keys=keys, args=args)
+            except RedisConnectionError:
+                # A pooled connection the server closed (a restart, a failover) fails on
+                # first use: redis-py's sync pool notices at checkout, the asyncio pool does
+                # not. One immediate retry on a fresh connection keeps the twins alike
+                # (a timeout is not retried: that would double the wait on a hung server).
+                # The retry is safe: settle.lua dedupes by request id, and admit.lua, told
+                # it is a retry, does not count an attempt that did run twice.
+                result = await script(keys=keys, args=_retry_args(which, args))
         except ResponseError as exc:
             raise StoreError(f"Redis refused a script: {exc}") from exc
         except (RedisError, OSError, asyncio.TimeoutError) as exc:

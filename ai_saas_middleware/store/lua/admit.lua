@@ -19,6 +19,11 @@
 -- ARGV[8]  monthly quota, tokens; -1 = unlimited
 -- ARGV[9]  tokens to reserve (estimated prompt + max output)
 -- ARGV[10] TTL of a new monthly counter, seconds
+-- ARGV[11] optional 'retry': the caller lost the reply of an earlier attempt of this
+--          request id; if that attempt was admitted (it is in the rate-limit log), answer
+--          admitted again without counting it twice (a tier without a rate limit keeps
+--          no log: its retried attempt may reserve twice, which over-counts against the
+--          tenant, never for it)
 --
 -- Returns {code, now_ms, a, b}:
 --   {0, now_ms, remaining, reset_ms, used}   admitted; remaining requests in the window,
@@ -65,6 +70,10 @@ local reset_ms = 0
 if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_us - window_us)
   local count = redis.call('ZCARD', KEYS[1])
+  if ARGV[11] == 'retry' and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    return {0, now_ms, math.max(limit - count, 0), tonumber(ARGV[7]),
+            tonumber(redis.call('GET', KEYS[2]) or '0')}
+  end
   if count >= limit then
     local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
     local retry_ms = math.ceil((tonumber(oldest[2]) + window_us - now_us) / 1000)

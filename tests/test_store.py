@@ -1,0 +1,43 @@
+"""The Lua scripts through the store, below the gateway: retry idempotence and replies."""
+
+from __future__ import annotations
+
+import time
+
+from ai_saas_middleware.config import load_config
+from ai_saas_middleware.store.keys import KeySchema
+from ai_saas_middleware.store.redis import RedisStore
+
+
+def _admit_args(request_id: str, month: str, reserve: int, *extra: str) -> list[object]:
+    return [request_id, month, "static", "", "pro", 100, 60_000, 100_000, reserve,
+            86400, *extra]
+
+
+def test_a_retried_admission_is_not_counted_twice(make_config, rclient, key_prefix) -> None:
+    config = load_config(make_config())
+    store = RedisStore(config.redis)
+    keys = KeySchema(key_prefix, 16).tenant("globex")
+    month = time.strftime("%Y-%m", time.gmtime())
+    script_keys = [keys.rate_limit, keys.quota(month), keys.record, keys.api_keys]
+
+    first = store.admit(script_keys, _admit_args("req_a", month, 300))
+    again = store.admit(script_keys, _admit_args("req_a", month, 300, "retry"))
+    other = store.admit(script_keys, _admit_args("req_b", month, 300, "retry"))
+
+    assert first[0] == 0 and again[0] == 0 and other[0] == 0
+    assert int(rclient.get(keys.quota(month))) == 600  # req_a once, req_b once
+    assert rclient.zcard(keys.rate_limit) == 2
+    store.close()
+
+
+def test_admission_in_another_month_asks_for_the_servers_month(make_config, key_prefix) -> None:
+    config = load_config(make_config())
+    store = RedisStore(config.redis)
+    keys = KeySchema(key_prefix, 16).tenant("globex")
+    stale = "1999-01"
+    reply = store.admit([keys.rate_limit, keys.quota(stale), keys.record, keys.api_keys],
+                        _admit_args("req_c", stale, 10))
+    assert reply[0] == 5
+    assert reply[2].decode() == time.strftime("%Y-%m", time.gmtime())
+    store.close()
