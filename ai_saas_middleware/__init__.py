@@ -23,6 +23,7 @@ from .errors import (
     RateLimited,
     RequestRefused,
     StoreError,
+    StoreRefused,
     UnknownTenant,
 )
 from .gateway import AsyncGateway, Gateway
@@ -50,6 +51,7 @@ __all__ = [
     "RequestRefused",
     "ResponseMeter",
     "StoreError",
+    "StoreRefused",
     "Ticket",
     "UnknownTenant",
     "Usage",

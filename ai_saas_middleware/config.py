@@ -715,7 +715,9 @@ def serving_gaps(config: Config) -> list[str]:
         gaps.append("no model profile (models) for " + ", ".join(missing)
                     + ": routing only considers models with profiles")
     for tier in config.tiers.values():
-        if tier.allowed_models and not any(m in config.models for m in tier.allowed_models):
+        if not tier.allowed_models:
+            gaps.append(f"tier {tier.name!r} allows no model (allowedModels is empty)")
+        elif not any(m in config.models for m in tier.allowed_models):
             gaps.append(f"tier {tier.name!r} has no allowed model with a profile")
     if not config.endpoints:
         gaps.append("no endpoints: no request counts as an AI request")

@@ -5,6 +5,7 @@
     AISaaSError
     ├── ConfigError            the configuration is wrong; lists every problem with its path
     ├── StoreError             Redis could not be reached or answered unexpectedly
+    │   └── StoreRefused       Redis answered but refused the command (retrying won't help)
     ├── UnknownTenant          no tenant with that id (or credentials match no tenant)
     ├── LimitExceeded          a tier limit refused the request (status 429)
     │   ├── RateLimited        requests per minute
@@ -35,6 +36,7 @@ __all__ = [
     "RateLimited",
     "RequestRefused",
     "StoreError",
+    "StoreRefused",
     "UnknownTenant",
 ]
 
@@ -70,6 +72,10 @@ class ConfigError(AISaaSError):
 
 class StoreError(AISaaSError):
     """Redis was unreachable, timed out, or answered something unexpected."""
+
+
+class StoreRefused(StoreError):
+    """Redis answered, but refused the command (a script error, a key of the wrong type)."""
 
 
 class UnknownTenant(AISaaSError):

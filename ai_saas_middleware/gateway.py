@@ -44,6 +44,7 @@ from .errors import (
     RateLimited,
     RequestRefused,
     StoreError,
+    StoreRefused,
     UnknownTenant,
 )
 from .pricing import cost_of, format_usd
@@ -351,7 +352,7 @@ class _Core:
         """Admission as steps: yields script calls, is sent their replies."""
         plan = _Plan()
         plan.endpoint = endpoint
-        refused = self._parse_body(info, plan) or self._authenticate(info, plan)
+        refused = self._authenticate(info, plan) or self._parse_body(info, plan)
         if refused is not None:
             return refused
         plan.request_id = "req_" + secrets.token_hex(12)
@@ -599,14 +600,17 @@ class Gateway(_Core):
         to disk and replayed, in order, when Redis is back.
         """
         call = self._settle_call(ticket, outcome, ctx)
-        try:
-            self._run(call)
-        except StoreError as exc:
-            log.warning("usage event %s spooled: %s", ticket.request_id, exc)
-            self.spool.append(call)
-            return
-        if self.spool.pending:
-            self.spool.replay(self._run)
+        if self.spool.pending and not self.store.health.is_down():
+            self.spool.replay(self._run)  # older events first, so the stream stays in order
+        if not self.spool.pending:
+            try:
+                self._run(call)
+                return
+            except StoreRefused:
+                log.exception("usage event %s refused by Redis", ticket.request_id)
+            except StoreError as exc:
+                log.warning("usage event %s spooled: %s", ticket.request_id, exc)
+        self.spool.append(call)
 
     @contextlib.contextmanager
     def request(self, *, tenant_id: str, endpoint: str | None = None,
@@ -686,14 +690,17 @@ class AsyncGateway(_Core):
                      ctx: RequestContext | None = None) -> None:
         """See :meth:`Gateway.settle`."""
         call = self._settle_call(ticket, outcome, ctx)
-        try:
-            await self._run(call)
-        except StoreError as exc:
-            log.warning("usage event %s spooled: %s", ticket.request_id, exc)
-            self.spool.append(call)
-            return
-        if self.spool.pending:
+        if self.spool.pending and not self.store.health.is_down():
             await self.spool.areplay(self._run)
+        if not self.spool.pending:
+            try:
+                await self._run(call)
+                return
+            except StoreRefused:
+                log.exception("usage event %s refused by Redis", ticket.request_id)
+            except StoreError as exc:
+                log.warning("usage event %s spooled: %s", ticket.request_id, exc)
+        self.spool.append(call)
 
     @contextlib.asynccontextmanager
     async def request(self, *, tenant_id: str, endpoint: str | None = None,

@@ -27,12 +27,12 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any
 
 from .config import TierConfig
-from .errors import StoreError
+from .errors import StoreError, StoreRefused
 
 __all__ = ["LocalAllowance", "Spool"]
 
@@ -129,53 +129,69 @@ class Spool:
         os.utime(back, (0, 0))  # oldest first next time
         path.unlink(missing_ok=True)
 
-    def replay(self, run: Callable[[tuple[str, list[str], list[Any]]], Any]) -> int:
-        """Replay every claimable spooled call with ``run``; returns how many ran."""
+    def _reject(self, entry: tuple[str, list[str], list[Any]], exc: StoreRefused) -> None:
+        """Set aside an entry Redis refuses (it would block every replay behind it)."""
+        log.error("spooled usage call refused by Redis, set aside in %s: %s",
+                  self.dir / "rejected.jsonl", exc)
+        with open(self.dir / "rejected.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"call": list(entry), "error": str(exc)}) + "\n")
+
+    def _replay_steps(self) -> Generator[tuple[str, list[str], list[Any]],
+                                         StoreError | None, None]:
+        """Replay as steps: yields each spooled call, is sent the error it met (or None)."""
+        for path in self._claim():
+            entries = self._entries(path)
+            done = 0
+            for entry in entries:
+                error = yield entry
+                if isinstance(error, StoreRefused):
+                    self._reject(entry, error)
+                elif error is not None:  # Redis is gone again: keep the rest, in order
+                    self._keep(path, entries, done)
+                    return
+                done += 1
+            self._keep(path, entries, done)
+        self.pending = self._has_files()
+
+    def replay(self, run: Callable[[tuple[str, list[str], list[Any]]], Any]) -> None:
+        """Replay every claimable spooled call with ``run``, oldest first."""
         with self._lock:
             if self._replaying:
-                return 0
+                return
             self._replaying = True
-        ran = 0
+        steps = self._replay_steps()
         try:
-            for path in self._claim():
-                entries = self._entries(path)
-                done = 0
+            entry = next(steps)
+            while True:
                 try:
-                    for entry in entries:
-                        run(entry)
-                        done += 1
-                except StoreError:
-                    self._keep(path, entries, done)
-                    return ran + done
-                self._keep(path, entries, done)
-                ran += done
-            self.pending = self._has_files()
-            return ran
+                    run(entry)
+                    error = None
+                except StoreError as exc:
+                    error = exc
+                entry = steps.send(error)
+        except StopIteration:
+            pass
         finally:
             self._replaying = False
 
     async def areplay(self, run: Callable[[tuple[str, list[str], list[Any]]],
-                                          Awaitable[Any]]) -> int:
+                                          Awaitable[Any]]) -> None:
         """Asyncio twin of :meth:`replay`."""
         if self._replaying:
-            return 0
+            return
         self._replaying = True
-        ran = 0
+        steps = self._replay_steps()
         try:
-            for path in self._claim():
-                entries = self._entries(path)
-                done = 0
+            entry = next(steps)
+            while True:
                 try:
-                    for entry in entries:
-                        await run(entry)
-                        done += 1
-                except StoreError:
-                    self._keep(path, entries, done)
-                    return ran + done
-                self._keep(path, entries, done)
-                ran += done
-            self.pending = self._has_files()
-            return ran
+                    await run(entry)
+                    error = None
+                except StoreError as exc:
+                    error = exc
+                entry = steps.send(error)
+        except StopIteration:
+            pass
         finally:
             self._replaying = False
 

@@ -369,3 +369,36 @@ async def test_a_redis_restart_that_empties_the_script_cache_is_survived(
         await twin.settle(decision, Outcome(status=200, provider_usage=(2, 2)))
     assert counter(client, key_prefix, "globex") == 8
     client.close()
+
+
+def test_a_spooled_call_redis_refuses_is_set_aside_not_blocking(make_config, events, tmp_path):
+    """One poisoned spool entry (here: its stream key holds a string) must not stop the
+    entries behind it from being replayed, nor the new events from being written."""
+    import json as _json
+
+    from ai_saas_middleware import Gateway, RequestInfo
+    from ai_saas_middleware.types import Outcome
+
+    gateway = Gateway(make_config())
+    spool_dir = gateway.spool.dir
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    ok = gateway.admit(RequestInfo("POST", "/ai/chat", {"content-type": "application/json",
+                                                        "x-api-key": "key-globex-pro"}, b"{}"))
+    assert ok.ticket is not None
+    good = gateway._settle_call(ok.ticket, Outcome(200, provider_usage=(4, 2)), ok.context)
+    poisoned = ("settle", [good[1][0], good[1][0], good[1][2] + "-x"], good[2])  # XADD on a string
+    (spool_dir / "spool-1-dead.jsonl").write_text(
+        _json.dumps(list(poisoned)) + "\n" + _json.dumps(list(good)) + "\n")
+    gateway.spool.pending = True
+
+    later = gateway.admit(RequestInfo("POST", "/ai/chat", {"content-type": "application/json",
+                                                           "x-api-key": "key-globex-pro"}, b"{}"))
+    assert later.ticket is not None
+    gateway.settle(later.ticket, Outcome(200, provider_usage=(1, 1)), later.context)
+
+    ids = [e["request_id"] for e in events()]
+    assert ids == [ok.ticket.request_id, later.ticket.request_id]  # the spooled one first
+    rejected = (spool_dir / "rejected.jsonl").read_text().splitlines()
+    assert len(rejected) == 1 and "refused" in _json.loads(rejected[0])["error"]
+    assert not gateway.spool.pending
+    gateway.close()

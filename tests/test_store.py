@@ -41,3 +41,26 @@ def test_admission_in_another_month_asks_for_the_servers_month(make_config, key_
     assert reply[0] == 5
     assert reply[2].decode() == time.strftime("%Y-%m", time.gmtime())
     store.close()
+
+
+def test_settle_writes_all_or_nothing(make_config, rclient, key_prefix) -> None:
+    """A counter that cannot move (wrong type) leaves no event and no settled marker."""
+    config = load_config(make_config())
+    store = RedisStore(config.redis)
+    keys = KeySchema(key_prefix, 16).tenant("globex")
+    rclient.hset(keys.quota("2026-01"), "oops", "1")  # a corrupted counter
+    script_keys = [keys.quota("2026-01"), keys.stream, keys.settled("req_x")]
+    import pytest
+
+    from ai_saas_middleware.errors import StoreRefused
+
+    with pytest.raises(StoreRefused, match="quota counter not moved"):
+        store.settle(script_keys, [5, 60, 60, "request_id", "req_x"])
+    assert rclient.xlen(keys.stream) == 0
+    assert not rclient.exists(keys.settled("req_x"))
+
+    rclient.delete(keys.quota("2026-01"))
+    assert store.settle(script_keys, [5, 60, 60, "request_id", "req_x"]) is not None
+    assert store.settle(script_keys, [5, 60, 60, "request_id", "req_x"]) is None  # once
+    assert rclient.xlen(keys.stream) == 1 and rclient.get(keys.quota("2026-01")) == "5"
+    store.close()

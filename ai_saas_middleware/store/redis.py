@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from ..config import RedisConfig
-from ..errors import StoreError
+from ..errors import StoreError, StoreRefused
 
 __all__ = ["AsyncRedisStore", "RedisStore", "load_script"]
 
@@ -91,6 +91,9 @@ class _Health:
     def ok(self) -> None:
         self.down_until = 0.0
 
+    def is_down(self) -> bool:
+        return bool(self.down_until) and time.monotonic() < self.down_until
+
 
 def _client_kwargs(cfg: RedisConfig) -> dict[str, Any]:
     return {
@@ -138,7 +141,7 @@ class RedisStore:
                 self._load_scripts()
             result = script(keys=keys, args=args)
         except ResponseError as exc:
-            raise StoreError(f"Redis refused a script: {exc}") from exc
+            raise StoreRefused(f"Redis refused a script: {exc}") from exc
         except (RedisError, OSError) as exc:
             raise self.health.failed(exc) from exc
         self.health.ok()
@@ -162,7 +165,7 @@ class RedisStore:
         try:
             result = self.client.execute_command(*command)
         except ResponseError as exc:
-            raise StoreError(f"Redis refused {command[0]}: {exc}") from exc
+            raise StoreRefused(f"Redis refused {command[0]}: {exc}") from exc
         except (RedisError, OSError) as exc:
             raise self.health.failed(exc) from exc
         self.health.ok()
@@ -247,7 +250,7 @@ class AsyncRedisStore:
                 # it is a retry, does not count an attempt that did run twice.
                 result = await script(keys=keys, args=_retry_args(which, args))
         except ResponseError as exc:
-            raise StoreError(f"Redis refused a script: {exc}") from exc
+            raise StoreRefused(f"Redis refused a script: {exc}") from exc
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise self.health.failed(exc) from exc
         self.health.ok()
@@ -267,7 +270,7 @@ class AsyncRedisStore:
         try:
             result = await self.client.execute_command(*command)
         except ResponseError as exc:
-            raise StoreError(f"Redis refused {command[0]}: {exc}") from exc
+            raise StoreRefused(f"Redis refused {command[0]}: {exc}") from exc
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise self.health.failed(exc) from exc
         self.health.ok()
