@@ -221,7 +221,7 @@ _DecimalLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
 
 def _read_yaml(path: Path) -> Any:
     with path.open("r", encoding="utf-8") as fh:
-        return yaml.load(fh, Loader=_DecimalLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(fh, Loader=_DecimalLoader)
 
 
 # --------------------------------------------------------------------------- validation
@@ -310,7 +310,9 @@ class _Reader:
     def decimal(self, m: Mapping[str, Any], key: str, path: str, default: Any = _MISSING,
                 minimum: Decimal = Decimal(0), maximum: Decimal | None = None) -> Any:
         value = m.get(key, _MISSING)
-        what = f"a decimal number >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        what = f"a decimal number >= {minimum}"
+        if maximum is not None:
+            what += f" and <= {maximum}"
         if value is _MISSING or value is None:
             if default is _MISSING:
                 self.problem(f"{path}.{key}", what, "nothing")
@@ -504,7 +506,8 @@ def _read_tenants(r: _Reader, value: Any, tiers: Mapping[str, TierConfig]
             match = _KEY_HASH_RE.match(key) if isinstance(key, str) else None
             if match is None:
                 # Never echo what might be a plaintext key back into a log.
-                found = "a value that is not a sha256 digest" if isinstance(key, str) else _kind(key)
+                found = ("a value that is not a sha256 digest" if isinstance(key, str)
+                         else _kind(key))
                 r.problem(f"{path}.apiKeys[{j}]", "'sha256:' and 64 lowercase hex digits", found)
                 continue
             digest = match.group(1)

@@ -49,9 +49,21 @@ class RequestContext:
         body: the parsed JSON request body (a dict; empty when there was none).
     """
 
-    __slots__ = ("tenant_id", "tier", "model", "candidates", "request_id", "max_output_tokens",
-                 "body", "usage", "outcome_value", "answered_by", "fallback_from", "failed",
-                 "ticket")
+    __slots__ = (
+        "answered_by",
+        "body",
+        "candidates",
+        "failed",
+        "fallback_from",
+        "max_output_tokens",
+        "model",
+        "outcome_value",
+        "request_id",
+        "tenant_id",
+        "ticket",
+        "tier",
+        "usage",
+    )
 
     def __init__(self, *, tenant_id: str, tier: str, model: ModelProfile,
                  candidates: tuple[ModelProfile, ...], request_id: str, max_output_tokens: int,
@@ -126,7 +138,7 @@ class RequestContext:
         for model in self.candidates:
             try:
                 result = call(model)
-            except Exception as exc:  # noqa: BLE001 - any provider failure falls back
+            except Exception as exc:
                 last = exc
                 continue
             self._answered(model)
@@ -141,7 +153,7 @@ class RequestContext:
         for model in self.candidates:
             try:
                 result = await call(model)
-            except Exception as exc:  # noqa: BLE001 - any provider failure falls back
+            except Exception as exc:
                 last = exc
                 continue
             self._answered(model)

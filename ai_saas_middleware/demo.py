@@ -45,7 +45,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class serve_in_thread:  # noqa: N801 - used like a function, as a context manager
+class serve_in_thread:
     """Serve an ASGI app with uvicorn on a free loopback port in a daemon thread."""
 
     def __init__(self, app: Any, port: int | None = None):
@@ -146,7 +146,7 @@ def run_demo(framework: str = "starlette", redis_url: str | None = None,
     else:
         out(f"Redis: {url.split('@')[-1]}")
     try:
-        raw = yaml.load(CONFIG.read_text(), Loader=_DecimalLoader)  # noqa: S506
+        raw = yaml.load(CONFIG.read_text(), Loader=_DecimalLoader)
         prefix = f"demo{int(time.time() * 1000) % 10**10}"
         raw["redis"] = {**raw.get("redis", {}), "url": url, "keyPrefix": prefix}
         config = load_config(raw)
@@ -158,7 +158,7 @@ def run_demo(framework: str = "starlette", redis_url: str | None = None,
                 serve_in_thread(create_app(config, provider_url=upstream.url)) as app:
             out(f"Provider stand-in on {upstream.url}; demo app ({framework}) on {app.url}")
             started = time.monotonic()
-            statuses, ai_requests = asyncio.run(_traffic(app.url, stored_key))
+            statuses, _ai_requests = asyncio.run(_traffic(app.url, stored_key))
             elapsed = time.monotonic() - started
         round_trips = _evalsha_calls(store) - before
         out(f"\nSent {sum(statuses.values())} requests in {elapsed:.2f}s. Statuses by tenant:")

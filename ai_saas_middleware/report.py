@@ -27,9 +27,10 @@ def read_events(store: RedisStore, keys: KeySchema, *, tenant_id: str | None = N
             entries = store.call("XRANGE", stream, start, "+", "COUNT", batch)
             if not entries:
                 break
-            for entry_id, raw in entries:
-                fields = {k.decode(): v.decode() for k, v in zip(raw[::2], raw[1::2])} \
-                    if isinstance(raw, list) else {k.decode(): v.decode() for k, v in raw.items()}
+            for _entry_id, raw in entries:
+                pairs = zip(raw[::2], raw[1::2], strict=True) if isinstance(raw, list) \
+                    else raw.items()
+                fields = {k.decode(): v.decode() for k, v in pairs}
                 if tenant_id and fields.get("tenant_id") != tenant_id:
                     continue
                 if month and not fields.get("ts", "").startswith(month):
@@ -95,7 +96,8 @@ def format_table(rows: Mapping[str, TenantUsage], refused: Mapping[str, int] | N
         line += [f"{row.tokens:,}", format_usd(row.cost), models or "-"]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     text.append(f"total cost: ${format_usd(total_cost)}")
     return "\n".join(text)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, Union
+from typing import Any
 
 try:
     from starlette.requests import Request
@@ -44,7 +44,7 @@ from .gateway import AsyncGateway
 
 __all__ = ["AISaaSMiddleware", "admin_app"]
 
-RequestResolver = Callable[[Request], Union[str, None, Awaitable[Union[str, None]]]]
+RequestResolver = Callable[[Request], Awaitable[str | None] | str | None]
 
 
 class AISaaSMiddleware(asgi.AISaaSMiddleware):

@@ -126,7 +126,7 @@ class TenantAdmin:
             raise UnknownTenant(f"no stored tenant {tenant_id!r}")
         record: Mapping[str, str] = {_text(k): _text(v) for k, v in
                                      (raw.items() if isinstance(raw, dict) else
-                                      zip(raw[::2], raw[1::2]))}
+                                      zip(raw[::2], raw[1::2], strict=True))}
         states = [_text(v) for v in self.store.call("HVALS", keys.api_keys)]
         return StoredTenant(tenant_id, record.get("tier", ""), record.get("status", "active"),
                             states.count("active"), states.count("revoked"),

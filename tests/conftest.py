@@ -121,8 +121,9 @@ def events(rclient: redis.Redis, key_prefix: str) -> Callable[[], list[dict[str,
 @pytest.fixture
 def quota_used(rclient: redis.Redis, key_prefix: str) -> Callable[[str], int]:
     """``quota_used(tenant)``: the tenant's token counter of the current month."""
-    from ai_saas_middleware.store.keys import KeySchema
     import time
+
+    from ai_saas_middleware.store.keys import KeySchema
 
     schema = KeySchema(key_prefix, 16)
 

@@ -18,13 +18,12 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import BASE_CONFIG
 from redis.cluster import RedisCluster
 
 from ai_saas_middleware import AsyncGateway, Gateway, RequestInfo
 from ai_saas_middleware.embedded import LocalServer, find_server_binary, start_server
 from ai_saas_middleware.types import Outcome
-
-from conftest import BASE_CONFIG
 
 
 def _cli_for(server_binary: str) -> str | None:

@@ -22,7 +22,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["KeySchema", "TenantKeys", "is_valid_tenant_id", "is_valid_request_id"]
+__all__ = ["KeySchema", "TenantKeys", "is_valid_request_id", "is_valid_tenant_id"]
 
 _TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
