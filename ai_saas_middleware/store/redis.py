@@ -6,6 +6,11 @@ sync client would block the event loop). Both pool connections, use short timeou
 run the Lua scripts by SHA (redis-py's ``register_script`` reloads on NOSCRIPT) and
 translate every driver error into :class:`~ai_saas_middleware.errors.StoreError`.
 
+On the ASGI hot path the asyncio store sends the scripts down one connection of its own
+(a :class:`_Lane`), not through the pool: checking a connection out of redis-py's
+asyncio pool, and its per-operation timeouts, cost more than the round trip itself, and
+concurrent requests' scripts share one write and one read instead of one each.
+
 An unreachable Redis is not retried on every request: after a connection failure the
 store answers ``StoreError`` at once for ``retry_interval_s``, then tries again.
 
@@ -16,6 +21,8 @@ URLs: ``redis://``, ``rediss://``, ``unix://`` for one server, and
 from __future__ import annotations
 
 import asyncio
+import copy
+import sys
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -26,10 +33,21 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import RedisConfig
 from ..errors import StoreError, StoreRefused
+
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is optional (the 'all' extra)
+    _hiredis_pack = None  # type: ignore[assignment]
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # pragma: no cover - redis-py requires async-timeout before 3.11.3
+    from async_timeout import timeout as _timeout
 
 __all__ = ["AsyncRedisStore", "RedisStore", "load_script"]
 
@@ -175,6 +193,125 @@ class RedisStore:
         self.client.close()
 
 
+class _Lane:
+    """One connection that carries the hot-path scripts of one event loop, pipelined.
+
+    A call made while the lane is idle is written and read by its own task at once: no
+    extra hop, no pool checkout, one timeout around the exchange. Calls made while the
+    lane is busy wait in a queue, and the task that frees the lane hands the queue to a
+    drain task, which writes all of them in one go and reads their replies in order.
+    Under load, N concurrent scripts then cost one write and one wake-up instead of N;
+    each call is still its own EVALSHA, answered in the round trip it was sent in.
+
+    Only the task that sends a lone call can be cancelled mid-exchange (a batch belongs
+    to the drain task), so a cancelled request never fails another request's call.
+    """
+
+    def __init__(self, pool: Any, cfg: RedisConfig):
+        self._pool = pool
+        self._socket_timeout_s = cfg.socket_timeout_s
+        self._connect_timeout_s = cfg.connect_timeout_s
+        self._conn: Any = None
+        self._queue: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._busy = False
+        self._drainer: asyncio.Future[None] | None = None
+        self._packer: Any = None  # a never-connected connection, for its packer
+
+    def pack(self, *args: Any) -> bytes:
+        """One command in RESP, as redis-py would write it (hiredis's packer when present)."""
+        if _hiredis_pack is not None:
+            try:
+                return _hiredis_pack(args)  # type: ignore[no-any-return]
+            except TypeError:
+                pass  # an odd argument: let redis-py's packer say what is wrong with it
+        if self._packer is None:
+            self._packer = self._pool.make_connection()
+        return b"".join(self._packer.pack_command(*args))
+
+    async def call(self, command: bytes) -> Any:
+        """Send one packed command; its reply, or the ResponseError Redis answered."""
+        if self._busy:
+            future = asyncio.get_running_loop().create_future()
+            self._queue.append((command, future))
+            return await future
+        self._busy = True
+        try:
+            reply = (await self._exchange([command]))[0]
+        finally:
+            if self._queue:
+                self._drainer = asyncio.ensure_future(self._drain())
+            else:
+                self._busy = False
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                # A caller that went away while queued (cancelled) is not sent at all.
+                batch = [(command, future) for command, future in self._queue
+                         if not future.done()]
+                self._queue = []
+                if not batch:
+                    continue
+                try:
+                    replies = await self._exchange([command for command, _ in batch])
+                except BaseException as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(copy.copy(exc) if isinstance(exc, Exception)
+                                                 else RedisConnectionError("cancelled"))
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), reply in zip(batch, replies, strict=True):
+                    if future.done():  # its caller went away; the reply is dropped
+                        continue
+                    if isinstance(reply, ResponseError):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            for _, future in self._queue:  # only when the loop is shutting down
+                if not future.done():
+                    future.set_exception(RedisConnectionError("cancelled"))
+            self._queue = []
+            self._busy = False
+            self._drainer = None
+
+    async def _exchange(self, commands: list[bytes]) -> list[Any]:
+        """Write ``commands`` at once, read their replies in order (errors as values)."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._pool.make_connection()
+        limit = self._socket_timeout_s
+        if not conn.is_connected:
+            limit += self._connect_timeout_s
+        try:
+            async with _timeout(limit):
+                await conn.send_packed_command(commands, check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+                return replies
+        except BaseException as exc:
+            # The connection's state is unknown (a reply may be half read): drop it.
+            self._conn = None
+            await conn.disconnect(nowait=True)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise RedisTimeoutError(f"no reply from Redis within {limit:g}s") from None
+            raise
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect()
+
+
 class AsyncRedisStore:
     """Asyncio twin of :class:`RedisStore` over ``redis.asyncio``.
 
@@ -194,6 +331,7 @@ class AsyncRedisStore:
         self._settle: Any = None
         self._usage: Any = None
         self._loading: asyncio.Future[None] | None = None
+        self._lane: _Lane | None = None
 
     def _bind(self) -> None:
         loop = asyncio.get_running_loop()
@@ -209,6 +347,14 @@ class AsyncRedisStore:
         self._settle = client.register_script(_SETTLE)
         self._usage = client.register_script(_USAGE)
         self._loading = None
+        self._lane = None
+        if not self.cluster:  # a cluster client routes each script to its slot's node
+            # No socket timeout on the lane's connection: redis-py would wrap every send
+            # and read in one (a task per send before Python 3.12); the lane bounds the
+            # whole exchange instead.
+            kwargs["socket_timeout"] = None
+            self._lane = _Lane(redis.asyncio.ConnectionPool.from_url(self._plain, **kwargs),
+                               self.cfg)
 
     async def _load_scripts(self) -> None:
         """SCRIPT LOAD once per client; concurrent first requests wait for the one load."""
@@ -240,7 +386,7 @@ class AsyncRedisStore:
             if self._loading is None or not self._loading.done():
                 await self._load_scripts()
             try:
-                result = await script(keys=keys, args=args)
+                result = await self._evalsha(script, keys, args)
             except RedisConnectionError:
                 # A pooled connection the server closed (a restart, a failover) fails on
                 # first use: redis-py's sync pool notices at checkout, the asyncio pool does
@@ -248,13 +394,24 @@ class AsyncRedisStore:
                 # (a timeout is not retried: that would double the wait on a hung server).
                 # The retry is safe: settle.lua dedupes by request id, and admit.lua, told
                 # it is a retry, does not count an attempt that did run twice.
-                result = await script(keys=keys, args=_retry_args(which, args))
+                result = await self._evalsha(script, keys, _retry_args(which, args))
         except ResponseError as exc:
             raise StoreRefused(f"Redis refused a script: {exc}") from exc
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise self.health.failed(exc) from exc
         self.health.ok()
         return result
+
+    async def _evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        lane = self._lane
+        if lane is None:
+            return await script(keys=keys, args=args)
+        try:
+            return await lane.call(lane.pack("EVALSHA", script.sha, len(keys), *keys, *args))
+        except NoScriptError:  # a SCRIPT FLUSH, a restart: load it, as redis-py's Script does
+            sha = await lane.call(lane.pack("SCRIPT", "LOAD", script.script))
+            script.sha = sha.decode() if isinstance(sha, bytes) else sha
+            return await lane.call(lane.pack("EVALSHA", script.sha, len(keys), *keys, *args))
 
     async def admit(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
         return list(await self._run("admit", keys, args))
@@ -278,5 +435,8 @@ class AsyncRedisStore:
 
     async def close(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():
+            if self._lane is not None:
+                await self._lane.close()
             await self._client.aclose()
         self._client = self._loop = None
+        self._lane = None
