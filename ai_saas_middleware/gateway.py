@@ -26,6 +26,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -70,8 +71,44 @@ ScriptCall = tuple[str, list[str], list[Any]]  # ("admit" | "settle", KEYS, ARGV
 AdmitSteps = Generator[ScriptCall, Any, Decision]
 
 
+_month: tuple[str, int, int] = ("", 0, 0)  # this month, its first second, next month's
+
+
+def _this_month() -> tuple[str, int, int]:
+    """('YYYY-MM', start, end) of the current UTC month by this server's clock (cached)."""
+    global _month
+    now = time.time()
+    if not _month[1] <= now < _month[2]:
+        t = time.gmtime(now)
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        _month = (f"{t.tm_year:04d}-{t.tm_mon:02d}",
+                  calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)),
+                  calendar.timegm((year, month, 1, 0, 0, 0)))
+    return _month
+
+
 def _now_month() -> str:
-    return time.strftime("%Y-%m", time.gmtime())
+    return _this_month()[0]
+
+
+class _RequestIds:
+    """Unique request ids without a system call each: a random per-process prefix (made
+    anew after a fork) and a counter. 'req_' + 12 + 12 hex digits."""
+
+    def __init__(self) -> None:
+        self._pid = 0
+        self._prefix = ""
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._prefix = "req_" + secrets.token_hex(6)
+            self._count = itertools.count(int.from_bytes(os.urandom(4), "big"))
+        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFF:012x}"
+
+
+_request_ids = _RequestIds()
 
 
 def _seconds_to_next_month(now_ms: int) -> int:
@@ -109,7 +146,8 @@ class _Plan:
     """One AI request on its way through admission (internal, mutable)."""
 
     __slots__ = ("body", "endpoint", "key_hash", "max_output_tokens", "mode", "month",
-                 "prompt_tokens", "request_id", "selection", "stored", "tenant_id", "tier")
+                 "month_end", "month_start", "prompt_tokens", "request_id", "selection",
+                 "stored", "tenant_id", "tier")
 
     tenant_id: str
     tier: TierConfig
@@ -122,12 +160,14 @@ class _Plan:
     selection: Selection
     request_id: str
     month: str
+    month_start: int
+    month_end: int
     stored: bool
 
     def __init__(self) -> None:
         self.mode = "static"
         self.key_hash = ""
-        self.month = _now_month()
+        self.month, self.month_start, self.month_end = _this_month()
         self.stored = False
 
 
@@ -297,7 +337,8 @@ class _Core:
                 [plan.request_id, plan.month, plan.mode, plan.key_hash, tier.name,
                  tier.rate_limit or 0, WINDOW_MS,
                  -1 if tier.monthly_quota is None else tier.monthly_quota,
-                 plan.prompt_tokens + plan.max_output_tokens, QUOTA_TTL_S])
+                 plan.prompt_tokens + plan.max_output_tokens, QUOTA_TTL_S,
+                 plan.month_start, plan.month_end])
 
     def _admitted(self, plan: _Plan, now_ms: int, remaining: int, reset_ms: int,
                   local: bool = False) -> Decision:
@@ -355,7 +396,7 @@ class _Core:
         refused = self._authenticate(info, plan) or self._parse_body(info, plan)
         if refused is not None:
             return refused
-        plan.request_id = "req_" + secrets.token_hex(12)
+        plan.request_id = _request_ids.next()
         if plan.stored:
             tier = self._stored_tier(plan.tenant_id)
             plan.tier = tier if tier is not None else TierConfig("", 0, 0, ())
@@ -384,8 +425,12 @@ class _Core:
                 return self._refused_by_limit(plan, reply)
             if code in (3, 4):
                 return self._credentials_refused(plan, reply)
-            if code == 5:
+            if code == 5:  # the app server's clock is in another month than Redis's
                 plan.month = reply[2].decode()
+                year, month = map(int, plan.month.split("-"))
+                plan.month_start = calendar.timegm((year, month, 1, 0, 0, 0))
+                year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+                plan.month_end = calendar.timegm((year, month, 1, 0, 0, 0))
                 continue
             if code == 6:  # the stored tier differs from what this process believed
                 tier = self.config.tiers.get(reply[2].decode())

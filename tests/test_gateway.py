@@ -729,7 +729,8 @@ async def test_async_request_raises_the_refusal(
 def test_admit_lua_answers_the_servers_month_when_the_caller_expects_another(
         gateway: Gateway, rclient: redis.Redis, key_prefix: str) -> None:
     keys = gateway.keys.tenant("acme")
-    argv = ["req_month", "1999-12", "static", "", "free", 10, 60_000, 10_000, 100, 60]
+    argv = ["req_month", "1999-12", "static", "", "free", 10, 60_000, 10_000, 100, 60,
+            944006400, 946684800]  # December 1999's bounds
 
     reply = gateway.store.admit([keys.rate_limit, keys.quota("1999-12"), keys.record,
                                  keys.api_keys], argv)
@@ -745,7 +746,7 @@ def test_an_app_server_clock_in_another_month_is_corrected_by_redis(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import ai_saas_middleware.gateway as core
 
-    monkeypatch.setattr(core, "_now_month", lambda: "1999-12")
+    monkeypatch.setattr(core, "_this_month", lambda: ("1999-12", 944006400, 946684800))
 
     decision = gateway.admit(request("globex"))
     assert decision.allowed

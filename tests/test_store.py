@@ -10,8 +10,13 @@ from ai_saas_middleware.store.redis import RedisStore
 
 
 def _admit_args(request_id: str, month: str, reserve: int, *extra: str) -> list[object]:
+    from ai_saas_middleware.gateway import _this_month
+
+    this, start, end = _this_month()
+    if month != this:  # the bounds of another month: 1999-01
+        start, end = 915148800, 917827200
     return [request_id, month, "static", "", "pro", 100, 60_000, 100_000, reserve,
-            86400, *extra]
+            86400, start, end, *extra]
 
 
 def test_a_retried_admission_is_not_counted_twice(make_config, rclient, key_prefix) -> None:

@@ -19,7 +19,9 @@
 -- ARGV[8]  monthly quota, tokens; -1 = unlimited
 -- ARGV[9]  tokens to reserve (estimated prompt + max output)
 -- ARGV[10] TTL of a new monthly counter, seconds
--- ARGV[11] optional 'retry': the caller lost the reply of an earlier attempt of this
+-- ARGV[11] start of that month, seconds since the epoch (UTC)
+-- ARGV[12] start of the next month: the server's clock is checked against these bounds
+-- ARGV[13] optional 'retry': the caller lost the reply of an earlier attempt of this
 --          request id; if that attempt was admitted (it is in the rate-limit log), answer
 --          admitted again without counting it twice (a tier without a rate limit keeps
 --          no log: its retried attempt may reserve twice, which over-counts against the
@@ -50,17 +52,21 @@ if mode ~= 'static' then
   if record[1] ~= ARGV[5] then return {6, now_ms, record[1]} end
 end
 
--- The month, in UTC, from days since the epoch (Howard Hinnant's civil_from_days).
-local z = math.floor(tonumber(t[1]) / 86400) + 719468
-local era = math.floor(z / 146097)
-local doe = z - era * 146097
-local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
-local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-local mp = math.floor((5 * doy + 2) / 153)
-local month = mp < 10 and mp + 3 or mp - 9
-local year = yoe + era * 400 + (month <= 2 and 1 or 0)
-local server_month = string.format('%04d-%02d', year, month)
-if server_month ~= ARGV[2] then return {5, now_ms, server_month} end
+-- The month is the caller's unless the server's clock says otherwise; only then is the
+-- server's month worked out, in UTC (Howard Hinnant's civil_from_days).
+local now_s = tonumber(t[1])
+if now_s < tonumber(ARGV[11]) or now_s >= tonumber(ARGV[12]) then
+  local z = math.floor(now_s / 86400) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+                          - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  return {5, now_ms, string.format('%04d-%02d', year, month)}
+end
 
 -- Sliding-window log: exact, at most `limit` admissions in any window.
 local limit = tonumber(ARGV[6])
@@ -70,7 +76,7 @@ local reset_ms = 0
 if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_us - window_us)
   local count = redis.call('ZCARD', KEYS[1])
-  if ARGV[11] == 'retry' and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if ARGV[13] == 'retry' and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
     return {0, now_ms, math.max(limit - count, 0), tonumber(ARGV[7]),
             tonumber(redis.call('GET', KEYS[2]) or '0')}
   end
@@ -88,20 +94,24 @@ if limit > 0 then
   end
 end
 
--- Quota: refuse a reservation the month cannot hold; never go over.
+-- Quota: refuse a reservation the month cannot hold; never go over. (Counted first and
+-- taken back on refusal: refusals are the rare path.)
 local quota = tonumber(ARGV[8])
 local reserve = tonumber(ARGV[9])
-local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-if quota >= 0 and used + reserve > quota then
-  return {2, now_ms, quota - used, used}
+local used = redis.call('INCRBY', KEYS[2], reserve)
+if quota >= 0 and used > quota then
+  if used == reserve then
+    redis.call('DEL', KEYS[2])  -- this call made the counter: leave none behind
+  else
+    redis.call('DECRBY', KEYS[2], reserve)
+  end
+  return {2, now_ms, quota - used + reserve, used - reserve}
 end
-
+if used == reserve then  -- a new counter
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
+end
 if limit > 0 then
   redis.call('ZADD', KEYS[1], now_us, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]) + 1000)
-end
-used = redis.call('INCRBY', KEYS[2], reserve)
-if redis.call('TTL', KEYS[2]) < 0 then
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
 end
 return {0, now_ms, remaining, reset_ms, used}
