@@ -108,7 +108,7 @@ def start_server(binary: str | None = None, *, port: int | None = None,
             try:
                 with socket.create_connection(("127.0.0.1", chosen), timeout=0.2) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    if sock.recv(16)[:1] in (b"+", b"-"):  # PONG, or NOAUTH: it is up
                         return LocalServer(binary, chosen, process, directory)
             except OSError:
                 time.sleep(0.02)

@@ -24,6 +24,7 @@ import asyncio
 import copy
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -193,123 +194,181 @@ class RedisStore:
         self.client.close()
 
 
+class _LaneProtocol(asyncio.Protocol):
+    def __init__(self, lane: _Lane):
+        self.lane = lane
+
+    def data_received(self, data: bytes) -> None:
+        self.lane._on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lane._on_lost(exc)
+
+
+def _reply_error(message: str) -> ResponseError:
+    # hiredis builds error replies with this; NOSCRIPT gets redis-py's own class so the
+    # store can reload the script exactly as redis-py's Script would.
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    return ResponseError(message)
+
+
 class _Lane:
-    """One connection that carries the hot-path scripts of one event loop, pipelined.
+    """One connection per event loop that carries the hot-path scripts, pipelined.
 
-    A call made while the lane is idle is written and read by its own task at once: no
-    extra hop, no pool checkout, one timeout around the exchange. Calls made while the
-    lane is busy wait in a queue, and the task that frees the lane hands the queue to a
-    drain task, which writes all of them in one go and reads their replies in order.
-    Under load, N concurrent scripts then cost one write and one wake-up instead of N;
-    each call is still its own EVALSHA, answered in the round trip it was sent in.
+    An asyncio Protocol, not a stream: a call packs its command (hiredis), writes it
+    and waits on a future; replies are parsed as they arrive, as many as one read holds,
+    and handed to the waiting futures in order. Concurrent calls therefore share writes,
+    reads and wake-ups, and a call costs no coroutine beyond its own await. One timer
+    watches the oldest call in flight: past ``socket_timeout`` the connection is dropped
+    and every call in flight fails (the connection's state is then unknown), so a hung
+    Redis cannot hold a request longer than the timeout.
 
-    Only the task that sends a lone call can be cancelled mid-exchange (a batch belongs
-    to the drain task), so a cancelled request never fails another request's call.
+    A cancelled caller's reply is read and dropped, which keeps the order for the others.
+    Connects (TCP, TLS or a unix socket) with the URL's AUTH and SELECT, lazily, once.
     """
 
-    def __init__(self, pool: Any, cfg: RedisConfig):
-        self._pool = pool
+    def __init__(self, url: str, cfg: RedisConfig):
+        from redis.connection import parse_url
+
+        self._params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self._socket_timeout_s = cfg.socket_timeout_s
         self._connect_timeout_s = cfg.connect_timeout_s
-        self._conn: Any = None
-        self._queue: list[tuple[bytes, asyncio.Future[Any]]] = []
-        self._busy = False
-        self._drainer: asyncio.Future[None] | None = None
-        self._packer: Any = None  # a never-connected connection, for its packer
+        self._transport: asyncio.Transport | None = None
+        self._reader: Any = None
+        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._connecting: asyncio.Future[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
 
-    def pack(self, *args: Any) -> bytes:
-        """One command in RESP, as redis-py would write it (hiredis's packer when present)."""
-        if _hiredis_pack is not None:
-            try:
-                return _hiredis_pack(args)  # type: ignore[no-any-return]
-            except TypeError:
-                pass  # an odd argument: let redis-py's packer say what is wrong with it
-        if self._packer is None:
-            self._packer = self._pool.make_connection()
-        return b"".join(self._packer.pack_command(*args))
+    @staticmethod
+    def pack(*args: Any) -> bytes:
+        """One command in RESP (hiredis's packer)."""
+        return _hiredis_pack(args)  # type: ignore[no-any-return]
 
     async def call(self, command: bytes) -> Any:
         """Send one packed command; its reply, or the ResponseError Redis answered."""
-        if self._busy:
-            future = asyncio.get_running_loop().create_future()
-            self._queue.append((command, future))
-            return await future
-        self._busy = True
-        try:
-            reply = (await self._exchange([command]))[0]
-        finally:
-            if self._queue:
-                self._drainer = asyncio.ensure_future(self._drain())
-            else:
-                self._busy = False
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            await self._connect()
+            transport = self._transport
+            assert transport is not None
+        return await self._send(transport, command)
 
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                # A caller that went away while queued (cancelled) is not sent at all.
-                batch = [(command, future) for command, future in self._queue
-                         if not future.done()]
-                self._queue = []
-                if not batch:
-                    continue
-                try:
-                    replies = await self._exchange([command for command, _ in batch])
-                except BaseException as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(copy.copy(exc) if isinstance(exc, Exception)
-                                                 else RedisConnectionError("cancelled"))
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, future), reply in zip(batch, replies, strict=True):
-                    if future.done():  # its caller went away; the reply is dropped
-                        continue
-                    if isinstance(reply, ResponseError):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
-        finally:
-            for _, future in self._queue:  # only when the loop is shutting down
-                if not future.done():
-                    future.set_exception(RedisConnectionError("cancelled"))
-            self._queue = []
-            self._busy = False
-            self._drainer = None
+    def _send(self, transport: asyncio.Transport, command: bytes) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((future, loop.time() + self._socket_timeout_s))
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._pending[0][1], self._check_overdue)
+        transport.write(command)
+        return future
 
-    async def _exchange(self, commands: list[bytes]) -> list[Any]:
-        """Write ``commands`` at once, read their replies in order (errors as values)."""
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = self._pool.make_connection()
-        limit = self._socket_timeout_s
-        if not conn.is_connected:
-            limit += self._connect_timeout_s
+    async def _connect(self) -> None:
+        if self._connecting is not None:
+            await asyncio.shield(self._connecting)
+            return
+        loop = asyncio.get_running_loop()
+        self._connecting = loop.create_future()
         try:
-            async with _timeout(limit):
-                await conn.send_packed_command(commands, check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-                return replies
+            await self._open(loop)
+            self._connecting.set_result(None)
         except BaseException as exc:
-            # The connection's state is unknown (a reply may be half read): drop it.
-            self._conn = None
-            await conn.disconnect(nowait=True)
-            if isinstance(exc, asyncio.TimeoutError):
-                raise RedisTimeoutError(f"no reply from Redis within {limit:g}s") from None
-            raise
+            self._connecting.set_exception(RedisConnectionError(f"cannot connect: {exc}"))
+            self._connecting.exception()  # retrieved: waiters re-raise it, no warning
+            raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+        finally:
+            self._connecting = None
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> None:
+        import hiredis
+
+        params = self._params
+        self._reader = hiredis.Reader(replyError=_reply_error)
+        async with _timeout(self._connect_timeout_s):
+            if params.get("path"):
+                transport, _ = await loop.create_unix_connection(
+                    lambda: _LaneProtocol(self), params["path"])
+            else:
+                ssl_context = None
+                if params.get("connection_class") is redis.connection.SSLConnection:
+                    import ssl
+
+                    ssl_context = ssl.create_default_context()
+                    if params.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+                        ssl_context.check_hostname = False
+                        ssl_context.verify_mode = ssl.CERT_NONE
+                transport, _ = await loop.create_connection(
+                    lambda: _LaneProtocol(self), params.get("host", "localhost"),
+                    params.get("port", 6379), ssl=ssl_context)
+            self._transport = transport
+            handshake = []
+            if params.get("password"):
+                auth = ["AUTH", params["password"]]
+                if params.get("username"):
+                    auth.insert(1, params["username"])
+                handshake.append(self._send(transport, self.pack(*auth)))
+            if params.get("db"):
+                handshake.append(self._send(transport,
+                                            self.pack("SELECT", params["db"])))
+            for reply in handshake:
+                await reply
+
+    def _on_data(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        pending = self._pending
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return
+            if not pending:  # a reply nobody asked for: the stream is out of step
+                self._drop(RedisConnectionError("unexpected reply from Redis"))
+                return
+            future = pending.popleft()[0]
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def _check_overdue(self) -> None:
+        self._watchdog = None
+        if not self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self._pending[0][1]
+        if loop.time() >= deadline:
+            self._drop(RedisTimeoutError(f"no reply from Redis within "
+                                         f"{self._socket_timeout_s:g}s"))
+        else:
+            self._watchdog = loop.call_at(deadline, self._check_overdue)
+
+    def _drop(self, exc: Exception) -> None:
+        """Fail every call in flight and close the connection (its state is unknown)."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
+        self._fail_pending(exc)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, deque()
+        for future, _ in pending:
+            if not future.done():
+                future.set_exception(copy.copy(exc))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._fail_pending(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.disconnect()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        self._fail_pending(RedisConnectionError("the store was closed"))
 
 
 class AsyncRedisStore:
@@ -348,13 +407,10 @@ class AsyncRedisStore:
         self._usage = client.register_script(_USAGE)
         self._loading = None
         self._lane = None
-        if not self.cluster:  # a cluster client routes each script to its slot's node
-            # No socket timeout on the lane's connection: redis-py would wrap every send
-            # and read in one (a task per send before Python 3.12); the lane bounds the
-            # whole exchange instead.
-            kwargs["socket_timeout"] = None
-            self._lane = _Lane(redis.asyncio.ConnectionPool.from_url(self._plain, **kwargs),
-                               self.cfg)
+        # A cluster client routes each script to its slot's node; without hiredis the
+        # pooled client does the work (slower, same behaviour).
+        if not self.cluster and _hiredis_pack is not None:
+            self._lane = _Lane(self._plain, self.cfg)
 
     async def _load_scripts(self) -> None:
         """SCRIPT LOAD once per client; concurrent first requests wait for the one load."""
