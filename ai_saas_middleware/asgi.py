@@ -47,6 +47,19 @@ Resolver = Callable[[Scope], Union[str, None, Awaitable[Union[str, None]]]]
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]"]
 
 
+_HEADER_NAMES: dict[str, bytes] = {}
+
+
+def _header_name(name: str) -> bytes:
+    """A header name as bytes; the core's few names are encoded once."""
+    encoded = _HEADER_NAMES.get(name)
+    if encoded is None:
+        encoded = name.encode("latin-1")
+        if len(_HEADER_NAMES) < 64:
+            _HEADER_NAMES[name] = encoded
+    return encoded
+
+
 async def send_decision(send: Send, decision: Decision) -> None:
     """Write a refusal as a whole response."""
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers]
@@ -94,8 +107,7 @@ class AISaaSMiddleware:
         await self._ai_request(scope, receive, send, endpoint)
 
     async def _resolve(self, scope: Scope) -> str | None:
-        if self.resolver is None:
-            return None
+        assert self.resolver is not None
         tenant = self.resolver(scope)
         if self._resolver_is_async or inspect.isawaitable(tenant):
             tenant = await tenant  # type: ignore[misc]
@@ -133,8 +145,8 @@ class AISaaSMiddleware:
         if isinstance(body, Decision):
             await send_decision(send, body)
             return
-        info = RequestInfo(scope["method"], scope["path"], headers, body,
-                           await self._resolve(scope))
+        tenant = None if self.resolver is None else await self._resolve(scope)
+        info = RequestInfo(scope["method"], scope["path"], headers, body, tenant)
         decision = await self.gateway.admit(info, endpoint)
         if not decision.allowed:
             await send_decision(send, decision)
@@ -147,7 +159,7 @@ class AISaaSMiddleware:
             state = scope["state"] = {}
         state["ai"] = ctx
 
-        extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers]
+        extra = [(_header_name(k), v.encode("latin-1")) for k, v in decision.headers]
         meter = ResponseMeter()
         replayed = False
         disconnected = False

@@ -33,7 +33,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Union
 
@@ -67,8 +67,8 @@ STORED_KEY_PREFIX = "ais_"
 _STORED_KEY_SECRET = 32  # hex digits of a stored tenant's key, before "_<tenant>"
 _TIER_TTL_S = 300.0  # how long a stored tenant's tier is trusted before it is rechecked
 
-ScriptCall = tuple[str, list[str], list[Any]]  # ("admit" | "settle", KEYS, ARGV)
-AdmitSteps = Generator[ScriptCall, Any, Decision]
+ScriptCall = tuple[str, list[str], list[Any]]  # ("admit" | "settle" | "usage", KEYS, ARGV)
+ADMIT_ATTEMPTS = 3  # a month corrected by Redis, then a stored tier learnt: at most 3
 
 
 _month: tuple[str, int, int] = ("", 0, 0)  # this month, its first second, next month's
@@ -193,6 +193,10 @@ class _Core:
         self.spool = Spool(spool_dir)
         self.allowance = LocalAllowance()
         self._degraded = False
+        self._rate_headers = {  # the fixed RateLimit headers of each tier, made once
+            t.name: (("ratelimit-limit", str(t.rate_limit)),
+                     ("ratelimit-policy", f"{t.rate_limit};w=60"))
+            for t in cfg.tiers.values() if t.rate_limit}
 
     # ---------------------------------------------------------------- matching
 
@@ -258,8 +262,10 @@ class _Core:
 
     def _parse_body(self, info: RequestInfo, plan: _Plan) -> Decision | None:
         body: Any = {}
-        if info.body.strip():
-            content_type = info.headers.get("content-type", "").split(";")[0].strip().lower()
+        if info.body and not info.body.isspace():
+            content_type = info.headers.get("content-type", "")
+            if content_type != "application/json":  # the usual case, without parsing
+                content_type = content_type.split(";")[0].strip().lower()
             if content_type != "application/json" and not content_type.endswith("+json"):
                 return refusal("unsupported_media_type",
                                f"this endpoint takes application/json, not "
@@ -343,24 +349,25 @@ class _Core:
     def _admitted(self, plan: _Plan, now_ms: int, remaining: int, reset_ms: int,
                   local: bool = False) -> Decision:
         tier = plan.tier
-        keys = self.keys.tenant(plan.tenant_id)
-        reserve = plan.prompt_tokens + plan.max_output_tokens
-        ticket = Ticket(plan.request_id, plan.tenant_id, tier.name, keys, plan.month,
-                        0 if local else reserve, plan.prompt_tokens, now_ms, time.monotonic(),
-                        plan.endpoint, local, plan.selection.chosen)
         selection = plan.selection
-        assert selection.chosen is not None
-        ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=selection.chosen,
+        chosen = selection.candidates[0]
+        reserve = plan.prompt_tokens + plan.max_output_tokens
+        ticket = Ticket(plan.request_id, plan.tenant_id, tier.name,
+                        self.keys.tenant(plan.tenant_id), plan.month, 0 if local else reserve,
+                        plan.prompt_tokens, now_ms, time.monotonic(), plan.endpoint, local, chosen)
+        ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=chosen,
                              candidates=selection.candidates, request_id=plan.request_id,
                              max_output_tokens=plan.max_output_tokens, body=plan.body,
                              ticket=ticket)
-        headers = [("x-request-id", plan.request_id), ("x-ai-model", selection.chosen.id)]
         if tier.rate_limit:
-            headers += [("ratelimit-limit", str(tier.rate_limit)),
-                        ("ratelimit-remaining", str(max(remaining, 0))),
-                        ("ratelimit-reset", str(math.ceil(reset_ms / 1000))),
-                        ("ratelimit-policy", f"{tier.rate_limit};w=60")]
-        return Decision(True, 200, tuple(headers), context=ctx, ticket=ticket)
+            limit, policy = self._rate_headers[tier.name]
+            headers: tuple[tuple[str, str], ...] = (
+                ("x-request-id", plan.request_id), ("x-ai-model", chosen.id), limit,
+                ("ratelimit-remaining", str(remaining if remaining > 0 else 0)),
+                ("ratelimit-reset", str(-(-reset_ms // 1000))), policy)
+        else:
+            headers = (("x-request-id", plan.request_id), ("x-ai-model", chosen.id))
+        return Decision(True, 200, headers, context=ctx, ticket=ticket)
 
     def _refused_by_limit(self, plan: _Plan, reply: list[Any]) -> Decision:
         tier = plan.tier
@@ -389,8 +396,8 @@ class _Core:
                      ("ratelimit-reset", str(retry)),
                      ("ratelimit-policy", f'{tier.monthly_quota};w=2592000;name="tokens"')))
 
-    def _admission(self, info: RequestInfo, endpoint: EndpointConfig) -> AdmitSteps:
-        """Admission as steps: yields script calls, is sent their replies."""
+    def _prepare(self, info: RequestInfo, endpoint: EndpointConfig) -> _Plan | Decision:
+        """Everything admission does before Redis: credentials, body, model. No I/O."""
         plan = _Plan()
         plan.endpoint = endpoint
         refused = self._authenticate(info, plan) or self._parse_body(info, plan)
@@ -404,50 +411,44 @@ class _Core:
             refused = self._select(info, plan)
             if refused is not None:
                 return refused
-        for _attempt in range(3):
-            try:
-                reply = yield self._admit_call(plan)
-            except StoreError as exc:
-                return self._admit_locally(plan, info, exc)
-            code = int(reply[0])
-            now_ms = int(reply[1])
-            if code == 0:
-                if self._degraded:  # Redis is back: the outage allowance starts afresh
-                    self._degraded = False
-                    self.allowance.reset()
-                if plan.stored:
-                    self._stored_tiers[plan.tenant_id] = (plan.tier.name,
-                                                          time.monotonic() + _TIER_TTL_S)
-                    if plan.key_hash:
-                        self._verified_keys[plan.key_hash] = plan.tenant_id
-                return self._admitted(plan, now_ms, int(reply[2]), int(reply[3]))
-            if code in (1, 2):
-                return self._refused_by_limit(plan, reply)
-            if code in (3, 4):
-                return self._credentials_refused(plan, reply)
-            if code == 5:  # the app server's clock is in another month than Redis's
-                plan.month = reply[2].decode()
-                year, month = map(int, plan.month.split("-"))
-                plan.month_start = calendar.timegm((year, month, 1, 0, 0, 0))
-                year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-                plan.month_end = calendar.timegm((year, month, 1, 0, 0, 0))
-                continue
-            if code == 6:  # the stored tier differs from what this process believed
-                tier = self.config.tiers.get(reply[2].decode())
-                if tier is None:
-                    log.error("stored tenant %s has tier %r, which the config does not define",
-                              plan.tenant_id, reply[2].decode())
-                    return refusal("unknown_tenant",
-                                   f"tenant {plan.tenant_id!r} has a tier this deployment "
-                                   "does not define")
-                plan.tier = tier
-                self._stored_tiers[plan.tenant_id] = (tier.name, time.monotonic() + _TIER_TTL_S)
-                refused = self._select(info, plan)
-                if refused is not None:
-                    return refused
-                continue
-            raise StoreError(f"admit.lua answered an unknown code {code}")
-        raise StoreError("admission did not settle after 3 attempts (tier or month kept moving)")
+        return plan
+
+    def _interpret(self, plan: _Plan, info: RequestInfo, reply: list[Any]) -> Decision | None:
+        """What admit.lua's reply means; None when the script is to be sent again (with
+        the server's month, or the stored tenant's real tier)."""
+        code = int(reply[0])
+        if code == 0:
+            if self._degraded:  # Redis is back: the outage allowance starts afresh
+                self._degraded = False
+                self.allowance.reset()
+            if plan.stored:
+                self._stored_tiers[plan.tenant_id] = (plan.tier.name,
+                                                      time.monotonic() + _TIER_TTL_S)
+                if plan.key_hash:
+                    self._verified_keys[plan.key_hash] = plan.tenant_id
+            return self._admitted(plan, int(reply[1]), int(reply[2]), int(reply[3]))
+        if code in (1, 2):
+            return self._refused_by_limit(plan, reply)
+        if code in (3, 4):
+            return self._credentials_refused(plan, reply)
+        if code == 5:  # the app server's clock is in another month than Redis's
+            plan.month = reply[2].decode()
+            year, month = map(int, plan.month.split("-"))
+            plan.month_start = calendar.timegm((year, month, 1, 0, 0, 0))
+            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+            plan.month_end = calendar.timegm((year, month, 1, 0, 0, 0))
+            return None
+        if code == 6:  # the stored tier differs from what this process believed
+            tier = self.config.tiers.get(reply[2].decode())
+            if tier is None:
+                log.error("stored tenant %s has tier %r, which the config does not define",
+                          plan.tenant_id, reply[2].decode())
+                return refusal("unknown_tenant", f"tenant {plan.tenant_id!r} has a tier this "
+                                                 "deployment does not define")
+            plan.tier = tier
+            self._stored_tiers[plan.tenant_id] = (tier.name, time.monotonic() + _TIER_TTL_S)
+            return self._select(info, plan)
+        raise StoreError(f"admit.lua answered an unknown code {code}")
 
     def _credentials_refused(self, plan: _Plan, reply: list[Any]) -> Decision:
         """The refusal for admit.lua's / usage.lua's codes 3 (key) and 4 (no tenant)."""
@@ -461,20 +462,22 @@ class _Core:
             return refusal("invalid_api_key", "the API key is not valid")
         return refusal("unknown_tenant", f"no tenant {plan.tenant_id!r}")
 
-    def _usage_steps(self, info: RequestInfo) -> AdmitSteps:
-        """The caller's own usage this month, as a JSON response (the usage endpoint)."""
+    def _usage_call(self, info: RequestInfo) -> tuple[_Plan, ScriptCall] | Decision:
+        """The usage.lua call for the caller's credentials, or a refusal."""
         plan = _Plan()
         refused = self._authenticate(info, plan)
         if refused is not None:
             return refused
         keys = self.keys.tenant(plan.tenant_id)
-        try:
-            reply = yield ("usage", [keys.rate_limit, keys.quota(plan.month), keys.record,
-                                     keys.api_keys],
-                           [plan.mode, plan.month, plan.key_hash, WINDOW_MS])
-        except StoreError:
-            return refusal("store_unavailable", "usage accounting is unavailable; retry shortly",
-                           retry_after_s=max(1, math.ceil(self.config.redis.retry_interval_s)))
+        return plan, ("usage", [keys.rate_limit, keys.quota(plan.month), keys.record,
+                                keys.api_keys], [plan.mode, plan.month, plan.key_hash, WINDOW_MS])
+
+    def _usage_unavailable(self) -> Decision:
+        return refusal("store_unavailable", "usage accounting is unavailable; retry shortly",
+                       retry_after_s=max(1, math.ceil(self.config.redis.retry_interval_s)))
+
+    def _usage_report(self, plan: _Plan, reply: list[Any]) -> Decision:
+        """The caller's own usage this month, as a JSON response (the usage endpoint)."""
         if int(reply[0]) != 0:
             return self._credentials_refused(plan, reply)
         tier = plan.tier if not plan.stored else self.config.tiers.get(reply[4].decode())
@@ -602,22 +605,7 @@ class Gateway(_Core):
         self.store = RedisStore(self.config.redis, self.redis_url)
 
     def _run(self, call: ScriptCall) -> Any:
-        kind, keys, args = call
-        return getattr(self.store, kind)(keys, args)
-
-    def _drive(self, steps: AdmitSteps) -> Decision:
-        """Run the script calls ``steps`` yields until it returns its Decision."""
-        try:
-            call = next(steps)
-            while True:
-                try:
-                    reply = self._run(call)
-                except StoreError as exc:
-                    call = steps.throw(exc)
-                else:
-                    call = steps.send(reply)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+        return self.store.run_script(*call)
 
     def admit(self, info: RequestInfo, endpoint: EndpointConfig | None = None) -> Decision:
         """Admit an AI request, or refuse it. One Redis round trip.
@@ -632,11 +620,28 @@ class Gateway(_Core):
         endpoint = endpoint or self.endpoint_for(info.method, info.path)
         if endpoint is None:
             raise ValueError(f"{info.method} {info.path} is not an AI endpoint")
-        return self._drive(self._admission(info, endpoint))
+        plan = self._prepare(info, endpoint)
+        if isinstance(plan, Decision):
+            return plan
+        for _attempt in range(ADMIT_ATTEMPTS):
+            try:
+                reply = self._run(self._admit_call(plan))
+            except StoreError as exc:
+                return self._admit_locally(plan, info, exc)
+            decision = self._interpret(plan, info, reply)
+            if decision is not None:
+                return decision
+        raise StoreError("admission did not settle (the tier or the month kept moving)")
 
     def usage(self, info: RequestInfo) -> Decision:
         """The caller's own usage this month (credentials as for admission), as JSON."""
-        return self._drive(self._usage_steps(info))
+        call = self._usage_call(info)
+        if isinstance(call, Decision):
+            return call
+        try:
+            return self._usage_report(call[0], self._run(call[1]))
+        except StoreError:
+            return self._usage_unavailable()
 
     def settle(self, ticket: Ticket, outcome: Outcome, ctx: RequestContext | None = None) -> None:
         """Record the request's usage and settle its quota. One Redis round trip.
@@ -699,37 +704,35 @@ class AsyncGateway(_Core):
         self.store = AsyncRedisStore(self.config.redis, self.redis_url)
 
     async def _run(self, call: ScriptCall) -> Any:
-        kind, keys, args = call
-        if kind == "admit":
-            return await self.store.admit(keys, args)
-        if kind == "settle":
-            return await self.store.settle(keys, args)
-        return await self.store.usage(keys, args)
-
-    async def _drive(self, steps: AdmitSteps) -> Decision:
-        """See :meth:`Gateway._drive`."""
-        try:
-            call = next(steps)
-            while True:
-                try:
-                    reply = await self._run(call)
-                except StoreError as exc:
-                    call = steps.throw(exc)
-                else:
-                    call = steps.send(reply)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+        return await self.store.run_script(*call)
 
     async def admit(self, info: RequestInfo, endpoint: EndpointConfig | None = None) -> Decision:
         """See :meth:`Gateway.admit`."""
         endpoint = endpoint or self.endpoint_for(info.method, info.path)
         if endpoint is None:
             raise ValueError(f"{info.method} {info.path} is not an AI endpoint")
-        return await self._drive(self._admission(info, endpoint))
+        plan = self._prepare(info, endpoint)
+        if isinstance(plan, Decision):
+            return plan
+        for _attempt in range(ADMIT_ATTEMPTS):
+            try:
+                reply = await self._run(self._admit_call(plan))
+            except StoreError as exc:
+                return self._admit_locally(plan, info, exc)
+            decision = self._interpret(plan, info, reply)
+            if decision is not None:
+                return decision
+        raise StoreError("admission did not settle (the tier or the month kept moving)")
 
     async def usage(self, info: RequestInfo) -> Decision:
         """See :meth:`Gateway.usage`."""
-        return await self._drive(self._usage_steps(info))
+        call = self._usage_call(info)
+        if isinstance(call, Decision):
+            return call
+        try:
+            return self._usage_report(call[0], await self._run(call[1]))
+        except StoreError:
+            return self._usage_unavailable()
 
     async def settle(self, ticket: Ticket, outcome: Outcome,
                      ctx: RequestContext | None = None) -> None:

@@ -91,6 +91,7 @@ def select_model(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Re
             unhealthy += 1
             continue
         ranked.append((cost, -model.quality_score, model.latency_p99_ms, model_id, model))
-    ranked.sort(key=lambda row: row[:4])
+    if len(ranked) > 1:
+        ranked.sort(key=lambda row: row[:4])
     candidates = tuple(row[4] for row in ranked)
     return Selection(candidates, tuple(excluded), unhealthy_only=not candidates and unhealthy > 0)

@@ -25,7 +25,7 @@ import copy
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -166,6 +166,10 @@ class RedisStore:
         self.health.ok()
         return result
 
+    def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run ``which`` (admit | settle | usage).lua; see each script's header."""
+        return self._run(getattr(self, "_" + which), keys, args)
+
     def admit(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
         """Run admit.lua; see its header for KEYS, ARGV and the reply."""
         return list(self._run(self._admit, keys, args))
@@ -245,13 +249,17 @@ class _Lane:
         """One command in RESP (hiredis's packer)."""
         return _hiredis_pack(args)  # type: ignore[no-any-return]
 
-    async def call(self, command: bytes) -> Any:
-        """Send one packed command; its reply, or the ResponseError Redis answered."""
+    def call(self, command: bytes) -> Awaitable[Any]:
+        """Send one packed command; await its reply (a ResponseError is raised)."""
         transport = self._transport
         if transport is None or transport.is_closing():
-            await self._connect()
-            transport = self._transport
-            assert transport is not None
+            return self._connect_and_send(command)
+        return self._send(transport, command)  # no coroutine in between on the hot path
+
+    async def _connect_and_send(self, command: bytes) -> Any:
+        await self._connect()
+        transport = self._transport
+        assert transport is not None
         return await self._send(transport, command)
 
     def _send(self, transport: asyncio.Transport, command: bytes) -> asyncio.Future[Any]:
@@ -432,7 +440,8 @@ class AsyncRedisStore:
         self._bind()
         return self._client
 
-    async def _run(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run ``which`` (admit | settle | usage).lua; see each script's header."""
         self.health.check()
         if self._loop is not asyncio.get_running_loop():
             self._bind()
@@ -470,13 +479,13 @@ class AsyncRedisStore:
             return await lane.call(lane.pack("EVALSHA", script.sha, len(keys), *keys, *args))
 
     async def admit(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
-        return list(await self._run("admit", keys, args))
+        return list(await self.run_script("admit", keys, args))
 
     async def settle(self, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
-        return await self._run("settle", keys, args)  # type: ignore[no-any-return]
+        return await self.run_script("settle", keys, args)  # type: ignore[no-any-return]
 
     async def usage(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
-        return list(await self._run("usage", keys, args))
+        return list(await self.run_script("usage", keys, args))
 
     async def call(self, *command: Any) -> Any:
         self.health.check()
