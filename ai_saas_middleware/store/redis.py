@@ -222,8 +222,10 @@ class _Lane:
 
     An asyncio Protocol, not a stream: a call packs its command (hiredis), writes it
     and waits on a future; replies are parsed as they arrive, as many as one read holds,
-    and handed to the waiting futures in order. Concurrent calls therefore share writes,
-    reads and wake-ups, and a call costs no coroutine beyond its own await. One timer
+    and handed to the waiting futures in order. A call on an idle lane is written at
+    once; calls made while others are in flight are gathered and written together at the
+    end of the loop tick. Concurrent calls therefore share writes, reads and wake-ups,
+    and a call costs no coroutine beyond its own await. One timer
     watches the oldest call in flight: past ``socket_timeout`` the connection is dropped
     and every call in flight fails (the connection's state is then unknown), so a hung
     Redis cannot hold a request longer than the timeout.
@@ -243,6 +245,7 @@ class _Lane:
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._connecting: asyncio.Future[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._outbox: list[bytes] = []  # commands of this loop tick, for one write
 
     @staticmethod
     def pack(*args: Any) -> bytes:
@@ -265,11 +268,23 @@ class _Lane:
     def _send(self, transport: asyncio.Transport, command: bytes) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((future, loop.time() + self._socket_timeout_s))
+        pending = self._pending
+        pending.append((future, loop.time() + self._socket_timeout_s))
         if self._watchdog is None:
-            self._watchdog = loop.call_at(self._pending[0][1], self._check_overdue)
-        transport.write(command)
+            self._watchdog = loop.call_at(pending[0][1], self._check_overdue)
+        if len(pending) == 1:  # an idle lane: write at once, the lowest latency
+            transport.write(command)
+        else:  # a busy lane: what this loop tick sends goes out in one write
+            self._outbox.append(command)
+            if len(self._outbox) == 1:
+                loop.call_soon(self._flush)
         return future
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        transport = self._transport
+        if transport is not None and outbox:  # (a dropped lane failed these calls)
+            transport.write(b"".join(outbox))
 
     async def _connect(self) -> None:
         if self._connecting is not None:
@@ -361,6 +376,7 @@ class _Lane:
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending = self._pending, deque()
+        self._outbox = []
         for future, _ in pending:
             if not future.done():
                 future.set_exception(copy.copy(exc))
