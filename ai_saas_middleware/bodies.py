@@ -9,20 +9,30 @@ the request is settled exactly once. Settlement never raises into the server: an
 in accounting is logged, and the response stands.
 
 :func:`read_limited` reads a request body from a file-like stream (``wsgi.input``) up to
-the configured limit.
+the configured limit; :func:`read_request_body` adds the Content-Length checks and the
+refusals (400, 413).
+
+For frameworks that send the response after the adapter returned it (Django),
+:func:`settle_in_background` settles in a task of the running loop, and
+:class:`BackgroundAsyncMeteredBody` is the async body that does so, and that can also be
+closed from sync code in any thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from typing import IO, Any
 
 from .context import RequestContext, Ticket
 from .gateway import AsyncGateway, Gateway
+from .responses import refusal
+from .types import Decision, Outcome
 from .usage import ResponseMeter
 
-__all__ = ["AsyncMeteredBody", "MeteredBody", "read_limited"]
+__all__ = ["AsyncMeteredBody", "BackgroundAsyncMeteredBody", "MeteredBody", "read_limited",
+           "read_request_body", "settle_in_background", "wait_for_settlements"]
 
 log = logging.getLogger("ai_saas_middleware")
 
@@ -136,7 +146,9 @@ class AsyncMeteredBody:
                 meter.feed(chunk)
                 yield chunk
             meter.finish()
-        except GeneratorExit:
+        except (GeneratorExit, asyncio.CancelledError):
+            # The consumer stopped: it closed the body, or cancelled the task reading it
+            # (Django >= 5.0 does when the client disconnects). Billed as a disconnect.
             raise
         except BaseException:
             failed = True
@@ -154,3 +166,111 @@ class AsyncMeteredBody:
             await self._gateway.settle(self._settlement.ticket, outcome, self._settlement.ctx)
         except Exception:  # accounting must never break the response
             log.exception("settling request %s failed", self._settlement.ticket.request_id)
+
+
+# --------------------------------------------------------------------------- appended for
+# adapters whose framework hands them a request stream and a response object (Django).
+
+
+def read_request_body(stream: IO[bytes], headers: Mapping[str, str],
+                      gateway: Gateway | AsyncGateway) -> bytes | Decision:
+    """The request body from a file-like ``stream``, or the refusal to answer instead.
+
+    400 when ``Content-Length`` is not a whole number; 413 when it (or, without one, the
+    body read so far) is over ``http.maxBodyBytes``, found before reading a byte when
+    the length is declared. ``headers`` has lower-case names.
+    """
+    declared = headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        return refusal("invalid_request", "Content-Length must be a whole number")
+    body = read_limited(stream, int(declared) if declared else None, gateway.max_body_bytes)
+    if body is None:
+        return gateway.too_large()
+    return body
+
+
+_background: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak
+
+
+async def _settle_guarded(gateway: AsyncGateway, ticket: Ticket, outcome: Outcome,
+                          ctx: RequestContext | None) -> None:
+    try:
+        await gateway.settle(ticket, outcome, ctx)
+    except asyncio.CancelledError:
+        # The loop is shutting down half way through: keep the event in the spool. If the
+        # script did run, the replay is a no-op (settle.lua dedupes by request id).
+        gateway.spool.append(gateway._settle_call(ticket, outcome, ctx))
+        raise
+    except Exception:  # accounting must never break the app
+        log.exception("settling request %s failed", ticket.request_id)
+
+
+def settle_in_background(gateway: AsyncGateway, ticket: Ticket, outcome: Outcome,
+                         ctx: RequestContext | None) -> asyncio.Task[None]:
+    """Start ``gateway.settle(...)`` as a task of the running loop, and return it.
+
+    For adapters that hand the response back to a framework which sends it afterwards
+    (Django): the settlement's round trip overlaps the sending, the client never waits
+    on it, and it does not depend on the server calling ``close()``. The task is held
+    until it is done; failures are logged; :func:`wait_for_settlements` awaits them.
+    """
+    task = asyncio.get_running_loop().create_task(_settle_guarded(gateway, ticket, outcome,
+                                                                  ctx))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+async def wait_for_settlements() -> None:
+    """Wait until every background settlement of the running loop is done.
+
+    Settlements scheduled from another thread (:meth:`BackgroundAsyncMeteredBody.close`)
+    are started first. For tests, and for a shutdown hook that must not lose events.
+    """
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0)
+    while True:
+        pending = [task for task in list(_background) if task.get_loop() is loop]
+        if not pending:
+            return
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+class BackgroundAsyncMeteredBody(AsyncMeteredBody):
+    """:class:`AsyncMeteredBody` that settles in a background task, and can be closed
+    from synchronous code in any thread.
+
+    - When the body ends, fails or is cancelled, the settlement is started with
+      :func:`settle_in_background` rather than awaited, so the server sends the end of
+      the stream without waiting on Redis.
+    - :meth:`close` is for frameworks that close the response from sync code (Django
+      calls the ``close()`` of its streaming content, from a worker thread): a body a
+      server stopped reading without finishing it is settled then (as a disconnect),
+      on the loop the body was made on, instead of whenever the garbage collector gets
+      to the abandoned generator.
+
+    Must be created with the event loop running (it remembers the loop).
+    """
+
+    def __init__(self, body: AsyncIterable[bytes], gateway: AsyncGateway, ticket: Ticket,
+                 ctx: RequestContext, meter: ResponseMeter):
+        super().__init__(body, gateway, ticket, ctx, meter)
+        self._loop = asyncio.get_running_loop()
+
+    async def aclose(self, failed: bool = False) -> None:
+        self.settle_soon(failed)
+
+    def settle_soon(self, failed: bool = False) -> None:
+        """Start the settlement (once); call on the body's event loop."""
+        outcome = self._settlement.outcome_once(failed)
+        if outcome is not None:
+            settle_in_background(self._gateway, self._settlement.ticket, outcome,
+                                 self._settlement.ctx)
+
+    def close(self) -> None:
+        """Settle (once) on the body's loop; callable from any thread."""
+        try:
+            self._loop.call_soon_threadsafe(self.settle_soon, False)
+        except RuntimeError:  # the loop is closed: nothing can settle asynchronously now
+            log.error("request %s closed after its event loop: not settled",
+                      self._settlement.ticket.request_id)

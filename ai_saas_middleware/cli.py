@@ -6,7 +6,7 @@
     ai-saas tenants add ID --tier T [--stripe-customer cus_..] --config FILE
     ai-saas tenants list | set-tier ID T | add-key ID | revoke-key KEY --config FILE
     ai-saas usage [--tenant ID] [--month YYYY-MM] --config FILE
-    ai-saas demo [--framework starlette]      app + middleware + traffic + a summary
+    ai-saas demo [--framework starlette|flask|django]  app + middleware + traffic + summary
 
 Errors are one line on stderr and a non-zero exit, never a traceback: 2 for a bad
 configuration or bad arguments, 1 for anything else (Redis unreachable, unknown tenant).
@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("demo", help="run the demo: app + middleware + traffic + summary")
-    p.add_argument("--framework", default="starlette", choices=["starlette"])
+    from .demo import DEMO_APPS
+
+    p.add_argument("--framework", default="starlette", choices=sorted(DEMO_APPS))
     p.add_argument("--redis-url", default=None,
                    help="a Redis to use (else REDIS_URL, else an embedded server)")
     p.set_defaults(func=cmd_demo)

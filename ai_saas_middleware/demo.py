@@ -1,8 +1,9 @@
 """``ai-saas demo``: the demo app, the middleware, real traffic and a summary.
 
 1. Redis: ``--redis-url`` or ``REDIS_URL`` when given, else a private embedded server.
-2. The local OpenAI-compatible provider and the demo app, each under uvicorn on a free
-   loopback port (real HTTP on both hops).
+2. The local OpenAI-compatible provider (under uvicorn) and the demo app of the chosen
+   framework (see ``DEMO_APPS``: ASGI apps under uvicorn, WSGI apps under Werkzeug's
+   threaded server), each on a free loopback port (real HTTP on both hops).
 3. A short burst of multi-tenant traffic: a free tenant over its 10 req/min, a pro and
    an enterprise tenant, a tenant stored in Redis with a fresh key, streamed answers
    (one of them abandoned half way by its client), an unknown key, non-AI pages.
@@ -14,6 +15,7 @@ The demo apps live in ``demo_projects/`` of the source checkout (``pip install -
 from __future__ import annotations
 
 import asyncio
+import importlib
 import socket
 import sys
 import threading
@@ -25,7 +27,7 @@ from typing import Any
 
 from .errors import AISaaSError
 
-__all__ = ["run_demo", "serve_in_thread"]
+__all__ = ["DEMO_APPS", "run_demo", "serve_in_thread", "serve_wsgi_in_thread"]
 
 DEMO_KEYS = {"free-co": "demo-key-free", "pro-co": "demo-key-pro", "big-co": "demo-key-enterprise"}
 
@@ -69,6 +71,43 @@ class serve_in_thread:
     def __exit__(self, *_: object) -> None:
         self.server.should_exit = True
         self.thread.join(5)
+
+
+class serve_wsgi_in_thread:
+    """Serve a WSGI app with Werkzeug's threaded server on a free loopback port."""
+
+    def __init__(self, app: Any, port: int | None = None):
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_request(self, *args: Any) -> None:  # errors are still logged
+                pass
+
+        self.server = make_server("127.0.0.1", port or 0, app, threaded=True,
+                                  request_handler=QuietHandler)
+        self.port = self.server.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Polled often, so that leaving the block (shutdown) does not wait half a second.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+
+    def __enter__(self) -> serve_wsgi_in_thread:
+        self.thread.start()  # the socket listens already: no wait for a start-up
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+# framework -> (module of demo_projects with CONFIG and create_app(config, provider_url=...),
+#               the server that serves its app)
+DEMO_APPS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "starlette": ("demo_projects.starlette_app.app", serve_in_thread),
+    "flask": ("demo_projects.flask_app.app", serve_wsgi_in_thread),
+    "django": ("demo_projects.django_project.app", serve_in_thread),
+}
 
 
 async def _traffic(base: str, stored_key: str) -> tuple[Counter[tuple[str, int]], int]:
@@ -135,7 +174,13 @@ def run_demo(framework: str = "starlette", redis_url: str | None = None,
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     from demo_projects import provider
-    from demo_projects.starlette_app.app import CONFIG, create_app
+
+    if framework not in DEMO_APPS:
+        raise AISaaSError(f"no demo for {framework!r}; there is one for "
+                          + ", ".join(sorted(DEMO_APPS)))
+    demo_module, serve = DEMO_APPS[framework]
+    demo = importlib.import_module(demo_module)
+    CONFIG, create_app = demo.CONFIG, demo.create_app
 
     url = redis_url or os.environ.get("REDIS_URL")
     server = None
@@ -155,7 +200,7 @@ def run_demo(framework: str = "starlette", redis_url: str | None = None,
         out(f"Stored tenant startup-co (tier pro) in Redis; its key: {stored_key[:12]}...")
         before = _evalsha_calls(store)
         with serve_in_thread(provider.app) as upstream, \
-                serve_in_thread(create_app(config, provider_url=upstream.url)) as app:
+                serve(create_app(config, provider_url=upstream.url)) as app:
             out(f"Provider stand-in on {upstream.url}; demo app ({framework}) on {app.url}")
             started = time.monotonic()
             statuses, _ai_requests = asyncio.run(_traffic(app.url, stored_key))

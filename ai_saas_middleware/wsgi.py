@@ -8,13 +8,23 @@
 Requests that match no configured endpoint go straight to the app: no Redis call, no
 body read. For an AI request the body is read once (at most ``http.maxBodyBytes``, else
 413), admitted by the core in one round trip, and put back as ``wsgi.input`` for the
-app; the context is at ``environ["ai_saas"]``. The response passes through unchanged
-but for the ``X-Request-ID``, ``X-AI-Model`` and RateLimit headers. The request is
-settled in one more round trip when the server closes the response body, that is after
-the last byte was sent, or when the client went away (what was produced is billed).
+app; the context is at ``environ["ai_saas"]``. A body without Content-Length is read
+only when the server says its stream ends (``wsgi.input_terminated``, as Werkzeug and
+gunicorn do for chunked requests); otherwise it counts as empty, as in Werkzeug, rather
+than waiting on a socket. The response passes through unchanged but for the
+``X-Request-ID``, ``X-AI-Model`` and RateLimit headers, whether the app returns its
+body or writes it through the ``write()`` of ``start_response``. The request is settled
+in one more round trip when the body is exhausted (the server asks for the next chunk
+only after writing the last one) or closed (the server calls ``close()`` at the end, or
+when the client went away: what was produced is billed), once.
 
 ``resolver``, when given, maps the environ to a tenant id (for apps whose users are
-already authenticated); when it returns None, the API key decides.
+already authenticated); when it returns None, the API key decides. It is called after
+the body was read, with ``wsgi.input`` already replaced by the buffered body, so a
+framework request built from the environ can read it.
+
+:class:`UsageApp` is a WSGI app for the tenant's own usage endpoint (``GET``), to mount
+wherever the app's clients can reach it.
 """
 
 from __future__ import annotations
@@ -22,21 +32,25 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
 from typing import Any, Union
 
-from .bodies import MeteredBody, read_limited
+from .bodies import MeteredBody, read_request_body
 from .config import Config
 from .gateway import Gateway
 from .responses import refusal
 from .types import Decision, RequestInfo
 from .usage import ResponseMeter
 
-__all__ = ["AISaaSMiddleware", "environ_headers"]
+__all__ = ["ENVIRON_KEY", "AISaaSMiddleware", "UsageApp", "decision_response",
+           "environ_headers", "request_path"]
+
+ENVIRON_KEY = "ai_saas"  # environ[ENVIRON_KEY] is the RequestContext of an admitted request
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
-Resolver = Callable[[Environ], Union[str, None]]
+Resolver = Callable[[Environ], str | None]
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]"]
 
 _STATUS_LINES = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized",
@@ -56,10 +70,29 @@ def environ_headers(environ: Mapping[str, Any]) -> dict[str, str]:
     return headers
 
 
+def request_path(environ: Mapping[str, Any]) -> str:
+    """``PATH_INFO`` as text: WSGI hands it over as latin-1-decoded bytes, ASGI as UTF-8."""
+    path: str = environ.get("PATH_INFO", "")
+    try:
+        return path.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not valid UTF-8, or a server that already decoded it
+        return path
+
+
+def _status_line(status: int) -> str:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            line = f"{status} {HTTPStatus(status).phrase}"
+        except ValueError:
+            line = f"{status} Unknown"
+    return line
+
+
 def decision_response(decision: Decision, start_response: StartResponse) -> list[bytes]:
     """Write a Decision as a whole WSGI response."""
     headers = [*decision.headers, ("content-length", str(len(decision.body)))]
-    start_response(_STATUS_LINES.get(decision.status, str(decision.status)), headers)
+    start_response(_status_line(decision.status), headers)
     return [decision.body]
 
 
@@ -88,40 +121,45 @@ class AISaaSMiddleware:
         self.max_body_bytes = gateway.max_body_bytes
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        endpoint = self.gateway.endpoint_for(environ.get("REQUEST_METHOD", "GET"),
-                                             environ.get("PATH_INFO", ""))
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = request_path(environ)
+        endpoint = self.gateway.endpoint_for(method, path)
         if endpoint is None:
             return self.app(environ, start_response)
         headers = environ_headers(environ)
-        declared = headers.get("content-length")
-        if declared is not None and not declared.isdigit():
-            return decision_response(refusal("invalid_request",
-                                             "Content-Length must be a whole number"),
-                                     start_response)
-        body = read_limited(environ["wsgi.input"], int(declared) if declared else None,
-                            self.max_body_bytes)
-        if body is None:
-            return decision_response(self.gateway.too_large(), start_response)
-        tenant = self.resolver(environ) if self.resolver is not None else None
-        info = RequestInfo(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), headers,
-                           body, tenant)
+        body = b""  # without a length, on a stream that may never end: none (as Werkzeug)
+        if "content-length" in headers or environ.get("wsgi.input_terminated"):
+            read = read_request_body(environ["wsgi.input"], headers, self.gateway)
+            if isinstance(read, Decision):  # 400 or 413
+                return decision_response(read, start_response)
+            body = read
+        self._replay(environ, body)
+        tenant = None
+        if self.resolver is not None:
+            tenant = self.resolver(environ)
+            self._replay(environ, body)  # afresh: the resolver may have read it
+        info = RequestInfo(method, path, headers, body, tenant)
         decision = self.gateway.admit(info, endpoint)
         if not decision.allowed:
             return decision_response(decision, start_response)
         ctx, ticket = decision.context, decision.ticket
         assert ctx is not None and ticket is not None
-        environ["ai_saas"] = ctx
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
+        environ[ENVIRON_KEY] = ctx
         meter = ResponseMeter()
         extra = list(decision.headers)
 
         def metered_start_response(status: str, response_headers: list[tuple[str, str]],
-                                   exc_info: Any = None) -> Any:
+                                   exc_info: Any = None) -> Callable[[bytes], Any]:
             content_type = next((v for k, v in response_headers
                                  if k.lower() == "content-type"), "")
             meter.start(int(status.split(" ", 1)[0]), content_type)
-            return start_response(status, [*response_headers, *extra], exc_info)
+            write = start_response(status, [*response_headers, *extra], exc_info)
+
+            def metered_write(data: bytes) -> Any:  # PEP 3333's imperative write()
+                meter.feed(data)
+                return write(data)
+
+            return metered_write
 
         try:
             app_body = self.app(environ, metered_start_response)
@@ -129,3 +167,31 @@ class AISaaSMiddleware:
             MeteredBody((), self.gateway, ticket, ctx, meter).settle(failed=True)
             raise
         return MeteredBody(app_body, self.gateway, ticket, ctx, meter)
+
+    @staticmethod
+    def _replay(environ: Environ, body: bytes) -> None:
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["wsgi.input_terminated"] = True
+        environ["CONTENT_LENGTH"] = str(len(body))
+
+
+class UsageApp:
+    """WSGI app answering ``GET`` with the caller's own usage this month (JSON).
+
+    The twin of :class:`ai_saas_middleware.asgi.UsageApp`. Credentials as for AI
+    requests (API key, or ``resolver``); mount it where the tenant's clients can reach
+    it, e.g. ``/ai-saas/usage`` (with Werkzeug's ``DispatcherMiddleware``, or return it
+    from a view: Flask runs a WSGI app a view returns).
+    """
+
+    def __init__(self, gateway: Gateway, resolver: Resolver | None = None):
+        self.gateway = gateway
+        self.resolver = resolver
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            return decision_response(refusal("method_not_allowed", "use GET"), start_response)
+        tenant = self.resolver(environ) if self.resolver is not None else None
+        info = RequestInfo(method, request_path(environ), environ_headers(environ), b"", tenant)
+        return decision_response(self.gateway.usage(info), start_response)

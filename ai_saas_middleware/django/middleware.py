@@ -1,0 +1,329 @@
+"""``AISaaSMiddleware`` for Django's ``MIDDLEWARE``, sync and async capable.
+
+Django calls ``__init__`` once per handler with the next ``get_response``. When that is
+a coroutine function (an ASGI deployment), the instance marks itself as one
+(``markcoroutinefunction``) and serves every request on the event loop with the
+:class:`~ai_saas_middleware.AsyncGateway`: admission and settlement await
+``redis.asyncio``; no thread is involved for Redis. Otherwise (WSGI) it uses the sync
+:class:`~ai_saas_middleware.Gateway`. Both paths share the helpers below; the decisions
+are the core's.
+
+When each request is settled:
+
+- WSGI, whole response: by a closer registered on the response
+  (``response._resource_closers``), which Django runs when the server closes the
+  response, after the last byte was written.
+- ASGI, whole response: in a task started as the response leaves the middleware
+  (:func:`~ai_saas_middleware.bodies.settle_in_background`). Django sends the response
+  after the middleware returns it, so the settlement's round trip overlaps the sending
+  and the client does not wait on it. This was chosen over a closer because Django runs
+  ``response.close()`` in a worker thread (a hop back to the loop would be needed) and
+  skips it when the handling task is cancelled, which would lose the event; the task
+  never depends on the server. A settlement cut short by the loop shutting down goes to
+  the spool.
+- Streamed responses (``StreamingHttpResponse``, sync or async iterator): the content
+  is replaced by a metered body that settles once, when it is exhausted (with the
+  provider's usage from the final SSE chunk), fails, or is closed or cancelled because
+  the client went away (billed as produced, ``client_disconnected=true``). Iterators of
+  the other kind than the path's are consumed the way Django itself does (whole, in one
+  ``sync_to_async`` / ``async_to_sync`` call).
+- A handler that raises: Django turns it into a 500 response before it reaches this
+  middleware, which settles it as failed (reservation released); with
+  ``DEBUG_PROPAGATE_EXCEPTIONS`` the exception passes through, settled the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, Literal, overload
+
+from asgiref.sync import (
+    async_to_sync,
+    iscoroutinefunction,
+    markcoroutinefunction,
+    sync_to_async,
+)
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+
+from ..bodies import (
+    BackgroundAsyncMeteredBody,
+    MeteredBody,
+    read_request_body,
+    settle_in_background,
+)
+from ..config import Config, EndpointConfig, load_config
+from ..errors import ConfigError
+from ..gateway import AsyncGateway, Gateway
+from ..types import Decision, RequestInfo
+from ..usage import ResponseMeter
+from ..wsgi import environ_headers
+from .conf import ai_saas
+
+__all__ = ["AISaaSMiddleware", "get_gateway", "render", "request_headers"]
+
+log = logging.getLogger("ai_saas_middleware")
+
+GetResponse = Callable[[HttpRequest], HttpResponseBase | Awaitable[HttpResponseBase]]
+
+# ------------------------------------------------------------------ the process's gateways
+
+_lock = threading.Lock()
+_config: Config | None = None
+_gateways: dict[bool, Gateway | AsyncGateway] = {}
+
+
+def _settings_or_raise() -> None:
+    problems = ai_saas.problems()
+    if problems:
+        raise ImproperlyConfigured("; ".join(message for _, message in problems))
+
+
+@overload
+def get_gateway(asynchronous: Literal[True]) -> AsyncGateway: ...
+@overload
+def get_gateway(asynchronous: Literal[False]) -> Gateway: ...
+@overload
+def get_gateway(asynchronous: bool) -> Gateway | AsyncGateway: ...
+def get_gateway(asynchronous: bool) -> Gateway | AsyncGateway:
+    """The process's gateway for the ``AI_SAAS`` setting: one sync, one asyncio.
+
+    Both are built from one loaded config, on first use (the middleware's ``__init__``,
+    i.e. at start-up); a change of the setting (``override_settings``) starts afresh.
+
+    Raises:
+        ImproperlyConfigured: the setting or the configuration is invalid (every
+            problem of the configuration, with its path, in the message).
+    """
+    global _config
+    with _lock:
+        gateway = _gateways.get(asynchronous)
+        if gateway is None:
+            _settings_or_raise()
+            if _config is None:
+                try:
+                    _config = load_config(ai_saas.CONFIG)
+                except ConfigError as exc:
+                    raise ImproperlyConfigured(f"AI_SAAS['CONFIG']: {exc}") from exc
+            kind = AsyncGateway if asynchronous else Gateway
+            gateway = _gateways[asynchronous] = kind(_config, redis_url=ai_saas.REDIS_URL)
+        return gateway
+
+
+def _setting_changed(*, setting: str, **kwargs: Any) -> None:
+    global _config
+    if setting == "AI_SAAS":
+        with _lock:  # gateways already handed out stay with their middleware
+            _config = None
+            _gateways.clear()
+
+
+setting_changed.connect(_setting_changed, dispatch_uid="ai_saas_middleware.django.gateways")
+
+# ------------------------------------------------------------------ shared helpers
+
+
+def request_headers(request: HttpRequest) -> dict[str, str]:
+    """The request's headers with lower-case names, as the core takes them."""
+    return environ_headers(request.META)
+
+
+def render(decision: Decision) -> HttpResponse:
+    """A Decision as a whole response: the core's status, headers and bytes, unchanged."""
+    response = HttpResponse(decision.body, status=decision.status)
+    for name, value in decision.headers:
+        response[name] = value
+    response["content-length"] = str(len(decision.body))
+    return response
+
+
+def _read_body(request: HttpRequest, headers: dict[str, str],
+               gateway: Gateway | AsyncGateway) -> bytes | Decision:
+    """The body, read once within ``http.maxBodyBytes``, then left as ``request.body``.
+
+    Read here, not through ``request.body``: that would apply Django's own
+    ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (a 400) instead of the configured limit (a 413).
+    """
+    body: bytes | None = getattr(request, "_body", None)  # read by an outer middleware
+    if body is not None:
+        return body if len(body) <= gateway.max_body_bytes else gateway.too_large()
+    result = read_request_body(request, headers, gateway)
+    if isinstance(result, bytes):
+        # What HttpRequest.body leaves behind after reading: request.body, .POST and
+        # .read() all work in the view.
+        request._body = result
+        request._stream = io.BytesIO(result)
+    return result
+
+
+def _admitted(request: HttpRequest, decision: Decision) -> None:
+    request.ai = decision.context
+
+
+def _add_headers(response: HttpResponseBase, decision: Decision) -> None:
+    for name, value in decision.headers:
+        response[name] = value
+
+
+def _meter(response: HttpResponseBase) -> ResponseMeter:
+    meter = ResponseMeter()
+    meter.start(response.status_code, response.get("Content-Type", ""))
+    if not response.streaming:
+        assert isinstance(response, HttpResponse)
+        meter.feed(response.content)
+        meter.finish()
+    return meter
+
+
+def _sync_chunks(body: AsyncIterable[bytes]) -> Iterator[bytes]:
+    """An async body on the sync path, consumed as Django does: whole, in one call."""
+    async def to_list() -> list[bytes]:
+        return [chunk async for chunk in body]
+
+    yield from async_to_sync(to_list)()
+
+
+async def _async_chunks(body: Iterable[bytes]) -> AsyncIterator[bytes]:
+    """A sync body on the async path, consumed as Django does: whole, in a thread."""
+    def consume() -> list[bytes]:
+        return list(body)
+
+    for chunk in await sync_to_async(consume)():
+        yield chunk
+
+
+# ------------------------------------------------------------------ the middleware
+
+
+class AISaaSMiddleware:
+    """Django middleware that makes every AI request cost-aware.
+
+    Add it to ``MIDDLEWARE`` after ``AuthenticationMiddleware`` (when a resolver reads
+    ``request.user``). Configured by the ``AI_SAAS`` setting; see
+    :mod:`ai_saas_middleware.django`.
+
+    Raises:
+        ImproperlyConfigured: at start-up, for a bad ``AI_SAAS`` setting or configuration.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: GetResponse):
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+        self.gateway = get_gateway(self.async_mode)
+        self.resolver: Any = ai_saas.RESOLVER  # request -> tenant id | None, sync or async
+        self.resolver_is_async = self.resolver is not None and iscoroutinefunction(
+            self.resolver)
+
+    def __repr__(self) -> str:
+        return f"<AISaaSMiddleware {'async' if self.async_mode else 'sync'}>"
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        endpoint = self.gateway.endpoint_for(request.method or "GET", request.path_info)
+        if endpoint is None:
+            return self.get_response(request)
+        return self._ai_request(request, endpoint)
+
+    # ------------------------------------------------------------ sync (WSGI)
+
+    def _ai_request(self, request: HttpRequest, endpoint: EndpointConfig) -> HttpResponseBase:
+        gateway = self.gateway
+        assert isinstance(gateway, Gateway)
+        headers = request_headers(request)
+        body = _read_body(request, headers, gateway)
+        if isinstance(body, Decision):
+            return render(body)
+        tenant = None
+        if self.resolver is not None:
+            resolver = async_to_sync(self.resolver) if self.resolver_is_async else self.resolver
+            tenant = resolver(request)
+        decision = gateway.admit(RequestInfo(request.method or "GET", request.path_info,
+                                             headers, body, tenant), endpoint)
+        if not decision.allowed:
+            return render(decision)
+        ctx, ticket = decision.context, decision.ticket
+        assert ctx is not None and ticket is not None
+        _admitted(request, decision)
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            MeteredBody((), gateway, ticket, ctx, ResponseMeter()).settle(failed=True)
+            raise
+        assert isinstance(response, HttpResponseBase)
+        _add_headers(response, decision)
+        meter = _meter(response)
+        if isinstance(response, StreamingHttpResponse):
+            content: Iterable[bytes] = (_sync_chunks(response.streaming_content)
+                                        if response.is_async else response.streaming_content)
+            response.streaming_content = MeteredBody(content, gateway, ticket, ctx, meter)
+        else:
+            # Run by response.close(), which the WSGI server calls after the last byte.
+            settle = MeteredBody((), gateway, ticket, ctx, meter)
+            response._resource_closers.append(settle.close)
+        return response
+
+    # ------------------------------------------------------------ async (ASGI)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        endpoint = self.gateway.endpoint_for(request.method or "GET", request.path_info)
+        if endpoint is None:
+            response: HttpResponseBase = await self.get_response(request)
+            return response
+        return await self._ai_request_async(request, endpoint)
+
+    async def _resolve_async(self, request: HttpRequest) -> str | None:
+        assert self.resolver is not None
+        if self.resolver_is_async:
+            tenant: str | None = await self.resolver(request)
+            return tenant
+        # The app's own code, which may touch the ORM (request.user): not on the loop.
+        tenant = await sync_to_async(self.resolver)(request)
+        return tenant
+
+    async def _ai_request_async(self, request: HttpRequest, endpoint: EndpointConfig
+                                ) -> HttpResponseBase:
+        gateway = self.gateway
+        assert isinstance(gateway, AsyncGateway)
+        headers = request_headers(request)
+        # Django's ASGI handler has spooled the body already: this reads memory (or, past
+        # FILE_UPLOAD_MAX_MEMORY_SIZE, a temporary file), not the socket.
+        body = _read_body(request, headers, gateway)
+        if isinstance(body, Decision):
+            return render(body)
+        tenant = None if self.resolver is None else await self._resolve_async(request)
+        decision = await gateway.admit(RequestInfo(request.method or "GET", request.path_info,
+                                                   headers, body, tenant), endpoint)
+        if not decision.allowed:
+            return render(decision)
+        ctx, ticket = decision.context, decision.ticket
+        assert ctx is not None and ticket is not None
+        _admitted(request, decision)
+        try:
+            response: HttpResponseBase = await self.get_response(request)
+        except BaseException as exc:
+            # Cancelled: Django >= 5.0 cancels the view when the client disconnects.
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            settle_in_background(gateway, ticket, ResponseMeter().outcome(
+                failed=not cancelled, disconnected=cancelled), ctx)
+            raise
+        _add_headers(response, decision)
+        meter = _meter(response)
+        if isinstance(response, StreamingHttpResponse):
+            content: AsyncIterable[bytes] = (response.streaming_content if response.is_async
+                                             else _async_chunks(response.streaming_content))
+            response.streaming_content = BackgroundAsyncMeteredBody(content, gateway, ticket,
+                                                                    ctx, meter)
+        else:
+            settle_in_background(gateway, ticket, meter.outcome(failed=ctx.failed), ctx)
+        return response

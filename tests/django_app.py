@@ -1,0 +1,295 @@
+"""The Django test app: the routes of tests/test_starlette.py's ``make_app``, as views.
+
+``make_django_app(config, resolver=None)`` gives ``(wsgi_app, asgi_app)``: a real
+``WSGIHandler`` and a real ``ASGIHandler`` whose ``AISaaSMiddleware`` was built with that
+configuration, for any test (and the cross-framework contract table) to drive with
+httpx's WSGI/ASGI transports or raw ASGI calls. ``build_django_apps`` also gives Django's
+own ``Client`` and ``AsyncClient`` built the same way, and the gateways (to close).
+Importing this module configures Django with ``tests/django_settings.py`` (unless
+``DJANGO_SETTINGS_MODULE`` names other settings).
+
+Routes (as in the Starlette app; ``/ai/*`` are AI endpoints in ``conftest.BASE_CONFIG``):
+
+    POST /ai/chat, /ai/premium/chat   OpenAI-style JSON completion (``reply_usage`` sets
+                                      the usage it reports; default 12 + 34)
+    POST /ai/stream                   SSE from an async iterator, final usage chunk 12 + 34
+    POST /ai/stream-sync              the same from a sync iterator
+    POST /ai/stream-stalls            three SSE chunks, then waits until cancelled
+    POST /ai/boom                     raises RuntimeError
+    POST /ai/upstream-down            502 JSON without usage
+    POST /ai/context                  reads request.ai, reports usage 5 + 7 itself
+    POST /ai/fallback                 ctx.execute: the first candidate fails
+    POST /ai/echo                     the body as received
+    GET  /                            non-AI page;  POST /echo  non-AI echo;  GET /aix
+    GET  /ai-saas/usage/              include("ai_saas_middleware.django.urls")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import django
+from django.conf import settings
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_settings")
+django.setup()
+
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
+from django.http import (  # noqa: E402
+    HttpRequest,
+    HttpResponse,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+from django.test import AsyncClient, Client, override_settings  # noqa: E402
+from django.urls import include, path  # noqa: E402
+
+from ai_saas_middleware.django.middleware import get_gateway  # noqa: E402
+from ai_saas_middleware.gateway import AsyncGateway, Gateway  # noqa: E402
+
+CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hello in five words."}],
+                        "max_tokens": 32}
+PROMPT_TOKENS, COMPLETION_TOKENS = 12, 34
+SSE_WORDS = ["Hello", " there", ",", " my", " good", " friend", "!"]
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def sse_body(words: list[str] = SSE_WORDS) -> list[bytes]:
+    """An OpenAI-style stream: content chunks, a final usage chunk, then [DONE]."""
+    chunks = [sse_event({"object": "chat.completion.chunk",
+                         "choices": [{"index": 0, "delta": {"content": word}}]})
+              for word in words]
+    chunks.append(sse_event({"object": "chat.completion.chunk", "choices": [],
+                             "usage": {"prompt_tokens": PROMPT_TOKENS,
+                                       "completion_tokens": COMPLETION_TOKENS,
+                                       "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}}))
+    chunks.append(b"data: [DONE]\n\n")
+    return chunks
+
+
+def completion(model_id: str, text: str, prompt_tokens: int, completion_tokens: int
+               ) -> dict[str, Any]:
+    return {"id": "chatcmpl-test", "object": "chat.completion", "model": model_id,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+# ------------------------------------------------------------------ users, without a database
+
+
+@dataclass
+class TenantUser:
+    """What ``request.user`` is for a signed-in user of the test app."""
+
+    pk: int
+    tenant: str
+    is_authenticated: bool = True
+    is_anonymous: bool = False
+
+
+USERS = {7: TenantUser(7, "initech"), 8: TenantUser(8, "globex")}
+
+
+class TenantUserBackend:
+    """An authentication backend over ``USERS`` (``get_user`` is all a session needs)."""
+
+    def authenticate(self, request: HttpRequest, **credentials: Any) -> None:
+        return None
+
+    def get_user(self, user_id: int) -> TenantUser | None:
+        return USERS.get(user_id)
+
+    async def aget_user(self, user_id: int) -> TenantUser | None:
+        return USERS.get(user_id)
+
+
+def session_cookie(user_id: int) -> dict[str, str]:
+    """The cookie of a session signed in as ``user_id`` (the signed-cookies engine)."""
+    from django.contrib.auth import BACKEND_SESSION_KEY, SESSION_KEY
+    from django.contrib.sessions.backends.signed_cookies import SessionStore
+
+    session = SessionStore()
+    session[SESSION_KEY] = str(user_id)
+    session[BACKEND_SESSION_KEY] = "django_app.TenantUserBackend"
+    session.save()
+    assert session.session_key is not None
+    return {settings.SESSION_COOKIE_NAME: session.session_key}
+
+
+def tenant_of_user(request: HttpRequest) -> str | None:
+    """A resolver: the signed-in user's tenant (None: the API key decides)."""
+    user: Any = request.user  # type: ignore[attr-defined]
+    return user.tenant if user.is_authenticated else None
+
+
+async def atenant_of_user(request: HttpRequest) -> str | None:
+    """The async twin of :func:`tenant_of_user` (Django >= 5.0's ``request.auser()``)."""
+    user: Any = await request.auser()  # type: ignore[attr-defined]
+    return user.tenant if user.is_authenticated else None
+
+
+# ------------------------------------------------------------------ views
+
+
+def chat(request: HttpRequest) -> HttpResponse:
+    ctx = request.ai  # type: ignore[attr-defined]
+    body = json.loads(request.body)
+    prompt, completion_ = body.get("reply_usage", [PROMPT_TOKENS, COMPLETION_TOKENS])
+    return JsonResponse(completion(ctx.model.id, "Hello there, my good friend!", prompt,
+                                   completion_))
+
+
+def stream(request: HttpRequest) -> StreamingHttpResponse:
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in sse_body():
+            yield chunk
+            await asyncio.sleep(0)
+
+    return StreamingHttpResponse(chunks(), content_type="text/event-stream")
+
+
+def stream_sync(request: HttpRequest) -> StreamingHttpResponse:
+    def chunks() -> Iterator[bytes]:
+        yield from sse_body()
+
+    return StreamingHttpResponse(chunks(), content_type="text/event-stream")
+
+
+def stream_stalls(request: HttpRequest) -> StreamingHttpResponse:
+    """Three content chunks, then the provider stalls until the client goes away."""
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in sse_body()[:3]:
+            yield chunk
+        await asyncio.Event().wait()
+        yield b"never sent"  # pragma: no cover
+
+    return StreamingHttpResponse(chunks(), content_type="text/event-stream")
+
+
+def boom(request: HttpRequest) -> HttpResponse:
+    raise RuntimeError("the handler has a bug")
+
+
+def upstream_down(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"error": {"type": "upstream_error", "message": "provider is down"}},
+                        status=502)
+
+
+def context(request: HttpRequest) -> HttpResponse:
+    """Reads the context and reports usage itself (``answered_by`` picks a model)."""
+    ctx = request.ai  # type: ignore[attr-defined]
+    body = json.loads(request.body)
+    ctx.record_usage(5, 7, model_id=body.get("answered_by"), outcome_value="0.25")
+    reply = completion(ctx.model.id, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
+    reply["ctx"] = {"same_object": request.ai is ctx,  # type: ignore[attr-defined]
+                    "tenant_id": ctx.tenant_id, "tier": ctx.tier, "model": ctx.model.id,
+                    "request_id": ctx.request_id, "max_output_tokens": ctx.max_output_tokens,
+                    "body": ctx.body, "candidates": [m.id for m in ctx.candidates]}
+    return JsonResponse(reply)
+
+
+def fallback(request: HttpRequest) -> HttpResponse:
+    """The first candidate's provider call fails; ``ctx.execute`` moves on."""
+    ctx = request.ai  # type: ignore[attr-defined]
+    tried: list[str] = []
+
+    def call(model: Any) -> str:
+        tried.append(model.id)
+        if len(tried) == 1:
+            raise ConnectionError(f"{model.id} is unreachable")
+        return str(model.id)
+
+    answered = ctx.execute(call)
+    reply = completion(answered, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
+    reply["tried"] = tried
+    return JsonResponse(reply)
+
+
+def ai_echo(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(request.body, content_type="application/octet-stream")
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("home", content_type="text/plain")
+
+
+def echo(request: HttpRequest) -> HttpResponse:
+    """Non-AI echo; says whether anything had read the body before the view."""
+    untouched = not request._read_started  # type: ignore[attr-defined]
+    response = HttpResponse(request.read(), content_type="application/octet-stream")
+    response["x-body-untouched"] = "yes" if untouched else "no"
+    return response
+
+
+urlpatterns = [
+    path("ai/chat", chat),
+    path("ai/premium/chat", chat),
+    path("ai/stream", stream),
+    path("ai/stream-sync", stream_sync),
+    path("ai/stream-stalls", stream_stalls),
+    path("ai/boom", boom),
+    path("ai/upstream-down", upstream_down),
+    path("ai/context", context),
+    path("ai/fallback", fallback),
+    path("ai/echo", ai_echo),
+    path("", home),
+    path("echo", echo),
+    path("aix", home),
+    path("ai-saas/", include("ai_saas_middleware.django.urls")),
+]
+
+# ------------------------------------------------------------------ factories
+
+
+def ai_saas_setting(config: Any, resolver: Callable[..., Any] | None = None) -> dict[str, Any]:
+    return {"CONFIG": config, "RESOLVER": resolver}
+
+
+@dataclass
+class DjangoApps:
+    """What :func:`build_django_apps` built; all share one sync and one async gateway."""
+
+    wsgi: WSGIHandler
+    asgi: ASGIHandler
+    client: Client  # Django's test client: the WSGI path
+    aclient: AsyncClient  # the ASGI path
+    gateway: Gateway
+    agateway: AsyncGateway
+
+
+def build_django_apps(config: Any, resolver: Callable[..., Any] | None = None,
+                      **client_kwargs: Any) -> DjangoApps:
+    """The test app behind ``AISaaSMiddleware`` with ``config``, every way to call it.
+
+    ``resolver`` maps the Django request to a tenant id (sync or async), as the
+    ``RESOLVER`` of ``AI_SAAS``. Each handler builds its middleware chain here, under
+    ``override_settings``, and keeps that configuration afterwards.
+    """
+    with override_settings(AI_SAAS=ai_saas_setting(config, resolver)):
+        client, aclient = Client(**client_kwargs), AsyncClient(**client_kwargs)
+        client.handler.load_middleware()
+        aclient.handler.load_middleware(is_async=True)
+        return DjangoApps(WSGIHandler(), ASGIHandler(), client, aclient, get_gateway(False),
+                          get_gateway(True))
+
+
+def make_django_app(config: Any, resolver: Callable[..., Any] | None = None
+                    ) -> tuple[WSGIHandler, ASGIHandler]:
+    """``(wsgi_app, asgi_app)``: the test app behind ``AISaaSMiddleware`` with ``config``.
+
+    Real Django handlers, to drive with httpx's ``WSGITransport`` / ``ASGITransport`` or
+    raw ASGI calls. Settings are otherwise those of ``tests/django_settings.py``.
+    """
+    apps = build_django_apps(config, resolver)
+    return apps.wsgi, apps.asgi

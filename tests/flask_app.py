@@ -1,0 +1,130 @@
+"""The Flask twin of ``tests/test_starlette.py``'s app: same routes, same replies.
+
+``make_flask_app(config, resolver=None)`` builds it behind :class:`AISaaS`, so a
+cross-framework contract test can run one table of scenarios through both. The JSON
+replies are rendered the way Starlette's ``JSONResponse`` renders them (compact,
+UTF-8), and the payloads come from ``test_starlette``, so the bytes are the same.
+
+    POST /ai/chat, /ai/premium/chat   OpenAI-style JSON; ``reply_usage`` sets its usage
+    POST /ai/stream                   SSE ending with a usage chunk (stream_with_context)
+    POST /ai/stream-stalls            three chunks, then keep-alive comments until the
+                                      client goes away (the server's write fails)
+    POST /ai/boom                     raises
+    POST /ai/upstream-down            502 without usage
+    POST /ai/context                  reports usage itself; shows the context
+    POST /ai/fallback                 ctx.execute falls back to the next candidate
+    POST /ai/echo, /echo              the body back (AI and non-AI)
+    GET  /, /aix                      non-AI pages ("/" also says whether g.ai is set)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Flask, Response, g, request, stream_with_context
+from test_starlette import (
+    COMPLETION_TOKENS,
+    PROMPT_TOKENS,
+    completion,
+    sse_body,
+)
+
+from ai_saas_middleware.flask import AI_SAAS_CONFIG, AISaaS
+
+# Pacing of /ai/stream-stalls' keep-alive comments (no test asserts on time).
+KEEPALIVE_S = 0.02
+KEEPALIVE_MAX = 5000
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    """JSON bytes exactly as Starlette's JSONResponse renders them."""
+    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":")).encode("utf-8")
+    return Response(body, status=status, content_type="application/json")
+
+
+def make_flask_app(config: dict[str, Any], resolver: Callable[..., Any] | None = None,
+                   **app_config: Any) -> Flask:
+    """The test app behind the extension; ``app_config`` goes to ``app.config``."""
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="test", **app_config)
+    app.config[AI_SAAS_CONFIG] = config
+
+    def chat() -> Response:
+        ctx = g.ai
+        body = request.get_json()
+        prompt, completion_ = body.get("reply_usage", [PROMPT_TOKENS, COMPLETION_TOKENS])
+        return json_response(completion(ctx.model.id, "Hello there, my good friend!", prompt,
+                                        completion_))
+
+    def stream() -> Response:
+        def chunks() -> Iterator[bytes]:
+            assert g.ai is not None  # the context is there while the body streams
+            yield from sse_body()
+
+        return Response(stream_with_context(chunks()),
+                        content_type="text/event-stream; charset=utf-8")
+
+    def stream_stalls() -> Response:
+        def chunks() -> Iterator[bytes]:
+            yield from sse_body()[:3]
+            pause = threading.Event()
+            for _ in range(KEEPALIVE_MAX):  # until a write fails: the client went away
+                pause.wait(KEEPALIVE_S)
+                yield b": still thinking\n\n"
+
+        return Response(chunks(), content_type="text/event-stream; charset=utf-8")
+
+    def boom() -> Response:
+        raise RuntimeError("the handler has a bug")
+
+    def upstream_down() -> Response:
+        return json_response({"error": {"type": "upstream_error",
+                                        "message": "provider is down"}}, 502)
+
+    def context() -> Response:
+        ctx = g.ai
+        body = request.get_json()
+        ctx.record_usage(5, 7, model_id=body.get("answered_by"), outcome_value="0.25")
+        reply = completion(ctx.model.id, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
+        reply["ctx"] = {"same_object": request.environ["ai_saas"] is ctx,
+                        "tenant_id": ctx.tenant_id, "tier": ctx.tier, "model": ctx.model.id,
+                        "request_id": ctx.request_id,
+                        "max_output_tokens": ctx.max_output_tokens, "body": ctx.body,
+                        "candidates": [m.id for m in ctx.candidates]}
+        return json_response(reply)
+
+    def fallback() -> Response:
+        ctx = g.ai
+        tried: list[str] = []
+
+        def call(model: Any) -> str:
+            tried.append(model.id)
+            if len(tried) == 1:
+                raise ConnectionError(f"{model.id} is unreachable")
+            return str(model.id)
+
+        answered = ctx.execute(call)
+        reply = completion(answered, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
+        reply["tried"] = tried
+        return json_response(reply)
+
+    def echo() -> Response:
+        return Response(request.get_data(), content_type="application/octet-stream")
+
+    def home() -> Response:
+        return Response("home" if g.ai is None else "g.ai is set",
+                        content_type="text/plain; charset=utf-8")
+
+    for path, view in (("/ai/chat", chat), ("/ai/premium/chat", chat), ("/ai/stream", stream),
+                       ("/ai/stream-stalls", stream_stalls), ("/ai/boom", boom),
+                       ("/ai/upstream-down", upstream_down), ("/ai/context", context),
+                       ("/ai/fallback", fallback), ("/ai/echo", echo), ("/echo", echo)):
+        app.add_url_rule(path, endpoint=path, view_func=view, methods=["POST"])
+    app.add_url_rule("/", view_func=home)
+    app.add_url_rule("/aix", endpoint="aix", view_func=home)
+    AISaaS(app, resolver=resolver)
+    return app
