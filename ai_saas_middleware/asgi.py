@@ -43,7 +43,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Resolver = Callable[[Scope], Union[str, None, Awaitable[Union[str, None]]]]
+Resolver = Callable[[Scope], Awaitable[str | None] | str | None]
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]"]
 
 
@@ -93,7 +93,7 @@ class AISaaSMiddleware:
         self.resolver = resolver
         self._resolver_is_async = resolver is not None and (
             inspect.iscoroutinefunction(resolver)
-            or inspect.iscoroutinefunction(getattr(resolver, "__call__", None)))
+            or inspect.iscoroutinefunction(type(resolver).__call__))  # an async callable object
         self.max_body_bytes = gateway.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -204,7 +204,7 @@ class AISaaSMiddleware:
             outcome = meter.outcome(failed=failed or ctx.failed, disconnected=disconnected)
             try:
                 await self.gateway.settle(ticket, outcome, ctx)
-            except Exception:  # noqa: BLE001 - accounting must never break the response
+            except Exception:
                 log.exception("settling request %s failed", ticket.request_id)
 
 
@@ -221,9 +221,6 @@ class UsageApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return
-        if scope["method"] not in ("GET", "HEAD"):
-            await send_decision(send, refusal("method_not_allowed", "use GET"))
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         tenant: Any = None

@@ -12,7 +12,7 @@
 
     @app.post("/ai/chat")
     def chat():
-        ctx = g.ai                    # also request.environ["ai_saas"]
+        ctx = g.ai                    # also request.environ["ai_saas.context"]
         reply = ctx.execute(lambda model: call_provider(model.id, ctx.body,
                                                         max_tokens=ctx.max_output_tokens))
         return reply                  # its OpenAI-style "usage" is billed

@@ -35,7 +35,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any, Union
+from typing import Any
 
 from .config import Config, EndpointConfig, TenantConfig, TierConfig, load_config
 from .context import RequestContext, Ticket
@@ -464,6 +464,8 @@ class _Core:
 
     def _usage_call(self, info: RequestInfo) -> tuple[_Plan, ScriptCall] | Decision:
         """The usage.lua call for the caller's credentials, or a refusal."""
+        if info.method not in ("GET", "HEAD"):
+            return refusal("method_not_allowed", "use GET")
         plan = _Plan()
         refused = self._authenticate(info, plan)
         if refused is not None:
@@ -773,4 +775,4 @@ class AsyncGateway(_Core):
         await self.store.close()
 
 
-AnyGateway = Union[Gateway, AsyncGateway]
+AnyGateway = Gateway | AsyncGateway

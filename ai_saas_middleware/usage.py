@@ -101,8 +101,17 @@ class ResponseMeter:
     SSE streams are parsed event by event, so a long stream holds only one line.
     """
 
-    __slots__ = ("status", "_sse", "_json", "_buffer", "_size", "max_buffer",
-                 "provider_usage", "completion_chars", "complete")
+    __slots__ = (
+        "_buffer",
+        "_json",
+        "_size",
+        "_sse",
+        "complete",
+        "completion_chars",
+        "max_buffer",
+        "provider_usage",
+        "status",
+    )
 
     def __init__(self, max_buffer: int = 1_048_576):
         self.max_buffer = max_buffer

@@ -8,7 +8,7 @@
 Requests that match no configured endpoint go straight to the app: no Redis call, no
 body read. For an AI request the body is read once (at most ``http.maxBodyBytes``, else
 413), admitted by the core in one round trip, and put back as ``wsgi.input`` for the
-app; the context is at ``environ["ai_saas"]``. A body without Content-Length is read
+app; the context is at ``environ["ai_saas.context"]``. A body without Content-Length is read
 only when the server says its stream ends (``wsgi.input_terminated``, as Werkzeug and
 gunicorn do for chunked requests); otherwise it counts as empty, as in Werkzeug, rather
 than waiting on a socket. The response passes through unchanged but for the
@@ -38,14 +38,14 @@ from typing import Any, Union
 from .bodies import MeteredBody, read_request_body
 from .config import Config
 from .gateway import Gateway
-from .responses import refusal
 from .types import Decision, RequestInfo
 from .usage import ResponseMeter
 
 __all__ = ["ENVIRON_KEY", "AISaaSMiddleware", "UsageApp", "decision_response",
            "environ_headers", "request_path"]
 
-ENVIRON_KEY = "ai_saas"  # environ[ENVIRON_KEY] is the RequestContext of an admitted request
+ENVIRON_KEY = "ai_saas.context"  # the RequestContext of an admitted request (PEP 3333:
+# keys of extensions carry a dot)
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -190,8 +190,6 @@ class UsageApp:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        if method not in ("GET", "HEAD"):
-            return decision_response(refusal("method_not_allowed", "use GET"), start_response)
         tenant = self.resolver(environ) if self.resolver is not None else None
         info = RequestInfo(method, request_path(environ), environ_headers(environ), b"", tenant)
         return decision_response(self.gateway.usage(info), start_response)

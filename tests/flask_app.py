@@ -90,7 +90,7 @@ def make_flask_app(config: dict[str, Any], resolver: Callable[..., Any] | None =
         body = request.get_json()
         ctx.record_usage(5, 7, model_id=body.get("answered_by"), outcome_value="0.25")
         reply = completion(ctx.model.id, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
-        reply["ctx"] = {"same_object": request.environ["ai_saas"] is ctx,
+        reply["ctx"] = {"same_object": request.environ["ai_saas.context"] is ctx,
                         "tenant_id": ctx.tenant_id, "tier": ctx.tier, "model": ctx.model.id,
                         "request_id": ctx.request_id,
                         "max_output_tokens": ctx.max_output_tokens, "body": ctx.body,

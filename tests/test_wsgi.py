@@ -93,7 +93,7 @@ class PlainApp:
         if path == "/ai/chat":
             payload = json.loads(read_body(environ) or b"{}")
             prompt, completion_ = payload.get("reply_usage", [PROMPT_TOKENS, COMPLETION_TOKENS])
-            reply = completion(environ["ai_saas"].model.id, "Hi!", prompt, completion_)
+            reply = completion(environ["ai_saas.context"].model.id, "Hi!", prompt, completion_)
             return self.respond(start_response, "200 OK", "application/json",
                                 [json.dumps(reply).encode()])
         if path == "/ai/stream":

@@ -19,7 +19,6 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
-from ..responses import refusal
 from ..types import RequestInfo
 from .conf import ai_saas
 from .middleware import get_gateway, render, request_headers
@@ -33,8 +32,6 @@ app_name = "ai_saas"
 def usage(request: HttpRequest) -> HttpResponse:
     """The caller's own usage this month (JSON), or the core's refusal."""
     method = request.method or "GET"
-    if method not in ("GET", "HEAD"):
-        return render(refusal("method_not_allowed", "use GET"))
     resolver: Any = ai_saas.RESOLVER
     tenant = None
     if resolver is not None:
