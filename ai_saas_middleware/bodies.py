@@ -12,10 +12,9 @@ in accounting is logged, and the response stands.
 the configured limit; :func:`read_request_body` adds the Content-Length checks and the
 refusals (400, 413).
 
-For frameworks that send the response after the adapter returned it (Django),
-:func:`settle_in_background` settles in a task of the running loop, and
-:class:`BackgroundAsyncMeteredBody` is the async body that does so, and that can also be
-closed from sync code in any thread.
+Async bodies (:class:`AsyncMeteredBody`) settle in a task of the running loop
+(:func:`settle_in_background`), so the end of a stream never waits on Redis; the same
+serves frameworks that send a response after the adapter returned it (Django).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from .responses import refusal
 from .types import Decision, Outcome
 from .usage import ResponseMeter
 
-__all__ = ["AsyncMeteredBody", "BackgroundAsyncMeteredBody", "MeteredBody", "read_limited",
+__all__ = ["AsyncMeteredBody", "MeteredBody", "read_limited",
            "read_request_body", "settle_in_background", "wait_for_settlements"]
 
 log = logging.getLogger("ai_saas_middleware")
@@ -105,10 +104,13 @@ class MeteredBody:
             self.settle(failed=True)
             raise
         meter.finish()
-        # The server asks for the next chunk only after writing the last one, so the
-        # client has every byte now; settling here also serves servers and test clients
-        # that close late. close() settles whatever ends otherwise.
-        self.settle(failed=False)
+        if meter.length_declared:
+            # The server asks for the next chunk only after writing the last one, and a
+            # response of declared length has nothing to write after it: the client has
+            # every byte, so settle now (this also serves test clients that close late).
+            # A chunked response still owes its terminating chunk: close() settles it,
+            # after the server wrote that, so the client never waits on Redis.
+            self.settle(failed=False)
 
     def settle(self, failed: bool) -> None:
         """Settle now (once); later calls do nothing."""
@@ -127,45 +129,6 @@ class MeteredBody:
                 close()
         finally:
             self.settle(failed=False)
-
-
-class AsyncMeteredBody:
-    """The asyncio twin of :class:`MeteredBody`, for async iterables (Django ASGI)."""
-
-    def __init__(self, body: AsyncIterable[bytes], gateway: AsyncGateway, ticket: Ticket,
-                 ctx: RequestContext, meter: ResponseMeter):
-        self._body = body
-        self._gateway = gateway
-        self._settlement = _Settlement(ticket, ctx, meter)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        meter = self._settlement.meter
-        failed = False
-        try:
-            async for chunk in self._body:
-                meter.feed(chunk)
-                yield chunk
-            meter.finish()
-        except (GeneratorExit, asyncio.CancelledError):
-            # The consumer stopped: it closed the body, or cancelled the task reading it
-            # (Django >= 5.0 does when the client disconnects). Billed as a disconnect.
-            raise
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            # An async generator has no close() the server calls for sure: settle here,
-            # whether it ended, failed, or was closed because the client went away.
-            await self.aclose(failed)
-
-    async def aclose(self, failed: bool = False) -> None:
-        outcome = self._settlement.outcome_once(failed)
-        if outcome is None:
-            return
-        try:
-            await self._gateway.settle(self._settlement.ticket, outcome, self._settlement.ctx)
-        except Exception:  # accounting must never break the response
-            log.exception("settling request %s failed", self._settlement.ticket.request_id)
 
 
 # --------------------------------------------------------------------------- appended for
@@ -199,7 +162,7 @@ async def _settle_guarded(gateway: AsyncGateway, ticket: Ticket, outcome: Outcom
     except asyncio.CancelledError:
         # The loop is shutting down half way through: keep the event in the spool. If the
         # script did run, the replay is a no-op (settle.lua dedupes by request id).
-        gateway.spool.append(gateway._settle_call(ticket, outcome, ctx))
+        gateway.spool_settlement(ticket, outcome, ctx)
         raise
     except Exception:  # accounting must never break the app
         log.exception("settling request %s failed", ticket.request_id)
@@ -224,7 +187,7 @@ def settle_in_background(gateway: AsyncGateway, ticket: Ticket, outcome: Outcome
 async def wait_for_settlements() -> None:
     """Wait until every background settlement of the running loop is done.
 
-    Settlements scheduled from another thread (:meth:`BackgroundAsyncMeteredBody.close`)
+    Settlements scheduled from another thread (:meth:`AsyncMeteredBody.close`)
     are started first. For tests, and for a shutdown hook that must not lose events.
     """
     loop = asyncio.get_running_loop()
@@ -236,9 +199,8 @@ async def wait_for_settlements() -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-class BackgroundAsyncMeteredBody(AsyncMeteredBody):
-    """:class:`AsyncMeteredBody` that settles in a background task, and can be closed
-    from synchronous code in any thread.
+class AsyncMeteredBody:
+    """The asyncio twin of :class:`MeteredBody`, for async iterables (Django under ASGI).
 
     - When the body ends, fails or is cancelled, the settlement is started with
       :func:`settle_in_background` rather than awaited, so the server sends the end of
@@ -254,11 +216,28 @@ class BackgroundAsyncMeteredBody(AsyncMeteredBody):
 
     def __init__(self, body: AsyncIterable[bytes], gateway: AsyncGateway, ticket: Ticket,
                  ctx: RequestContext, meter: ResponseMeter):
-        super().__init__(body, gateway, ticket, ctx, meter)
+        self._body = body
+        self._gateway = gateway
+        self._settlement = _Settlement(ticket, ctx, meter)
         self._loop = asyncio.get_running_loop()
 
-    async def aclose(self, failed: bool = False) -> None:
-        self.settle_soon(failed)
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        meter = self._settlement.meter
+        failed = False
+        try:
+            async for chunk in self._body:
+                meter.feed(chunk)
+                yield chunk
+            meter.finish()
+        except (GeneratorExit, asyncio.CancelledError):
+            # The consumer stopped: it closed the body, or cancelled the task reading it
+            # (Django >= 5.0 does when the client disconnects). Billed as a disconnect.
+            raise
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            self.settle_soon(failed)
 
     def settle_soon(self, failed: bool = False) -> None:
         """Start the settlement (once); call on the body's event loop."""

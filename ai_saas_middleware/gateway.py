@@ -562,6 +562,16 @@ class _Core:
         return ("settle", [keys.quota(ticket.month), keys.stream, keys.settled(ticket.request_id)],
                 [delta, self.config.redis.dedupe_ttl_s, QUOTA_TTL_S, *event])
 
+    def spool_settlement(self, ticket: Ticket, outcome: Outcome,
+                         ctx: RequestContext | None = None) -> None:
+        """Put the settlement in the local spool instead of sending it now.
+
+        For a settlement that was cut short (its task cancelled as the event loop shut
+        down): it is replayed with the others, and counted once even if it did reach
+        Redis (settle.lua dedupes by request id).
+        """
+        self.spool.append(self._settle_call(ticket, outcome, ctx))
+
     # ---------------------------------------------------------------- background jobs
 
     def _job_info(self, tenant_id: str, endpoint: str | None, body: Mapping[str, Any] | None,

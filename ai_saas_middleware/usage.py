@@ -108,6 +108,7 @@ class ResponseMeter:
         "_sse",
         "complete",
         "completion_chars",
+        "length_declared",
         "max_buffer",
         "provider_usage",
         "status",
@@ -123,9 +124,12 @@ class ResponseMeter:
         self.provider_usage: tuple[int, int] | None = None
         self.completion_chars = 0
         self.complete = False
+        self.length_declared = False
 
-    def start(self, status: int, content_type: str) -> None:
+    def start(self, status: int, content_type: str, content_length: str | None = None) -> None:
+        """The response began: its status, content type and declared length, if any."""
         self.status = status
+        self.length_declared = content_length is not None
         content_type = content_type.lower()
         self._sse = content_type.startswith("text/event-stream")
         self._json = "json" in content_type

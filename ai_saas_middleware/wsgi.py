@@ -150,9 +150,14 @@ class AISaaSMiddleware:
 
         def metered_start_response(status: str, response_headers: list[tuple[str, str]],
                                    exc_info: Any = None) -> Callable[[bytes], Any]:
-            content_type = next((v for k, v in response_headers
-                                 if k.lower() == "content-type"), "")
-            meter.start(int(status.split(" ", 1)[0]), content_type)
+            content_type = length = None
+            for name, value in response_headers:
+                lower = name.lower()
+                if lower == "content-type":
+                    content_type = value
+                elif lower == "content-length":
+                    length = value
+            meter.start(int(status.split(" ", 1)[0]), content_type or "", length)
             write = start_response(status, [*response_headers, *extra], exc_info)
 
             def metered_write(data: bytes) -> Any:  # PEP 3333's imperative write()

@@ -444,11 +444,15 @@ def test_admitted_response_keeps_the_apps_headers_and_adds_ours(
 # ------------------------------------------------------------------ settlement
 
 
-def test_streamed_body_is_settled_when_exhausted_even_if_never_closed(
+def test_chunked_stream_is_settled_at_close_not_before_the_server_finished_writing(
         app: AISaaSMiddleware, plain: PlainApp, events: Any, quota_used: Any) -> None:
+    """A body of undeclared length still owes its terminating chunk when exhausted:
+    settling then would make the client wait on Redis for the end of its stream."""
     served = Served(app, environ_for("/ai/stream", **ai_json()))
     assert served.read_all(close=False) == b"".join(sse_body())
-    [event] = events()  # settled at exhaustion, before (without) close()
+    assert events() == []  # exhausted: the server is still writing the last chunk
+    served.close()
+    [event] = events()  # settled by close(), once
     assert event["request_id"] == served.header("x-request-id")
     assert event["usage_source"] == "provider"
     assert (event["prompt_tokens"], event["completion_tokens"]) == ("12", "34")
@@ -456,8 +460,7 @@ def test_streamed_body_is_settled_when_exhausted_even_if_never_closed(
     assert event["client_disconnected"] == "false"
     assert quota_used("globex") == 46
 
-    served.close()  # a server that closes late: nothing more is written
-    served.close()
+    served.close()  # a second close() writes nothing more
     assert len(events()) == 1
     assert plain.bodies[0].closes == 2  # close() always reaches the app's body
 

@@ -52,7 +52,7 @@ from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from ..bodies import (
-    BackgroundAsyncMeteredBody,
+    AsyncMeteredBody,
     MeteredBody,
     read_request_body,
     settle_in_background,
@@ -322,7 +322,7 @@ class AISaaSMiddleware:
         if isinstance(response, StreamingHttpResponse):
             content: AsyncIterable[bytes] = (response.streaming_content if response.is_async
                                              else _async_chunks(response.streaming_content))
-            response.streaming_content = BackgroundAsyncMeteredBody(content, gateway, ticket,
+            response.streaming_content = AsyncMeteredBody(content, gateway, ticket,
                                                                     ctx, meter)
         else:
             settle_in_background(gateway, ticket, meter.outcome(failed=ctx.failed), ctx)
