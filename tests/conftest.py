@@ -107,7 +107,10 @@ def make_config(redis_server_url: str, key_prefix: str, tmp_path: Any
 
 @pytest.fixture
 def events(rclient: redis.Redis, key_prefix: str) -> Callable[[], list[dict[str, str]]]:
-    """``events()``: every usage event written under this test's prefix, in stream order."""
+    """``events()``: every usage event written under this test's prefix, in stream order.
+
+    Entries of one shard keep their order; entries of different shards written in the
+    same millisecond have none between them (compare those as sets)."""
 
     def read() -> list[dict[str, str]]:
         out: list[tuple[str, dict[str, str]]] = []

@@ -680,7 +680,8 @@ def test_resolver_maps_the_request_to_a_tenant_instead_of_the_key(
         anonymous = client.post("/ai/chat", json=CHAT, headers=bearer("acme"))
         assert anonymous.headers["ratelimit-limit"] == "10"
         assert_error(client.post("/ai/chat", json=CHAT), 401, "missing_api_key")
-    assert [e["tenant_id"] for e in events()] == ["initech", "globex", "acme"]
+    # (different shards: entries of one millisecond have no order between them)
+    assert sorted(e["tenant_id"] for e in events()) == ["acme", "globex", "initech"]
 
 
 def test_aexecute_falls_back_to_the_next_candidate(client: TestClient, events: Any) -> None:
