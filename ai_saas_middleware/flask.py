@@ -62,17 +62,18 @@ end. So the resolver runs in a request context pushed for it alone, before the v
 ``current_user``) work there; the app's ``before_request`` hooks have not run yet, and
 what the resolver puts on ``g`` is not seen by the view. (Its context is popped as
 usual, so ``teardown_request`` functions run for it too.)
-Settlement happens once, when the server has taken the last chunk of the body or
-closes it, which for a ``stream_with_context`` response is when the stream ends or the
-client goes away (what was produced is billed).
+Settlement happens once, after the client has every byte: for a response of declared
+length (a JSON body) when the server has taken its last chunk, for a stream
+(``stream_with_context``) when the server closes it, that is after the stream's end was
+written or the client went away (what was produced is billed).
 
 Wrap ``app.wsgi_app`` in other WSGI middleware (Werkzeug's ``ProxyFix`` ...) *after*
 ``init_app``, so that it runs first and the resolver sees what it fixed.
 
 In tests, Flask's test client reads a response body only when asked (``.data``,
 ``.get_json()``, or ``buffered=True``) and closes it only on ``.close()`` or at the
-end of a ``with`` block: an AI request is settled at the first of these, so read (or
-close) its response before looking at usage or quotas.
+end of a ``with`` block: read a JSON response, and close a streamed one, before looking
+at usage or quotas.
 """
 
 from __future__ import annotations
