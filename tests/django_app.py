@@ -1,4 +1,4 @@
-"""The Django test app: the routes of tests/test_starlette.py's ``make_app``, as views.
+"""The Django test app: the routes of ``tests/starlette_app.py``, as Django views.
 
 ``make_django_app(config, resolver=None)`` gives ``(wsgi_app, asgi_app)``: a real
 ``WSGIHandler`` and a real ``ASGIHandler`` whose ``AISaaSMiddleware`` was built with that
@@ -14,7 +14,7 @@ Routes (as in the Starlette app; ``/ai/*`` are AI endpoints in ``conftest.BASE_C
                                       the usage it reports; default 12 + 34)
     POST /ai/stream                   SSE from an async iterator, final usage chunk 12 + 34
     POST /ai/stream-sync              the same from a sync iterator
-    POST /ai/stream-stalls            three SSE chunks, then waits until cancelled
+    POST /ai/stream-stalls            three SSE chunks, then stalls until the client goes
     POST /ai/boom                     raises RuntimeError
     POST /ai/upstream-down            502 JSON without usage
     POST /ai/context                  reads request.ai, reports usage 5 + 7 itself
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from django.conf import settings
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_settings")
 django.setup()
 
-from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler, ASGIRequest  # noqa: E402
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
 from django.http import (  # noqa: E402
     HttpRequest,
@@ -56,6 +57,7 @@ from ai_saas_middleware.gateway import AsyncGateway, Gateway  # noqa: E402
 CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hello in five words."}],
                         "max_tokens": 32}
 PROMPT_TOKENS, COMPLETION_TOKENS = 12, 34
+KEEPALIVE_S, KEEPALIVE_MAX = 0.02, 5000  # /ai/stream-stalls under WSGI (no test times it)
 SSE_WORDS = ["Hello", " there", ",", " my", " good", " friend", "!"]
 
 
@@ -167,14 +169,27 @@ def stream_sync(request: HttpRequest) -> StreamingHttpResponse:
 
 
 def stream_stalls(request: HttpRequest) -> StreamingHttpResponse:
-    """Three content chunks, then the provider stalls until the client goes away."""
+    """Three content chunks, then the provider stalls until the client goes away.
+
+    Under ASGI an async iterator that waits (Django cancels it when the client leaves);
+    under WSGI a sync one that sends keep-alive comments until the server stops asking
+    (Django would consume an async iterator whole before sending a byte).
+    """
     async def chunks() -> AsyncIterator[bytes]:
         for chunk in sse_body()[:3]:
             yield chunk
         await asyncio.Event().wait()
         yield b"never sent"  # pragma: no cover
 
-    return StreamingHttpResponse(chunks(), content_type="text/event-stream")
+    def sync_chunks() -> Iterator[bytes]:
+        yield from sse_body()[:3]
+        pause = threading.Event()
+        for _ in range(KEEPALIVE_MAX):
+            pause.wait(KEEPALIVE_S)
+            yield b": still thinking\n\n"
+
+    body = chunks() if isinstance(request, ASGIRequest) else sync_chunks()
+    return StreamingHttpResponse(body, content_type="text/event-stream")
 
 
 def boom(request: HttpRequest) -> HttpResponse:

@@ -1,9 +1,9 @@
-"""The Flask twin of ``tests/test_starlette.py``'s app: same routes, same replies.
+"""The Flask twin of ``tests/starlette_app.py``: same routes, same replies.
 
 ``make_flask_app(config, resolver=None)`` builds it behind :class:`AISaaS`, so a
 cross-framework contract test can run one table of scenarios through both. The JSON
 replies are rendered the way Starlette's ``JSONResponse`` renders them (compact,
-UTF-8), and the payloads come from ``test_starlette``, so the bytes are the same.
+UTF-8), and the payloads come from ``starlette_app``, so the bytes are the same.
 
     POST /ai/chat, /ai/premium/chat   OpenAI-style JSON; ``reply_usage`` sets its usage
     POST /ai/stream                   SSE ending with a usage chunk (stream_with_context)
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, g, request, stream_with_context
-from test_starlette import (
+from starlette_app import (
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
     completion,

@@ -31,13 +31,8 @@ from flask import Flask, g, session
 from flask_app import make_flask_app
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
-from test_starlette import (
-    CHAT,
-    ROUTES,
-    SSE_WORDS,
-    server_command_calls,
-    sse_body,
-)
+from starlette_app import CHAT, ROUTES, SSE_WORDS, sse_body
+from test_starlette import server_command_calls
 
 from ai_saas_middleware import ConfigError, load_config
 from ai_saas_middleware.flask import (

@@ -7,7 +7,7 @@ side of PEP 3333; and they put the middleware behind a real HTTP server (Werkzeu
 over loopback) for a chunked upload and a client that hangs up mid-stream.
 
 Refusals are compared with the ASGI adapter's, byte for byte: the same request through
-the Starlette app of ``test_starlette`` gives the same status, headers and body.
+the Starlette app of ``starlette_app`` gives the same status, headers and body.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ import redis
 from conftest import API_KEYS, bearer
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
-from test_starlette import (
+from starlette_app import (
     CHAT,
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
     ROUTES,
     SSE_WORDS,
     completion,
-    server_command_calls,
     sse_body,
 )
+from test_starlette import server_command_calls
 
 from ai_saas_middleware import load_config
 from ai_saas_middleware.demo import serve_wsgi_in_thread
@@ -242,7 +242,7 @@ def ai_json(body: Any = CHAT, tenant: str = "globex") -> dict[str, Any]:
 
 def starlette_client(make_config: Callable[..., dict[str, Any]], key_prefix: str,
                      **config: Any) -> TestClient:
-    """The ASGI adapter on ``test_starlette``'s app, under a key prefix of its own."""
+    """The ASGI adapter on ``starlette_app``'s app, under a key prefix of its own."""
     config.setdefault("redis", {})["keyPrefix"] = key_prefix + "asgi"
     app = Starlette(routes=ROUTES)
     app.add_middleware(StarletteMiddleware, config=make_config(**config))

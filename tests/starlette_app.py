@@ -1,0 +1,195 @@
+"""The Starlette test app: the routes every adapter's test app mirrors, as Starlette views.
+
+``make_starlette_app(config, resolver=None)`` builds it behind
+:class:`~ai_saas_middleware.starlette.AISaaSMiddleware` (added with ``app.add_middleware``,
+as users do), for ``tests/test_starlette.py`` and the cross-framework contract table
+(``tests/test_contract.py``). ``tests/flask_app.py`` and ``tests/django_app.py`` are its
+twins on the other frameworks.
+
+    POST /ai/chat, /ai/premium/chat   OpenAI-style JSON; ``reply_usage`` sets its usage
+    POST /ai/stream                   SSE ending with a usage chunk (12 + 34)
+    POST /ai/stream-stalls            three SSE chunks, then stalls until the client goes
+    POST /ai/boom                     raises
+    POST /ai/upstream-down            502 without usage
+    POST /ai/context                  reports usage itself; shows the context
+    POST /ai/fallback                 ctx.aexecute falls back to the next candidate
+    POST /ai/echo, /echo              the body back (AI and non-AI)
+    POST /ai/rendezvous               answers once two requests are in their handlers
+    GET  /, /aix                      non-AI pages
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ai_saas_middleware.starlette import AISaaSMiddleware
+
+CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hello in five words."}],
+                        "max_tokens": 32}
+# The reply's usage as the provider reports it, unless a request asks for other figures.
+PROMPT_TOKENS, COMPLETION_TOKENS = 12, 34
+SSE_WORDS = ["Hello", " there", ",", " my", " good", " friend", "!"]
+DEEP_JSON = b'{"a":' * 50_000 + b"1" + b"}" * 50_000  # valid JSON, too deep for json.loads
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def sse_body(words: list[str] = SSE_WORDS) -> list[bytes]:
+    """An OpenAI-style stream: content chunks, a final usage chunk, then [DONE]."""
+    chunks = [sse_event({"object": "chat.completion.chunk",
+                         "choices": [{"index": 0, "delta": {"content": word}}]})
+              for word in words]
+    chunks.append(sse_event({"object": "chat.completion.chunk", "choices": [],
+                             "usage": {"prompt_tokens": PROMPT_TOKENS,
+                                       "completion_tokens": COMPLETION_TOKENS,
+                                       "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}}))
+    chunks.append(b"data: [DONE]\n\n")
+    return chunks
+
+
+def completion(model_id: str, text: str, prompt_tokens: int, completion_tokens: int
+               ) -> dict[str, Any]:
+    return {"id": "chatcmpl-test", "object": "chat.completion", "model": model_id,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+# ------------------------------------------------------------------ the app under test
+
+
+async def chat(request: Request) -> Response:
+    """OpenAI-style JSON; ``reply_usage`` in the body sets the usage it reports."""
+    ctx = request.state.ai
+    body = await request.json()
+    prompt, completion_ = body.get("reply_usage", [PROMPT_TOKENS, COMPLETION_TOKENS])
+    return JSONResponse(completion(ctx.model.id, "Hello there, my good friend!", prompt,
+                                   completion_))
+
+
+async def stream(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in sse_body():
+            yield chunk
+            await asyncio.sleep(0)
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+async def stream_stalls(request: Request) -> Response:
+    """Three content chunks, then the provider stalls until the client goes away."""
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in sse_body()[:3]:
+            yield chunk
+        await asyncio.Event().wait()
+        yield b"never sent"  # pragma: no cover
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+async def boom(request: Request) -> Response:
+    raise RuntimeError("the handler has a bug")
+
+
+async def upstream_down(request: Request) -> Response:
+    return JSONResponse({"error": {"type": "upstream_error", "message": "provider is down"}},
+                        status_code=502)
+
+
+async def context(request: Request) -> Response:
+    """Reads the context both ways and reports usage itself (``answered_by`` picks a model)."""
+    ctx = request.state.ai
+    body = await request.json()
+    ctx.record_usage(5, 7, model_id=body.get("answered_by"), outcome_value="0.25")
+    reply = completion(ctx.model.id, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
+    reply["ctx"] = {"same_object": request.scope["ai_saas"] is ctx, "tenant_id": ctx.tenant_id,
+                    "tier": ctx.tier, "model": ctx.model.id, "request_id": ctx.request_id,
+                    "max_output_tokens": ctx.max_output_tokens, "body": ctx.body,
+                    "candidates": [m.id for m in ctx.candidates]}
+    return JSONResponse(reply)
+
+
+async def fallback(request: Request) -> Response:
+    """The first candidate's provider call fails; ``ctx.aexecute`` moves on."""
+    ctx = request.state.ai
+    tried: list[str] = []
+
+    async def call(model: Any) -> str:
+        tried.append(model.id)
+        if len(tried) == 1:
+            raise ConnectionError(f"{model.id} is unreachable")
+        return str(model.id)
+
+    answered = await ctx.aexecute(call)
+    reply = completion(answered, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
+    reply["tried"] = tried
+    return JSONResponse(reply)
+
+
+async def ai_echo(request: Request) -> Response:
+    return Response(await request.body(), media_type="application/octet-stream")
+
+
+async def rendezvous(request: Request) -> Response:
+    """Answers only once two requests are inside their handlers at the same time."""
+    arrived: list[str] = request.app.state.arrived
+    arrived.append(request.state.ai.request_id)
+    if len(arrived) == 2:
+        request.app.state.both_in.set()
+    await asyncio.wait_for(request.app.state.both_in.wait(), 5)
+    return JSONResponse(completion("x", "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS))
+
+
+async def home(request: Request) -> Response:
+    return PlainTextResponse("home")
+
+
+async def echo(request: Request) -> Response:
+    return Response(await request.body(), media_type="application/octet-stream")
+
+
+ROUTES = [
+    Route("/ai/chat", chat, methods=["POST"]),
+    Route("/ai/premium/chat", chat, methods=["POST"]),
+    Route("/ai/stream", stream, methods=["POST"]),
+    Route("/ai/stream-stalls", stream_stalls, methods=["POST"]),
+    Route("/ai/boom", boom, methods=["POST"]),
+    Route("/ai/upstream-down", upstream_down, methods=["POST"]),
+    Route("/ai/context", context, methods=["POST"]),
+    Route("/ai/fallback", fallback, methods=["POST"]),
+    Route("/ai/echo", ai_echo, methods=["POST"]),
+    Route("/ai/rendezvous", rendezvous, methods=["POST"]),
+    Route("/", home),
+    Route("/echo", echo, methods=["POST"]),
+    Route("/aix", home),
+]
+
+
+def make_starlette_app(config: Any, resolver: Any = None) -> Starlette:
+    """The test app behind the middleware, configured with ``config`` (and ``resolver``)."""
+    app = Starlette(routes=ROUTES)
+    app.state.arrived = []
+    app.state.both_in = asyncio.Event()
+    app.add_middleware(AISaaSMiddleware, config=config, resolver=resolver)
+    return app
+
+
+def middleware_of(app: Starlette) -> AISaaSMiddleware:
+    """The middleware instance inside a Starlette app (building its stack if need be)."""
+    if app.middleware_stack is None:
+        app.middleware_stack = app.build_middleware_stack()
+    node: Any = app.middleware_stack
+    while not isinstance(node, AISaaSMiddleware):
+        node = node.app
+    return node
