@@ -9,7 +9,9 @@ translate every driver error into :class:`~ai_saas_middleware.errors.StoreError`
 On the ASGI hot path the asyncio store sends the scripts down one connection of its own
 (a :class:`_Lane`), not through the pool: checking a connection out of redis-py's
 asyncio pool, and its per-operation timeouts, cost more than the round trip itself, and
-concurrent requests' scripts share one write and one read instead of one each.
+concurrent requests' scripts share one write and one read instead of one each. The sync
+store, for the same reason, sends them down connections of its own (a :class:`_SyncLane`)
+rather than through redis-py's ``Script`` and pool.
 
 An unreachable Redis is not retried on every request: after a connection failure the
 store answers ``StoreError`` at once for ``retry_interval_s``, then tries again.
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from importlib import resources
@@ -123,8 +127,114 @@ def _client_kwargs(cfg: RedisConfig) -> dict[str, Any]:
     }
 
 
+class _SyncLane:
+    """Connections of a sync store that carry its scripts: the WSGI twin of :class:`_Lane`.
+
+    Running a script through redis-py's ``Script`` and pooled client costs, per call, a
+    pool checkout and release (a lock, and a poll of the socket for a server that hung
+    up), retry and observability wrappers and a pure-Python packer: more than the round
+    trip itself. Here a call takes an idle connection off a LIFO stack (a ``deque``:
+    ``pop`` and ``append`` need no lock), sends one EVALSHA packed by hiredis, reads the
+    reply and puts the connection back. A thread holds at most one, so there are never
+    more connections than threads calling at once, and threads that come and go (a
+    thread per request) reuse them.
+
+    The connections are redis-py's own, made by the client's pool class with the pool's
+    parameters: TCP, TLS (``rediss://``) or a unix socket, AUTH and SELECT from the URL,
+    and the store's socket and connect timeouts, exactly as the pool would make them.
+
+    A connection that fails in any way but an error reply (a timeout, a reset, a closed
+    socket, an interrupt) is dropped, not put back: its state is unknown. One the server
+    closed while it was idle (a restart, a failover, an idle timeout) fails on first use,
+    where redis-py's pool would have polled it at checkout; :meth:`evalsha` then tries
+    once more, at once, on a fresh connection, as :class:`AsyncRedisStore` does (a timeout
+    is not retried: that would double the wait on a hung server). NOSCRIPT (a SCRIPT
+    FLUSH, a restart) loads the script and runs it again, as redis-py's ``Script`` does.
+    """
+
+    def __init__(self, pool: redis.ConnectionPool):
+        self._pool = pool
+        self._idle: deque[Any] = deque()
+        _sync_lanes.add(self)
+
+    def _connect(self) -> Any:
+        pool = self._pool
+        conn = pool.connection_class(**pool.connection_kwargs)
+        conn.connect()
+        return conn
+
+    def evalsha(self, script: Any, keys: Sequence[Any], args: Sequence[Any],
+                which: str) -> Any:
+        """EVALSHA ``script`` (a registered redis-py ``Script``); its reply, or the
+        driver's exception (a ``ResponseError`` for an error reply)."""
+        idle = self._idle
+        try:
+            conn = idle.pop()
+        except IndexError:
+            conn = None
+        if conn is not None:
+            try:
+                return self._exchange(idle, conn, script, keys, args)
+            except RedisConnectionError:
+                # Safe to send again: settle.lua dedupes by request id, and admit.lua,
+                # told it is a retry, does not count an attempt that did run twice.
+                args = _retry_args(which, args)
+        return self._exchange(idle, self._connect(), script, keys, args)
+
+    @staticmethod
+    def _exchange(idle: deque[Any], conn: Any, script: Any, keys: Sequence[Any],
+                  args: Sequence[Any]) -> Any:
+        try:
+            try:
+                conn.send_packed_command((_Lane.pack("EVALSHA", script.sha, len(keys), *keys,
+                                                     *args),), check_health=False)
+                result = conn.read_response()
+            except NoScriptError:
+                conn.send_packed_command((_Lane.pack("SCRIPT", "LOAD", script.script),),
+                                         check_health=False)
+                sha = conn.read_response()
+                script.sha = sha.decode() if isinstance(sha, bytes) else sha
+                conn.send_packed_command((_Lane.pack("EVALSHA", script.sha, len(keys), *keys,
+                                                     *args),), check_health=False)
+                result = conn.read_response()
+        except ResponseError:
+            idle.append(conn)  # an error reply, read whole: the connection is in step
+            raise
+        except BaseException:
+            conn.disconnect()
+            raise
+        idle.append(conn)
+        return result
+
+    def close(self) -> None:
+        """Disconnect the idle connections; those in use are dropped when they return."""
+        idle, self._idle = self._idle, deque()
+        while idle:
+            idle.pop().disconnect()
+
+    def _forget(self) -> None:
+        # In a forked child: the parent's connections are not ours to use (nor to shut
+        # down; redis-py's disconnect() leaves a parent's socket alone).
+        self._idle = deque()
+
+
+_sync_lanes: weakref.WeakSet[_SyncLane] = weakref.WeakSet()
+
+
+def _forget_connections_after_fork() -> None:
+    for lane in list(_sync_lanes):
+        lane._forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_connections_after_fork)
+
+
 class RedisStore:
     """Synchronous store over redis-py.
+
+    The scripts go down a :class:`_SyncLane` when hiredis is installed and the URL is not
+    a cluster's; otherwise, and for plain commands, through the pooled client.
 
     Args:
         cfg: the ``redis`` section of the configuration.
@@ -144,6 +254,10 @@ class RedisStore:
         self._settle = self.client.register_script(_SETTLE)
         self._usage = self.client.register_script(_USAGE)
         self._loaded = False
+        # A cluster client routes each script to its slot's node; without hiredis the
+        # pooled client does the work (slower, same behaviour).
+        self._lane = (_SyncLane(self.client.connection_pool)
+                      if not self.cluster and _hiredis_pack is not None else None)
 
     def _load_scripts(self) -> None:
         # Once per client, so that concurrent first requests do not all meet NOSCRIPT.
@@ -153,12 +267,16 @@ class RedisStore:
             self.client.script_load(_SETTLE)
         self._loaded = True
 
-    def _run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _run(self, which: str, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         self.health.check()
         try:
             if not self._loaded:
                 self._load_scripts()
-            result = script(keys=keys, args=args)
+            lane = self._lane
+            if lane is None:
+                result = script(keys=keys, args=args)
+            else:
+                result = lane.evalsha(script, keys, args, which)
         except ResponseError as exc:
             raise StoreRefused(f"Redis refused a script: {exc}") from exc
         except (RedisError, OSError) as exc:
@@ -168,19 +286,19 @@ class RedisStore:
 
     def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run ``which`` (admit | settle | usage).lua; see each script's header."""
-        return self._run(getattr(self, "_" + which), keys, args)
+        return self._run(which, getattr(self, "_" + which), keys, args)
 
     def admit(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
         """Run admit.lua; see its header for KEYS, ARGV and the reply."""
-        return list(self._run(self._admit, keys, args))
+        return list(self._run("admit", self._admit, keys, args))
 
     def settle(self, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
         """Run settle.lua; returns the stream entry id, or None if already settled."""
-        return self._run(self._settle, keys, args)  # type: ignore[no-any-return]
+        return self._run("settle", self._settle, keys, args)  # type: ignore[no-any-return]
 
     def usage(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
         """Run usage.lua (a tenant's own usage endpoint)."""
-        return list(self._run(self._usage, keys, args))
+        return list(self._run("usage", self._usage, keys, args))
 
     def call(self, *command: Any) -> Any:
         """Run one plain command (admin paths only, never the request path)."""
@@ -195,6 +313,8 @@ class RedisStore:
         return result
 
     def close(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
         self.client.close()
 
 
