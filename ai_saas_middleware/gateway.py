@@ -93,22 +93,22 @@ def _now_month() -> str:
 
 class _RequestIds:
     """Unique request ids without a system call each: a random per-process prefix (made
-    anew after a fork) and a counter. 'req_' + 12 + 12 hex digits."""
+    anew in a forked child) and a counter. 'req_' + 12 + 12 hex digits."""
 
     def __init__(self) -> None:
-        self._pid = 0
-        self._prefix = ""
-        self._count = itertools.count()
+        self.reseed()
+
+    def reseed(self) -> None:
+        self._prefix = "req_" + secrets.token_hex(6)
+        self._count = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
     def next(self) -> str:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._prefix = "req_" + secrets.token_hex(6)
-            self._count = itertools.count(int.from_bytes(os.urandom(4), "big"))
         return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFF:012x}"
 
 
 _request_ids = _RequestIds()
+if hasattr(os, "register_at_fork"):  # a forked worker must not repeat its parent's ids
+    os.register_at_fork(after_in_child=_request_ids.reseed)
 
 
 def _seconds_to_next_month(now_ms: int) -> int:

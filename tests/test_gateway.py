@@ -827,3 +827,20 @@ def test_record_usage_refuses_what_cannot_be_billed(gateway: Gateway) -> None:
         with pytest.raises(ValueError):
             ctx.record_usage(1, 1, outcome_value="lots")
         ctx.record_usage(1, 1)
+
+
+def test_a_forked_worker_does_not_repeat_its_parents_request_ids() -> None:
+    import os
+
+    from ai_saas_middleware.gateway import _request_ids
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write_end, _request_ids.next().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 64).decode()
+    os.waitpid(pid, 0)
+    parent_id = _request_ids.next()
+    assert child_id[:16] != parent_id[:16]  # another random prefix, not the parent's
