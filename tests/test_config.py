@@ -561,3 +561,21 @@ def test_check_config_of_bad_yaml_or_a_missing_file_exits_2_without_a_traceback(
     assert code == 2
     assert str(path) in err
     assert "Traceback" not in out + err
+
+
+def test_check_config_piped_into_a_reader_that_leaves_early_prints_no_traceback(
+        tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A summary far larger than a pipe's buffer, so the write really meets a closed pipe.
+    tiers = "\n".join(f"    - {{name: tier{i}, monthlyQuota: 1000, rateLimit: 10, "
+                      f"allowedModels: [m{i}]}}" for i in range(3000))
+    config = write(tmp_path, f"tenant:\n  tiers:\n{tiers}\n", "big.yaml")
+    # `ai-saas check-config FILE | head -c 10`: the reader leaves after ten bytes
+    result = subprocess.run(
+        f"{sys.executable} -c 'import sys; from ai_saas_middleware.cli import main; "
+        f"sys.exit(main())' check-config {config} | head -c 10",
+        shell=True, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in result.stderr
+    assert result.stdout == "Configurat"
