@@ -30,7 +30,6 @@ from typing import Any, Union
 
 from .config import Config, EndpointConfig
 from .gateway import AsyncGateway
-from .responses import refusal
 from .types import Decision, RequestInfo
 from .usage import ResponseMeter
 
@@ -116,12 +115,9 @@ class AISaaSMiddleware:
     async def _read_body(self, receive: Receive, headers: Mapping[str, str]
                          ) -> bytes | Decision | None:
         """The whole body, a refusal (413/400), or None when the client left."""
-        declared = headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                return refusal("invalid_request", "Content-Length must be a whole number")
-            if int(declared) > self.max_body_bytes:
-                return self.gateway.too_large()
+        declared = self.gateway.declared_length(headers)
+        if isinstance(declared, Decision):
+            return declared
         chunks: list[bytes] = []
         size = 0
         while True:

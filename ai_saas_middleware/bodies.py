@@ -26,7 +26,6 @@ from typing import IO, Any
 
 from .context import RequestContext, Ticket
 from .gateway import AsyncGateway, Gateway
-from .responses import refusal
 from .types import Decision, Outcome
 from .usage import ResponseMeter
 
@@ -143,10 +142,10 @@ def read_request_body(stream: IO[bytes], headers: Mapping[str, str],
     body read so far) is over ``http.maxBodyBytes``, found before reading a byte when
     the length is declared. ``headers`` has lower-case names.
     """
-    declared = headers.get("content-length")
-    if declared is not None and not declared.isdigit():
-        return refusal("invalid_request", "Content-Length must be a whole number")
-    body = read_limited(stream, int(declared) if declared else None, gateway.max_body_bytes)
+    declared = gateway.declared_length(headers)
+    if isinstance(declared, Decision):
+        return declared
+    body = read_limited(stream, declared, gateway.max_body_bytes)
     if body is None:
         return gateway.too_large()
     return body

@@ -87,10 +87,6 @@ def _this_month() -> tuple[str, int, int]:
     return _month
 
 
-def _now_month() -> str:
-    return _this_month()[0]
-
-
 class _RequestIds:
     """Unique request ids without a system call each: a random per-process prefix (made
     anew in a forked child) and a counter. 'req_' + 12 + 12 hex digits."""
@@ -206,6 +202,18 @@ class _Core:
             if endpoint.matches(method, path):
                 return endpoint
         return None
+
+    def declared_length(self, headers: Mapping[str, str]) -> int | Decision | None:
+        """The request's Content-Length (None without one), or the refusal it calls for:
+        400 when it is not a whole number, 413 when it is over ``http.maxBodyBytes``
+        (so an oversized body is refused before a byte of it is read)."""
+        declared = headers.get("content-length")
+        if declared is None:
+            return None
+        if not declared.isdigit():
+            return refusal("invalid_request", "Content-Length must be a whole number")
+        length = int(declared)
+        return self.too_large() if length > self.max_body_bytes else length
 
     def too_large(self) -> Decision:
         """The refusal for a body over ``http.maxBodyBytes``."""
@@ -784,5 +792,3 @@ class AsyncGateway(_Core):
     async def close(self) -> None:
         await self.store.close()
 
-
-AnyGateway = Gateway | AsyncGateway

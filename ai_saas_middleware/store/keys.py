@@ -22,19 +22,15 @@ import re
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["KeySchema", "TenantKeys", "is_valid_request_id", "is_valid_tenant_id"]
+__all__ = ["KeySchema", "TenantKeys", "is_valid_tenant_id"]
 
 _TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 def is_valid_tenant_id(tenant_id: str) -> bool:
     """True when ``tenant_id`` may be put in a key: [A-Za-z0-9_.-], 1 to 64 characters."""
     return _TENANT_ID.match(tenant_id) is not None
 
-
-def is_valid_request_id(request_id: str) -> bool:
-    return _REQUEST_ID.match(request_id) is not None
 
 
 @dataclass(frozen=True, slots=True)
