@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import os
 import sys
 import time
@@ -59,14 +60,10 @@ __all__ = ["AsyncRedisStore", "RedisStore", "load_script"]
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 
+@functools.cache
 def load_script(name: str) -> str:
-    """The source of ``store/lua/<name>.lua``."""
+    """The source of ``store/lua/<name>.lua`` (read once, when a store first needs it)."""
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
-
-
-_ADMIT = load_script("admit")
-_SETTLE = load_script("settle")
-_USAGE = load_script("usage")
 
 
 def _retry_args(which: str, args: Sequence[Any]) -> Sequence[Any]:
@@ -250,9 +247,9 @@ class RedisStore:
         else:
             self.client = redis.Redis.from_url(plain, **kwargs)
         self.health = _Health(cfg, self.url)
-        self._admit = self.client.register_script(_ADMIT)
-        self._settle = self.client.register_script(_SETTLE)
-        self._usage = self.client.register_script(_USAGE)
+        self._admit = self.client.register_script(load_script("admit"))
+        self._settle = self.client.register_script(load_script("settle"))
+        self._usage = self.client.register_script(load_script("usage"))
         self._loaded = False
         # A cluster client routes each script to its slot's node; without hiredis the
         # pooled client does the work (slower, same behaviour).
@@ -263,8 +260,8 @@ class RedisStore:
         # Once per client, so that concurrent first requests do not all meet NOSCRIPT.
         # Script objects still reload on NOSCRIPT (a SCRIPT FLUSH, a failover).
         if not self.cluster:
-            self.client.script_load(_ADMIT)
-            self.client.script_load(_SETTLE)
+            self.client.script_load(load_script("admit"))
+            self.client.script_load(load_script("settle"))
         self._loaded = True
 
     def _run(self, which: str, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -546,9 +543,9 @@ class AsyncRedisStore:
         else:
             client = redis.asyncio.Redis.from_url(self._plain, **kwargs)
         self._client, self._loop = client, loop
-        self._admit = client.register_script(_ADMIT)
-        self._settle = client.register_script(_SETTLE)
-        self._usage = client.register_script(_USAGE)
+        self._admit = client.register_script(load_script("admit"))
+        self._settle = client.register_script(load_script("settle"))
+        self._usage = client.register_script(load_script("usage"))
         self._loading = None
         self._lane = None
         # A cluster client routes each script to its slot's node; without hiredis the
@@ -568,8 +565,8 @@ class AsyncRedisStore:
 
     async def _do_load(self, client: Any) -> None:
         if not self.cluster:
-            await client.script_load(_ADMIT)
-            await client.script_load(_SETTLE)
+            await client.script_load(load_script("admit"))
+            await client.script_load(load_script("settle"))
 
     @property
     def client(self) -> Any:
