@@ -50,41 +50,20 @@ from django.http import (  # noqa: E402
 )
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django.urls import include, path  # noqa: E402
+from replies import (  # noqa: E402, F401 - the shared replies, re-exported for the tests
+    CHAT,
+    COMPLETION_TOKENS,
+    PROMPT_TOKENS,
+    SSE_WORDS,
+    completion,
+    sse_body,
+    sse_event,
+)
 
 from ai_saas_middleware.django.middleware import get_gateway  # noqa: E402
 from ai_saas_middleware.gateway import AsyncGateway, Gateway  # noqa: E402
 
-CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hello in five words."}],
-                        "max_tokens": 32}
-PROMPT_TOKENS, COMPLETION_TOKENS = 12, 34
 KEEPALIVE_S, KEEPALIVE_MAX = 0.02, 5000  # /ai/stream-stalls under WSGI (no test times it)
-SSE_WORDS = ["Hello", " there", ",", " my", " good", " friend", "!"]
-
-
-def sse_event(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-
-def sse_body(words: list[str] = SSE_WORDS) -> list[bytes]:
-    """An OpenAI-style stream: content chunks, a final usage chunk, then [DONE]."""
-    chunks = [sse_event({"object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": {"content": word}}]})
-              for word in words]
-    chunks.append(sse_event({"object": "chat.completion.chunk", "choices": [],
-                             "usage": {"prompt_tokens": PROMPT_TOKENS,
-                                       "completion_tokens": COMPLETION_TOKENS,
-                                       "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}}))
-    chunks.append(b"data: [DONE]\n\n")
-    return chunks
-
-
-def completion(model_id: str, text: str, prompt_tokens: int, completion_tokens: int
-               ) -> dict[str, Any]:
-    return {"id": "chatcmpl-test", "object": "chat.completion", "model": model_id,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
 
 
 # ------------------------------------------------------------------ users, without a database

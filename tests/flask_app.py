@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, g, request, stream_with_context
-from starlette_app import (
+from replies import (
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
     completion,

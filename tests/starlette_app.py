@@ -21,10 +21,18 @@ twins on the other frameworks.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from replies import (  # noqa: F401 - the shared replies, re-exported for the tests
+    CHAT,
+    COMPLETION_TOKENS,
+    PROMPT_TOKENS,
+    SSE_WORDS,
+    completion,
+    sse_body,
+    sse_event,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -32,38 +40,7 @@ from starlette.routing import Route
 
 from ai_saas_middleware.starlette import AISaaSMiddleware
 
-CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hello in five words."}],
-                        "max_tokens": 32}
-# The reply's usage as the provider reports it, unless a request asks for other figures.
-PROMPT_TOKENS, COMPLETION_TOKENS = 12, 34
-SSE_WORDS = ["Hello", " there", ",", " my", " good", " friend", "!"]
 DEEP_JSON = b'{"a":' * 50_000 + b"1" + b"}" * 50_000  # valid JSON, too deep for json.loads
-
-
-def sse_event(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-
-def sse_body(words: list[str] = SSE_WORDS) -> list[bytes]:
-    """An OpenAI-style stream: content chunks, a final usage chunk, then [DONE]."""
-    chunks = [sse_event({"object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": {"content": word}}]})
-              for word in words]
-    chunks.append(sse_event({"object": "chat.completion.chunk", "choices": [],
-                             "usage": {"prompt_tokens": PROMPT_TOKENS,
-                                       "completion_tokens": COMPLETION_TOKENS,
-                                       "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}}))
-    chunks.append(b"data: [DONE]\n\n")
-    return chunks
-
-
-def completion(model_id: str, text: str, prompt_tokens: int, completion_tokens: int
-               ) -> dict[str, Any]:
-    return {"id": "chatcmpl-test", "object": "chat.completion", "model": model_id,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
 
 
 # ------------------------------------------------------------------ the app under test
