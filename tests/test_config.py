@@ -573,9 +573,14 @@ def test_check_config_piped_into_a_reader_that_leaves_early_prints_no_traceback(
                       f"allowedModels: [m{i}]}}" for i in range(3000))
     config = write(tmp_path, f"tenant:\n  tiers:\n{tiers}\n", "big.yaml")
     # `ai-saas check-config FILE | head -c 10`: the reader leaves after ten bytes
-    result = subprocess.run(
-        f"{sys.executable} -c 'import sys; from ai_saas_middleware.cli import main; "
-        f"sys.exit(main())' check-config {config} | head -c 10",
-        shell=True, capture_output=True, text=True, timeout=60)
-    assert "Traceback" not in result.stderr
-    assert result.stdout == "Configurat"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from ai_saas_middleware.cli import main; "
+         "sys.exit(main())", "check-config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.read(10)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 0
+    assert "Traceback" not in stderr
+    assert first == b"Configurat"
