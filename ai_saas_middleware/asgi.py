@@ -177,9 +177,14 @@ class AISaaSMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 raw = list(message.get("headers", ()))
-                content_type = next((v for k, v in raw if k.lower() == b"content-type"), b"")
+                content_type = b""
+                for name, value in raw:
+                    if name == b"content-type" or name.lower() == b"content-type":
+                        content_type = value
+                        break
                 meter.start(message["status"], content_type.decode("latin-1"))
-                message = {**message, "headers": raw + extra}
+                raw += extra
+                message = {**message, "headers": raw}
             elif kind == "http.response.body":
                 meter.feed(message.get("body", b""))
                 if not message.get("more_body", False):

@@ -113,8 +113,19 @@ def _seconds_to_next_month(now_ms: int) -> int:
     return max(1, calendar.timegm((year, month, 1, 0, 0, 0)) - now_ms // 1000)
 
 
+_iso_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    """ISO-8601 UTC with milliseconds; the second's text is reused while it lasts (every
+    settlement of the same second shares it)."""
+    global _iso_second
+    second = ms // 1000
+    cached = _iso_second  # one read: another thread may swap it meanwhile
+    if cached[0] != second:
+        cached = _iso_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                      time.gmtime(second)))
+    return f"{cached[1]}.{ms % 1000:03d}Z"
 
 
 def hash_api_key(key: str) -> str:

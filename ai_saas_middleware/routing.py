@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from operator import itemgetter
 
 from .config import ModelProfile, TierConfig
-from .pricing import expected_cost, format_usd
+from .pricing import format_usd
 
 __all__ = ["Requirements", "Selection", "select_model"]
 
@@ -81,7 +82,8 @@ def select_model(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Re
             excluded.append((model_id, f"p99 latency {model.latency_p99_ms} ms > "
                                        f"{needs.max_latency_ms} ms"))
             continue
-        cost = expected_cost(model, needs.prompt_tokens, needs.max_output_tokens)
+        cost = (model.cost_per_input_token * needs.prompt_tokens  # = expected_cost(), inline
+                + model.cost_per_output_token * needs.max_output_tokens)
         if needs.max_cost is not None and cost > needs.max_cost:
             excluded.append((model_id, f"expected cost ${format_usd(cost)} > "
                                        f"${format_usd(needs.max_cost)}"))
@@ -92,6 +94,10 @@ def select_model(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Re
             continue
         ranked.append((cost, -model.quality_score, model.latency_p99_ms, model_id, model))
     if len(ranked) > 1:
-        ranked.sort(key=lambda row: row[:4])
-    candidates = tuple(row[4] for row in ranked)
-    return Selection(candidates, tuple(excluded), unhealthy_only=not candidates and unhealthy > 0)
+        ranked.sort(key=_RANK)
+    candidates = tuple([row[4] for row in ranked])
+    return Selection(candidates, tuple(excluded) if excluded else (),
+                     not candidates and unhealthy > 0)
+
+
+_RANK = itemgetter(0, 1, 2, 3)  # expected cost, -quality, p99 latency, id
