@@ -59,14 +59,28 @@ _STATUS_LINES = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized",
                  429: "429 Too Many Requests", 503: "503 Service Unavailable"}
 
 
+_HEADER_NAMES: dict[str, str] = {}  # environ key -> header name ("" for other keys)
+_HEADER_NAMES_MAX = 512  # the keys are the client's header names: cache a bounded few
+
+
 def environ_headers(environ: Mapping[str, Any]) -> dict[str, str]:
     """The request headers of a WSGI environ, with lower-case names."""
-    headers = {key[5:].replace("_", "-").lower(): value
-               for key, value in environ.items() if key.startswith("HTTP_")}
-    if environ.get("CONTENT_TYPE"):
-        headers["content-type"] = environ["CONTENT_TYPE"]
-    if environ.get("CONTENT_LENGTH"):
-        headers["content-length"] = environ["CONTENT_LENGTH"]
+    headers = {}
+    names = _HEADER_NAMES
+    for key, value in environ.items():
+        name = names.get(key)
+        if name is None:  # the usual keys are worked out once per process
+            name = key[5:].replace("_", "-").lower() if key.startswith("HTTP_") else ""
+            if len(names) < _HEADER_NAMES_MAX:
+                names[key] = name
+        if name:
+            headers[name] = value
+    content_type = environ.get("CONTENT_TYPE")
+    if content_type:
+        headers["content-type"] = content_type
+    content_length = environ.get("CONTENT_LENGTH")
+    if content_length:
+        headers["content-length"] = content_length
     return headers
 
 
