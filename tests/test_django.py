@@ -49,6 +49,7 @@ from django_app import (
 
 from ai_saas_middleware.bodies import settle_in_background, wait_for_settlements
 from ai_saas_middleware.django import AISaaSMiddleware
+from ai_saas_middleware.django import middleware as django_middleware
 from ai_saas_middleware.django.checks import check_ai_saas
 from ai_saas_middleware.gateway import AsyncGateway, Gateway
 from ai_saas_middleware.responses import refusal
@@ -498,6 +499,60 @@ async def test_client_hanging_up_on_the_asgi_handler_cancels_and_bills_once(
     assert event["usage_source"] == "estimate" and event["status"] == "200"
     assert 0 < int(event["completion_tokens"]) <= estimate_tokens(len("".join(SSE_WORDS[:3])))
     assert quota_used("globex") == int(event["prompt_tokens"]) + int(event["completion_tokens"])
+
+
+async def test_whole_response_is_settled_after_its_last_byte_from_the_views_body(
+        make_apps: Callable[..., DjangoApps], events: Any, quota_used: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ASGI the body is metered and the settlement started once Django has sent the
+    response (the client waits on neither), from the body as the view made it, whatever
+    an outer layer did to it afterwards. Outermost here: the test app's session and
+    auth middleware run process_response in a thread, during which the loop gets there
+    before the sending anyway."""
+    apps = make_apps()
+    calls: list[str] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append("settlement started")
+        return settle_in_background(*args, **kwargs)
+
+    monkeypatch.setattr(django_middleware, "settle_in_background", spy)
+    ours = apps.asgi._middleware_chain
+    while not isinstance(ours, AISaaSMiddleware):  # Django's wrappers, the outer middleware
+        ours = getattr(ours, "__wrapped__", None) or ours.get_response
+
+    async def outer(request: Any) -> Any:  # e.g. GZipMiddleware, once ours returned
+        response = await ours(request)
+        response.content = b"rewritten by an outer middleware"
+        return response
+
+    monkeypatch.setattr(apps.asgi, "_middleware_chain", outer)
+    body = json.dumps(CHAT).encode()
+    done = asyncio.Event()
+    requests_read = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requests_read
+        requests_read += 1
+        if requests_read == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            calls.append("last byte sent")
+            done.set()
+
+    headers = {**bearer("globex"), "content-type": "application/json",
+               "content-length": str(len(body))}
+    await asyncio.wait_for(apps.asgi(http_scope("/ai/chat", headers), receive, send), 5)
+    await wait_for_settlements()
+    assert calls == ["last byte sent", "settlement started"]
+    [event] = events()
+    assert event["usage_source"] == "provider" and event["status"] == "200"
+    assert (event["prompt_tokens"], event["completion_tokens"]) == ("12", "34")
+    assert quota_used("globex") == 46
 
 
 async def test_background_settlement_cut_short_is_spooled_not_lost(
