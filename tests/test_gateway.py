@@ -7,6 +7,7 @@ Scenarios that every adapter relies on run on both twins (``Gateway`` and
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import inspect
 import json
 import re
@@ -181,6 +182,24 @@ async def test_admit_then_settle_writes_one_exact_event(
     assert event["fallback_from"] == "" and event["outcome_value"] == ""
     assert ISO_UTC.match(event["ts"])
     assert int(event["latency_ms"]) >= 0
+
+
+async def test_event_time_is_the_admission_time_to_the_millisecond_in_any_order(
+        make_twin: Callable[..., Twin], events: Any) -> None:
+    """Settlements finish out of order and across second (and year) boundaries; each
+    event's ts is its own admission time, in ISO-8601 UTC with milliseconds."""
+    twin = make_twin()
+    admitted = [1798761599999, 1798761600000, 1798761599000, 1798761600001, 1798761599999]
+    for ms in admitted:
+        decision = await twin.admit(request("globex", chat("hi")))
+        assert decision.ticket is not None
+        moved = dataclasses.replace(decision.ticket, admitted_ms=ms)
+        await twin.settle(dataclasses.replace(decision, ticket=moved),
+                          Outcome(status=200, provider_usage=(1, 1)), with_context=False)
+    expected = [time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000))
+                + f".{ms % 1000:03d}Z" for ms in admitted]
+    assert [e["ts"] for e in events()] == expected
+    assert expected[:2] == ["2026-12-31T23:59:59.999Z", "2027-01-01T00:00:00.000Z"]
 
 
 async def test_eleventh_request_in_a_minute_on_a_10_per_minute_tier_is_refused(

@@ -45,7 +45,12 @@ from ai_saas_middleware.gateway import Gateway
 from ai_saas_middleware.starlette import AISaaSMiddleware as StarletteMiddleware
 from ai_saas_middleware.starlette import admin_app
 from ai_saas_middleware.usage import estimate_prompt_tokens, estimate_tokens
-from ai_saas_middleware.wsgi import AISaaSMiddleware, UsageApp, request_path
+from ai_saas_middleware.wsgi import (
+    AISaaSMiddleware,
+    UsageApp,
+    environ_headers,
+    request_path,
+)
 
 Environ = dict[str, Any]
 SSE = "text/event-stream; charset=utf-8"
@@ -422,6 +427,25 @@ def test_quota_refusal_matches_the_asgi_adapter(
     assert served.content == asgi.content
     assert json.loads(asgi.content)["error"]["code"] == "quota_exceeded"
     assert [k for k, _ in served.headers] == [k.decode() for k, _ in asgi.headers.raw]
+
+
+def test_request_headers_are_read_from_the_environ_however_many_there_are() -> None:
+    """Header names are worked out once per environ key and kept in a bounded cache:
+    past its bound (a client sending ever new header names) they are still all read."""
+    environ: Environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/ai/chat",
+                        "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": "12",
+                        "HTTP_AUTHORIZATION": "Bearer k", "HTTP_X_AI_MIN_QUALITY": "0.5",
+                        "wsgi.input": io.BytesIO(), "SERVER_NAME": "h"}
+    for i in range(1500):
+        environ[f"HTTP_X_CUSTOM_{i}"] = str(i)
+    for _ in range(2):  # the second time from the cache, as far as it reaches
+        headers = environ_headers(environ)
+        assert len(headers) == 1500 + 4
+        assert headers["authorization"] == "Bearer k"
+        assert headers["x-ai-min-quality"] == "0.5"
+        assert (headers["content-type"], headers["content-length"]) == ("application/json",
+                                                                        "12")
+        assert all(headers[f"x-custom-{i}"] == str(i) for i in range(1500))
 
 
 def test_admitted_response_keeps_the_apps_headers_and_adds_ours(
