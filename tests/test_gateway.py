@@ -21,6 +21,8 @@ import pytest
 import redis
 import yaml
 from conftest import API_KEYS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from ai_saas_middleware import (
@@ -863,3 +865,49 @@ def test_a_forked_worker_does_not_repeat_its_parents_request_ids() -> None:
     os.waitpid(pid, 0)
     parent_id = _request_ids.next()
     assert child_id[:16] != parent_id[:16]  # another random prefix, not the parent's
+
+
+# --------------------------------------------------------------------------- any client input
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: (st.lists(inner, max_size=4)
+                   | st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=20)
+_openai_like = st.fixed_dictionaries({}, optional={
+    key: _json for key in ("model", "messages", "max_tokens", "max_completion_tokens",
+                           "prompt", "input")})
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=st.one_of(_openai_like, _json).map(lambda b: json.dumps(b).encode())
+       | st.binary(max_size=64),
+       content_type=st.sampled_from(["application/json", "application/problem+json",
+                                     "text/plain", ""]),
+       credentials=st.sampled_from(["acme", "none", "bad", "stored-looking"]),
+       needs=st.dictionaries(st.sampled_from(["X-AI-Min-Quality", "X-AI-Max-Latency-Ms",
+                                              "X-AI-Max-Cost"]),
+                             st.text(max_size=12) | st.sampled_from(["0.5", "100", "0.01"]),
+                             max_size=3))
+def test_any_client_input_is_admitted_or_refused_with_a_4xx_never_an_error(
+        gateway: Gateway, body: bytes, content_type: str, credentials: str,
+        needs: dict[str, str]) -> None:
+    """Whatever the body, the content type, the credentials and the requirement headers,
+    admission answers with a Decision: admitted (200), or a refusal in the 4xx range (a
+    client's mistake, or its limits). Never an exception, which a server would turn into
+    a 500."""
+    key = {"acme": API_KEYS["acme"], "none": None, "bad": "not-a-key",
+           "stored-looking": "ais_" + "0" * 32 + "_no:{such}*tenant"}[credentials]
+    headers = {"content-type": content_type, **{k.lower(): v for k, v in needs.items()}}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    decision = gateway.admit(RequestInfo("POST", "/ai/chat", headers, body))
+    assert isinstance(decision, Decision)
+    if decision.allowed:
+        assert decision.status == 200 and decision.ticket is not None
+        gateway.settle(decision.ticket, Outcome(status=200), decision.context)
+    else:
+        assert 400 <= decision.status < 500, (decision.status, decision.body)
+        error = json.loads(decision.body)["error"]
+        assert error["code"] and error["message"]
