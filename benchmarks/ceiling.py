@@ -133,14 +133,7 @@ def served(server: oh.Server, prefix: str, seconds: int, rounds: int, connection
                 runs[variant].append(oh.wrk(port, script, seconds, connections, load_cpu,
                                             process.pid, None))
     finally:
-        for process, _port in processes.values():
-            process.send_signal(signal.SIGINT)
-        for process, _port in processes.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        oh.stop_servers([process for process, _port in processes.values()], signal.SIGINT)
         shutil.rmtree(workdir, ignore_errors=True)
     return runs
 

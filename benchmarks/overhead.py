@@ -494,6 +494,18 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float
     raise RuntimeError(f"uvicorn did not listen on port {port} within {timeout_s}s")
 
 
+def stop_servers(processes: list[subprocess.Popen[bytes]], sig: signal.Signals) -> None:
+    """Signal every app server, then wait for each (killed after 10 s)."""
+    for process in processes:
+        process.send_signal(sig)
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU time of a process so far (Linux), else 0."""
     try:
@@ -579,14 +591,7 @@ def served(server: Server, prefix: str, placements: list[Placement], seconds: in
                 "redis_cpu_us": {v: med([r.redis_cpu_us for r in runs[v]]) for v in SERVED},
             })
     finally:
-        for process, _port in processes.values():
-            process.send_signal(signal.SIGINT)
-        for process, _port in processes.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_servers([process for process, _port in processes.values()], signal.SIGINT)
         if original is not None and server.pid is not None:
             os.sched_setaffinity(server.pid, original)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -1092,17 +1097,10 @@ def served_framework(framework: str, server: Server, prefix: str, seconds: int, 
                 counted[variant] += run.requests
                 runs[variant].append(run)
     finally:
-        for process, _port, _pid in processes.values():
-            # gunicorn: TERM lets the worker finish the request in hand (INT would
-            # interrupt it); uvicorn: INT, as in the Starlette part.
-            process.send_signal(signal.SIGINT if framework == "django-asgi"
-                                else signal.SIGTERM)
-        for process, _port, _pid in processes.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        # gunicorn: TERM lets the worker finish the request in hand (INT would interrupt
+        # it); uvicorn: INT, as in the Starlette part.
+        stop_servers([process for process, _port, _pid in processes.values()],
+                     signal.SIGINT if framework == "django-asgi" else signal.SIGTERM)
         shutil.rmtree(workdir, ignore_errors=True)
     client = redis.Redis.from_url(server.url)
     entries = stream_entries(client, f"{prefix}smi")
