@@ -8,11 +8,12 @@ each other's keys, and a spool directory of its own.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -139,3 +140,20 @@ def quota_used(rclient: redis.Redis, key_prefix: str) -> Callable[[str], int]:
 
 def bearer(tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEYS[tenant]}"}
+
+
+def body_then_disconnect(body: bytes, gone: asyncio.Event
+                         ) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI ``receive`` as a server gives it: the whole request body at once, then
+    nothing until ``gone`` is set, then ``http.disconnect``."""
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    return receive

@@ -31,7 +31,7 @@ import pytest
 import redis
 import yaml
 from asgiref.sync import iscoroutinefunction, sync_to_async
-from conftest import API_KEYS, BASE_CONFIG, bearer
+from conftest import API_KEYS, BASE_CONFIG, bearer, body_then_disconnect
 from django.core.exceptions import ImproperlyConfigured
 from django.test import AsyncClient, Client, override_settings
 from django.urls import reverse
@@ -472,16 +472,9 @@ async def test_client_hanging_up_on_the_asgi_handler_cancels_and_bills_once(
     apps = make_apps()
     body = json.dumps(CHAT).encode()
     first_chunk_out = asyncio.Event()
-    requests_read = 0
     delivered: list[bytes] = []
 
-    async def receive() -> dict[str, Any]:
-        nonlocal requests_read
-        requests_read += 1
-        if requests_read == 1:
-            return {"type": "http.request", "body": body, "more_body": False}
-        await first_chunk_out.wait()
-        return {"type": "http.disconnect"}
+    receive = body_then_disconnect(body, first_chunk_out)
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -529,15 +522,8 @@ async def test_whole_response_is_settled_after_its_last_byte_from_the_views_body
     monkeypatch.setattr(apps.asgi, "_middleware_chain", outer)
     body = json.dumps(CHAT).encode()
     done = asyncio.Event()
-    requests_read = 0
 
-    async def receive() -> dict[str, Any]:
-        nonlocal requests_read
-        requests_read += 1
-        if requests_read == 1:
-            return {"type": "http.request", "body": body, "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
+    receive = body_then_disconnect(body, done)
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body"):

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 import redis.asyncio
-from conftest import API_KEYS, bearer
+from conftest import API_KEYS, bearer, body_then_disconnect
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -466,16 +466,9 @@ async def test_client_gone_mid_stream_bills_what_was_produced(
     app = make_app()
     body = json.dumps(CHAT).encode()
     first_chunk_out = asyncio.Event()
-    requests_read = 0
     delivered: list[bytes] = []
 
-    async def receive() -> dict[str, Any]:
-        nonlocal requests_read
-        requests_read += 1
-        if requests_read == 1:
-            return {"type": "http.request", "body": body, "more_body": False}
-        await first_chunk_out.wait()
-        return {"type": "http.disconnect"}
+    receive = body_then_disconnect(body, first_chunk_out)
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
