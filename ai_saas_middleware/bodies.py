@@ -29,8 +29,8 @@ from .gateway import AsyncGateway, Gateway
 from .types import Decision, Outcome
 from .usage import ResponseMeter
 
-__all__ = ["AsyncMeteredBody", "MeteredBody", "read_limited",
-           "read_request_body", "settle_in_background", "wait_for_settlements"]
+__all__ = ["AsyncMeteredBody", "MeteredBody", "read_limited", "read_request_body",
+           "settle_in_background", "settle_quietly", "wait_for_settlements"]
 
 log = logging.getLogger("ai_saas_middleware")
 
@@ -55,6 +55,17 @@ def read_limited(stream: IO[bytes], declared: int | None, limit: int) -> bytes |
         if size > limit:
             return None
         chunks.append(chunk)
+
+
+def settle_quietly(gateway: Gateway, ticket: Ticket, outcome: Outcome,
+                   ctx: RequestContext | None) -> None:
+    """``gateway.settle(...)`` for adapters: an error in accounting is logged, never
+    raised into the server or the app (the response stands; the event is spooled by the
+    gateway when Redis is the trouble)."""
+    try:
+        gateway.settle(ticket, outcome, ctx)
+    except Exception:
+        log.exception("settling request %s failed", ticket.request_id)
 
 
 class _Settlement:
@@ -114,12 +125,9 @@ class MeteredBody:
     def settle(self, failed: bool) -> None:
         """Settle now (once); later calls do nothing."""
         outcome = self._settlement.outcome_once(failed)
-        if outcome is None:
-            return
-        try:
-            self._gateway.settle(self._settlement.ticket, outcome, self._settlement.ctx)
-        except Exception:  # accounting must never break the response
-            log.exception("settling request %s failed", self._settlement.ticket.request_id)
+        if outcome is not None:
+            settle_quietly(self._gateway, self._settlement.ticket, outcome,
+                           self._settlement.ctx)
 
     def close(self) -> None:
         try:

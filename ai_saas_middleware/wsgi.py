@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
 from typing import Any, Union
 
-from .bodies import MeteredBody, read_request_body
+from .bodies import MeteredBody, read_request_body, settle_quietly
 from .config import Config
 from .gateway import Gateway
 from .types import Decision, RequestInfo
@@ -183,7 +183,7 @@ class AISaaSMiddleware:
         try:
             app_body = self.app(environ, metered_start_response)
         except BaseException:
-            MeteredBody((), self.gateway, ticket, ctx, meter).settle(failed=True)
+            settle_quietly(self.gateway, ticket, meter.outcome(failed=True), ctx)
             raise
         return MeteredBody(app_body, self.gateway, ticket, ctx, meter)
 

@@ -58,6 +58,7 @@ from ..bodies import (
     MeteredBody,
     read_request_body,
     settle_in_background,
+    settle_quietly,
 )
 from ..config import Config, EndpointConfig, load_config
 from ..context import RequestContext, Ticket
@@ -296,7 +297,7 @@ class AISaaSMiddleware:
         try:
             response = self.get_response(request)
         except BaseException:
-            MeteredBody((), gateway, ticket, ctx, ResponseMeter()).settle(failed=True)
+            settle_quietly(gateway, ticket, ResponseMeter().outcome(failed=True), ctx)
             raise
         assert isinstance(response, HttpResponseBase)
         _add_headers(response, decision)
@@ -306,9 +307,10 @@ class AISaaSMiddleware:
                                         if response.is_async else response.streaming_content)
             response.streaming_content = MeteredBody(content, gateway, ticket, ctx, meter)
         else:
-            # Run by response.close(), which the WSGI server calls after the last byte.
-            settle = MeteredBody((), gateway, ticket, ctx, meter)
-            response._resource_closers.append(settle.close)
+            # Run by response.close(), which the WSGI server calls after the last byte
+            # (once; ctx.failed is read then, after the view's last word).
+            response._resource_closers.append(
+                lambda: settle_quietly(gateway, ticket, meter.outcome(failed=ctx.failed), ctx))
         return response
 
     # ------------------------------------------------------------ async (ASGI)
