@@ -59,6 +59,19 @@ def _header_name(name: str) -> bytes:
     return encoded
 
 
+def scope_headers(scope: Scope) -> dict[str, str]:
+    """The request headers of an HTTP scope, with lower-case names (ASGI gives them so)."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def resolve_tenant(resolver: Resolver, scope: Scope) -> str | None:
+    """What ``resolver`` (sync, async, or returning an awaitable) says of ``scope``."""
+    tenant = resolver(scope)
+    if inspect.isawaitable(tenant):
+        tenant = await tenant
+    return tenant
+
+
 async def send_decision(send: Send, decision: Decision) -> None:
     """Write a refusal as a whole response."""
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers]
@@ -90,9 +103,6 @@ class AISaaSMiddleware:
         self.app = app
         self.gateway = gateway
         self.resolver = resolver
-        self._resolver_is_async = resolver is not None and (
-            inspect.iscoroutinefunction(resolver)
-            or inspect.iscoroutinefunction(type(resolver).__call__))  # an async callable object
         self.max_body_bytes = gateway.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -104,13 +114,6 @@ class AISaaSMiddleware:
             await self.app(scope, receive, send)
             return
         await self._ai_request(scope, receive, send, endpoint)
-
-    async def _resolve(self, scope: Scope) -> str | None:
-        assert self.resolver is not None
-        tenant = self.resolver(scope)
-        if self._resolver_is_async or inspect.isawaitable(tenant):
-            tenant = await tenant  # type: ignore[misc]
-        return tenant
 
     async def _read_body(self, receive: Receive, headers: Mapping[str, str]
                          ) -> bytes | Decision | None:
@@ -134,14 +137,14 @@ class AISaaSMiddleware:
 
     async def _ai_request(self, scope: Scope, receive: Receive, send: Send,
                           endpoint: EndpointConfig) -> None:
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = scope_headers(scope)
         body = await self._read_body(receive, headers)
         if body is None:
             return
         if isinstance(body, Decision):
             await send_decision(send, body)
             return
-        tenant = None if self.resolver is None else await self._resolve(scope)
+        tenant = None if self.resolver is None else await resolve_tenant(self.resolver, scope)
         info = RequestInfo(scope["method"], scope["path"], headers, body, tenant)
         decision = await self.gateway.admit(info, endpoint)
         if not decision.allowed:
@@ -179,7 +182,7 @@ class AISaaSMiddleware:
                 raw = list(message.get("headers", ()))
                 content_type = b""
                 for name, value in raw:
-                    if name == b"content-type" or name.lower() == b"content-type":
+                    if name.lower() == b"content-type":
                         content_type = value
                         break
                 meter.start(message["status"], content_type.decode("latin-1"))
@@ -223,12 +226,7 @@ class UsageApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        tenant: Any = None
-        if self.resolver is not None:
-            tenant = self.resolver(scope)
-            if inspect.isawaitable(tenant):
-                tenant = await tenant
-        info = RequestInfo(scope["method"], scope["path"], headers, b"", tenant)
+        tenant = None if self.resolver is None else await resolve_tenant(self.resolver, scope)
+        info = RequestInfo(scope["method"], scope["path"], scope_headers(scope), b"", tenant)
         await send_decision(send, await self.gateway.usage(info))
 

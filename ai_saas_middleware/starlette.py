@@ -29,7 +29,6 @@ call awaits on ``redis.asyncio``), with the resolver taking a Request.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -53,18 +52,17 @@ class AISaaSMiddleware(asgi.AISaaSMiddleware):
     def __init__(self, app: asgi.ASGIApp, config: asgi.ConfigSource | None = None, *,
                  gateway: AsyncGateway | None = None, resolver: RequestResolver | None = None,
                  redis_url: str | None = None):
-        scope_resolver: asgi.Resolver | None = None
-        if resolver is not None:
-            request_resolver: Any = resolver
-            if inspect.iscoroutinefunction(request_resolver):
-                async def from_request(scope: Any) -> str | None:
-                    tenant: str | None = await request_resolver(Request(scope))
-                    return tenant
-                scope_resolver = from_request
-            else:
-                scope_resolver = lambda scope: request_resolver(Request(scope))  # noqa: E731
-        super().__init__(app, config, gateway=gateway, resolver=scope_resolver,
+        super().__init__(app, config, gateway=gateway, resolver=_on_scope(resolver),
                          redis_url=redis_url)
+
+
+def _on_scope(resolver: RequestResolver | None) -> asgi.Resolver | None:
+    """The ASGI adapter's ``scope -> tenant`` from a ``Request -> tenant`` resolver (sync
+    or async: the adapter awaits what it returns when that is awaitable)."""
+    if resolver is None:
+        return None
+    request_resolver = resolver
+    return lambda scope: request_resolver(Request(scope))
 
 
 def admin_app(config: asgi.ConfigSource | None = None, *, gateway: AsyncGateway | None = None,
@@ -85,10 +83,6 @@ def admin_app(config: asgi.ConfigSource | None = None, *, gateway: AsyncGateway 
         if config is None:
             raise TypeError("admin_app needs config= or gateway=")
         gateway = AsyncGateway(config, redis_url=redis_url)
-    scope_resolver: asgi.Resolver | None = None
-    if resolver is not None:
-        request_resolver: Any = resolver
-        scope_resolver = lambda scope: request_resolver(Request(scope))  # noqa: E731
-    usage = asgi.UsageApp(gateway, scope_resolver)
+    usage = asgi.UsageApp(gateway, _on_scope(resolver))
     return Router(routes=[Route("/usage", usage)])
 
