@@ -71,6 +71,13 @@ ScriptCall = tuple[str, list[str], list[Any]]  # ("admit" | "settle" | "usage", 
 ADMIT_ATTEMPTS = 3  # a month corrected by Redis, then a stored tier learnt: at most 3
 
 
+def _month_bounds(year: int, month: int) -> tuple[str, int, int]:
+    """('YYYY-MM', its first second, the next month's first second), UTC."""
+    following = (year + 1, 1) if month == 12 else (year, month + 1)
+    return (f"{year:04d}-{month:02d}", calendar.timegm((year, month, 1, 0, 0, 0)),
+            calendar.timegm((*following, 1, 0, 0, 0)))
+
+
 _month: tuple[str, int, int] = ("", 0, 0)  # this month, its first second, next month's
 
 
@@ -80,10 +87,7 @@ def _this_month() -> tuple[str, int, int]:
     now = time.time()
     if not _month[1] <= now < _month[2]:
         t = time.gmtime(now)
-        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
-        _month = (f"{t.tm_year:04d}-{t.tm_mon:02d}",
-                  calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)),
-                  calendar.timegm((year, month, 1, 0, 0, 0)))
+        _month = _month_bounds(t.tm_year, t.tm_mon)
     return _month
 
 
@@ -109,8 +113,7 @@ if hasattr(os, "register_at_fork"):  # a forked worker must not repeat its paren
 
 def _seconds_to_next_month(now_ms: int) -> int:
     t = time.gmtime(now_ms // 1000)
-    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
-    return max(1, calendar.timegm((year, month, 1, 0, 0, 0)) - now_ms // 1000)
+    return max(1, _month_bounds(t.tm_year, t.tm_mon)[2] - now_ms // 1000)
 
 
 _iso_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
@@ -451,11 +454,8 @@ class _Core:
         if code in (3, 4):
             return self._credentials_refused(plan, reply)
         if code == 5:  # the app server's clock is in another month than Redis's
-            plan.month = reply[2].decode()
-            year, month = map(int, plan.month.split("-"))
-            plan.month_start = calendar.timegm((year, month, 1, 0, 0, 0))
-            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-            plan.month_end = calendar.timegm((year, month, 1, 0, 0, 0))
+            year, month = map(int, reply[2].decode().split("-"))
+            plan.month, plan.month_start, plan.month_end = _month_bounds(year, month)
             return None
         if code == 6:  # the stored tier differs from what this process believed
             tier = self.config.tiers.get(reply[2].decode())

@@ -32,7 +32,6 @@ def is_valid_tenant_id(tenant_id: str) -> bool:
     return _TENANT_ID.match(tenant_id) is not None
 
 
-
 @dataclass(frozen=True, slots=True)
 class TenantKeys:
     """The keys of one tenant; ``base`` is ``<prefix>:{s<shard>}:t:<tenant>``."""
