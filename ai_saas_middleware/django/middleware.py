@@ -69,7 +69,7 @@ from ..usage import ResponseMeter
 from ..wsgi import environ_headers
 from .conf import ai_saas
 
-__all__ = ["AISaaSMiddleware", "get_gateway", "render", "request_headers"]
+__all__ = ["AISaaSMiddleware", "get_gateway", "render", "request_headers", "resolve_tenant"]
 
 log = logging.getLogger("ai_saas_middleware")
 
@@ -135,6 +135,14 @@ setting_changed.connect(_setting_changed, dispatch_uid="ai_saas_middleware.djang
 def request_headers(request: HttpRequest) -> dict[str, str]:
     """The request's headers with lower-case names, as the core takes them."""
     return environ_headers(request.META)
+
+
+def resolve_tenant(resolver: Any, request: HttpRequest) -> str | None:
+    """The ``RESOLVER``'s tenant for ``request``, from sync code (an async resolver is
+    run to completion, as Django runs async code from a sync view)."""
+    tenant: str | None = (async_to_sync(resolver) if iscoroutinefunction(resolver)
+                          else resolver)(request)
+    return tenant
 
 
 def render(decision: Decision) -> HttpResponse:
@@ -283,10 +291,7 @@ class AISaaSMiddleware:
         body = _read_body(request, headers, gateway)
         if isinstance(body, Decision):
             return render(body)
-        tenant = None
-        if self.resolver is not None:
-            resolver = async_to_sync(self.resolver) if self.resolver_is_async else self.resolver
-            tenant = resolver(request)
+        tenant = None if self.resolver is None else resolve_tenant(self.resolver, request)
         decision = gateway.admit(RequestInfo(request.method or "GET", request.path_info,
                                              headers, body, tenant), endpoint)
         if not decision.allowed:

@@ -12,16 +12,13 @@ AI requests: the API key, or the ``RESOLVER`` of ``AI_SAAS``. It is a plain sync
 
 from __future__ import annotations
 
-from typing import Any
-
-from asgiref.sync import async_to_sync, iscoroutinefunction
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
 from ..types import RequestInfo
 from .conf import ai_saas
-from .middleware import get_gateway, render, request_headers
+from .middleware import get_gateway, render, request_headers, resolve_tenant
 
 __all__ = ["app_name", "urlpatterns", "usage"]
 
@@ -32,10 +29,8 @@ app_name = "ai_saas"
 def usage(request: HttpRequest) -> HttpResponse:
     """The caller's own usage this month (JSON), or the core's refusal."""
     method = request.method or "GET"
-    resolver: Any = ai_saas.RESOLVER
-    tenant = None
-    if resolver is not None:
-        tenant = (async_to_sync(resolver) if iscoroutinefunction(resolver) else resolver)(request)
+    resolver = ai_saas.RESOLVER
+    tenant = None if resolver is None else resolve_tenant(resolver, request)
     info = RequestInfo(method, request.path_info, request_headers(request), b"", tenant)
     return render(get_gateway(False).usage(info))
 
