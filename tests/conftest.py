@@ -11,15 +11,26 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import json
 import os
+import re
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import yaml
 
 from ai_saas_middleware.embedded import start_server
+
+# ``demo_projects`` is a folder of the source checkout, not an installed package: the
+# repository root goes on ``sys.path``, so ``pytest`` run from anywhere finds the demos.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 API_KEYS = {"acme": "key-acme-free", "globex": "key-globex-pro", "initech": "key-initech-ent"}
 
@@ -157,3 +168,71 @@ def body_then_disconnect(body: bytes, gone: asyncio.Event
         return {"type": "http.disconnect"}
 
     return receive
+
+
+# ------------------------------------------------------------------ the demo projects
+
+DEMO_MESSAGES = [{"role": "user", "content": "Summarize our quarterly numbers in one line."}]
+
+
+def demo_auth(tenant: str) -> dict[str, str]:
+    from ai_saas_middleware.demo import DEMO_KEYS
+
+    return {"Authorization": f"Bearer {DEMO_KEYS[tenant]}"}
+
+
+@pytest.fixture(scope="session")
+def demo_provider_url() -> Iterator[str]:
+    """The demo's OpenAI-compatible provider stand-in, under uvicorn, for the session."""
+    from ai_saas_middleware.demo import serve_in_thread
+    from demo_projects import provider
+
+    with serve_in_thread(provider.app) as server:
+        yield server.url
+
+
+@pytest.fixture
+def demo_config(redis_server_url: str, key_prefix: str, tmp_path: Path
+                ) -> Callable[[Path], dict[str, Any]]:
+    """``demo_config(path)``: a demo's own config file, on the test Redis and prefix."""
+
+    def load(path: Path) -> dict[str, Any]:
+        raw: dict[str, Any] = yaml.safe_load(path.read_text())
+        raw["redis"] = {**raw["redis"], "url": redis_server_url, "keyPrefix": key_prefix,
+                        "spoolDir": str(tmp_path / "spool")}
+        return raw
+
+    return load
+
+
+def read_demo_stream(text: str) -> tuple[str, dict[str, int]]:
+    """A demo's SSE reply: the text of its content chunks, and the usage of its final
+    chunk (the one before ``[DONE]``)."""
+    data = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    usage: dict[str, int] = json.loads(data[-2])["usage"]
+    words = "".join(json.loads(d)["choices"][0]["delta"]["content"] for d in data[:-2])
+    return words, usage
+
+
+def check_demo_summary(text: str, framework: str) -> None:
+    """What ``run_demo`` / ``ai-saas demo`` printed for its fixed burst of traffic: each
+    tenant's statuses, and the usage read back from the stream agreeing with them."""
+    assert f"demo app ({framework})" in text
+    statuses = {match[1]: {int(code): int(n) for code, n in re.findall(r"(\d{3}) x(\d+)",
+                                                                        match[2])}
+                for match in re.finditer(r"^  (\S.*?)\s{2,}(\d{3} x\d+.*)$", text, re.M)}
+    assert statuses == {"(non-AI page)": {200: 5}, "(unknown key)": {401: 1},
+                        "big-co": {200: 10}, "pro-co": {200: 13}, "startup-co": {200: 6},
+                        "free-co": {200: 10, 429: 4}}  # 14 sent, 10 req/min on free
+
+    table = text[text.index("Usage read back"):text.index("total cost:")]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[3:] if line.strip()}
+    # tier, requests, refused: one stream entry per 200 (the stream a client hung up on
+    # included), every 429 counted as refused; startup-co's tier is the one stored in Redis.
+    assert {tenant: row[1:4] for tenant, row in rows.items()} == {
+        "free-co": ["free", "10", "4"], "pro-co": ["pro", "13", "0"],
+        "big-co": ["enterprise", "10", "0"], "startup-co": ["pro", "6", "0"]}
+    assert "Redis round trips (EVALSHA):" in text
+    assert "= 39 admitted x 2 (admission + settlement) + 4 refused at admission" in text
+    assert "Non-AI pages: 5, no Redis call." in text

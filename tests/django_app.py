@@ -50,15 +50,7 @@ from django.http import (  # noqa: E402
 )
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django.urls import include, path  # noqa: E402
-from replies import (  # noqa: E402, F401 - the shared replies, re-exported for the tests
-    CHAT,
-    COMPLETION_TOKENS,
-    PROMPT_TOKENS,
-    SSE_WORDS,
-    completion,
-    sse_body,
-    sse_event,
-)
+from replies import FirstCandidateDown, chat_reply, context_reply, sse_body  # noqa: E402
 
 from ai_saas_middleware.django.middleware import get_gateway  # noqa: E402
 from ai_saas_middleware.gateway import AsyncGateway, Gateway  # noqa: E402
@@ -125,10 +117,7 @@ async def atenant_of_user(request: HttpRequest) -> str | None:
 
 def chat(request: HttpRequest) -> HttpResponse:
     ctx = request.ai  # type: ignore[attr-defined]
-    body = json.loads(request.body)
-    prompt, completion_ = body.get("reply_usage", [PROMPT_TOKENS, COMPLETION_TOKENS])
-    return JsonResponse(completion(ctx.model.id, "Hello there, my good friend!", prompt,
-                                   completion_))
+    return JsonResponse(chat_reply(ctx.model.id, json.loads(request.body)))
 
 
 def stream(request: HttpRequest) -> StreamingHttpResponse:
@@ -183,31 +172,14 @@ def upstream_down(request: HttpRequest) -> HttpResponse:
 def context(request: HttpRequest) -> HttpResponse:
     """Reads the context and reports usage itself (``answered_by`` picks a model)."""
     ctx = request.ai  # type: ignore[attr-defined]
-    body = json.loads(request.body)
-    ctx.record_usage(5, 7, model_id=body.get("answered_by"), outcome_value="0.25")
-    reply = completion(ctx.model.id, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
-    reply["ctx"] = {"same_object": request.ai is ctx,  # type: ignore[attr-defined]
-                    "tenant_id": ctx.tenant_id, "tier": ctx.tier, "model": ctx.model.id,
-                    "request_id": ctx.request_id, "max_output_tokens": ctx.max_output_tokens,
-                    "body": ctx.body, "candidates": [m.id for m in ctx.candidates]}
-    return JsonResponse(reply)
+    return JsonResponse(context_reply(ctx, json.loads(request.body),
+                                      same_object=request.ai is ctx))  # type: ignore[attr-defined]
 
 
 def fallback(request: HttpRequest) -> HttpResponse:
     """The first candidate's provider call fails; ``ctx.execute`` moves on."""
-    ctx = request.ai  # type: ignore[attr-defined]
-    tried: list[str] = []
-
-    def call(model: Any) -> str:
-        tried.append(model.id)
-        if len(tried) == 1:
-            raise ConnectionError(f"{model.id} is unreachable")
-        return str(model.id)
-
-    answered = ctx.execute(call)
-    reply = completion(answered, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
-    reply["tried"] = tried
-    return JsonResponse(reply)
+    provider = FirstCandidateDown()
+    return JsonResponse(provider.reply(request.ai.execute(provider)))  # type: ignore[attr-defined]
 
 
 def ai_echo(request: HttpRequest) -> HttpResponse:

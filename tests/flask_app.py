@@ -3,7 +3,7 @@
 ``make_flask_app(config, resolver=None)`` builds it behind :class:`AISaaS`, so a
 cross-framework contract test can run one table of scenarios through both. The JSON
 replies are rendered the way Starlette's ``JSONResponse`` renders them (compact,
-UTF-8), and the payloads come from ``starlette_app``, so the bytes are the same.
+UTF-8), and the payloads come from ``replies``, so the bytes are the same.
 
     POST /ai/chat, /ai/premium/chat   OpenAI-style JSON; ``reply_usage`` sets its usage
     POST /ai/stream                   SSE ending with a usage chunk (stream_with_context)
@@ -25,12 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, g, request, stream_with_context
-from replies import (
-    COMPLETION_TOKENS,
-    PROMPT_TOKENS,
-    completion,
-    sse_body,
-)
+from replies import FirstCandidateDown, chat_reply, context_reply, sse_body
 
 from ai_saas_middleware.flask import AI_SAAS_CONFIG, AISaaS
 
@@ -54,11 +49,7 @@ def make_flask_app(config: dict[str, Any], resolver: Callable[..., Any] | None =
     app.config[AI_SAAS_CONFIG] = config
 
     def chat() -> Response:
-        ctx = g.ai
-        body = request.get_json()
-        prompt, completion_ = body.get("reply_usage", [PROMPT_TOKENS, COMPLETION_TOKENS])
-        return json_response(completion(ctx.model.id, "Hello there, my good friend!", prompt,
-                                        completion_))
+        return json_response(chat_reply(g.ai.model.id, request.get_json()))
 
     def stream() -> Response:
         def chunks() -> Iterator[bytes]:
@@ -87,30 +78,12 @@ def make_flask_app(config: dict[str, Any], resolver: Callable[..., Any] | None =
 
     def context() -> Response:
         ctx = g.ai
-        body = request.get_json()
-        ctx.record_usage(5, 7, model_id=body.get("answered_by"), outcome_value="0.25")
-        reply = completion(ctx.model.id, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
-        reply["ctx"] = {"same_object": request.environ["ai_saas.context"] is ctx,
-                        "tenant_id": ctx.tenant_id, "tier": ctx.tier, "model": ctx.model.id,
-                        "request_id": ctx.request_id,
-                        "max_output_tokens": ctx.max_output_tokens, "body": ctx.body,
-                        "candidates": [m.id for m in ctx.candidates]}
-        return json_response(reply)
+        return json_response(context_reply(
+            ctx, request.get_json(), same_object=request.environ["ai_saas.context"] is ctx))
 
     def fallback() -> Response:
-        ctx = g.ai
-        tried: list[str] = []
-
-        def call(model: Any) -> str:
-            tried.append(model.id)
-            if len(tried) == 1:
-                raise ConnectionError(f"{model.id} is unreachable")
-            return str(model.id)
-
-        answered = ctx.execute(call)
-        reply = completion(answered, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
-        reply["tried"] = tried
-        return json_response(reply)
+        provider = FirstCandidateDown()
+        return json_response(provider.reply(g.ai.execute(provider)))
 
     def echo() -> Response:
         return Response(request.get_data(), content_type="application/octet-stream")

@@ -40,3 +40,51 @@ def completion(model_id: str, text: str, prompt_tokens: int, completion_tokens: 
                          "message": {"role": "assistant", "content": text}}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
+
+
+# ------------------------------------------------------------------ what the views do
+# The frameworks' views differ in how they get the request's body and context; what
+# they do with them is here, once, so the contract table compares the adapters and not
+# three copies of a view.
+
+
+def chat_reply(model_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``/ai/chat``: a completion by ``model_id``; ``reply_usage`` in the body sets its
+    usage (default 12 + 34)."""
+    prompt, completion_ = body.get("reply_usage", [PROMPT_TOKENS, COMPLETION_TOKENS])
+    return completion(model_id, "Hello there, my good friend!", prompt, completion_)
+
+
+def context_reply(ctx: Any, body: dict[str, Any], same_object: bool) -> dict[str, Any]:
+    """``/ai/context``: reports usage 5 + 7 itself (``answered_by`` in the body names the
+    model that answered) and shows what the context holds; ``same_object`` says whether
+    the framework's other way to the context gave this same object."""
+    ctx.record_usage(5, 7, model_id=body.get("answered_by"), outcome_value="0.25")
+    reply = completion(ctx.model.id, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
+    reply["ctx"] = {"same_object": same_object, "tenant_id": ctx.tenant_id, "tier": ctx.tier,
+                    "model": ctx.model.id, "request_id": ctx.request_id,
+                    "max_output_tokens": ctx.max_output_tokens, "body": ctx.body,
+                    "candidates": [m.id for m in ctx.candidates]}
+    return reply
+
+
+class FirstCandidateDown:
+    """``/ai/fallback``'s provider call for ``ctx.execute`` (``acall`` for
+    ``ctx.aexecute``): the first model it is given is unreachable, the next answers."""
+
+    def __init__(self) -> None:
+        self.tried: list[str] = []
+
+    def __call__(self, model: Any) -> str:
+        self.tried.append(model.id)
+        if len(self.tried) == 1:
+            raise ConnectionError(f"{model.id} is unreachable")
+        return str(model.id)
+
+    async def acall(self, model: Any) -> str:
+        return self(model)
+
+    def reply(self, answered: str) -> dict[str, Any]:
+        """The completion by the model that answered, with the models tried in order."""
+        return {**completion(answered, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS),
+                "tried": self.tried}

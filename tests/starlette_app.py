@@ -24,14 +24,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from replies import (  # noqa: F401 - the shared replies, re-exported for the tests
-    CHAT,
+from replies import (
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
-    SSE_WORDS,
+    FirstCandidateDown,
+    chat_reply,
     completion,
+    context_reply,
     sse_body,
-    sse_event,
 )
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,11 +48,7 @@ DEEP_JSON = b'{"a":' * 50_000 + b"1" + b"}" * 50_000  # valid JSON, too deep for
 
 async def chat(request: Request) -> Response:
     """OpenAI-style JSON; ``reply_usage`` in the body sets the usage it reports."""
-    ctx = request.state.ai
-    body = await request.json()
-    prompt, completion_ = body.get("reply_usage", [PROMPT_TOKENS, COMPLETION_TOKENS])
-    return JSONResponse(completion(ctx.model.id, "Hello there, my good friend!", prompt,
-                                   completion_))
+    return JSONResponse(chat_reply(request.state.ai.model.id, await request.json()))
 
 
 async def stream(request: Request) -> Response:
@@ -87,31 +83,14 @@ async def upstream_down(request: Request) -> Response:
 async def context(request: Request) -> Response:
     """Reads the context both ways and reports usage itself (``answered_by`` picks a model)."""
     ctx = request.state.ai
-    body = await request.json()
-    ctx.record_usage(5, 7, model_id=body.get("answered_by"), outcome_value="0.25")
-    reply = completion(ctx.model.id, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
-    reply["ctx"] = {"same_object": request.scope["ai_saas"] is ctx, "tenant_id": ctx.tenant_id,
-                    "tier": ctx.tier, "model": ctx.model.id, "request_id": ctx.request_id,
-                    "max_output_tokens": ctx.max_output_tokens, "body": ctx.body,
-                    "candidates": [m.id for m in ctx.candidates]}
-    return JSONResponse(reply)
+    return JSONResponse(context_reply(ctx, await request.json(),
+                                      same_object=request.scope["ai_saas"] is ctx))
 
 
 async def fallback(request: Request) -> Response:
     """The first candidate's provider call fails; ``ctx.aexecute`` moves on."""
-    ctx = request.state.ai
-    tried: list[str] = []
-
-    async def call(model: Any) -> str:
-        tried.append(model.id)
-        if len(tried) == 1:
-            raise ConnectionError(f"{model.id} is unreachable")
-        return str(model.id)
-
-    answered = await ctx.aexecute(call)
-    reply = completion(answered, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS)
-    reply["tried"] = tried
-    return JSONResponse(reply)
+    provider = FirstCandidateDown()
+    return JSONResponse(provider.reply(await request.state.ai.aexecute(provider.acall)))
 
 
 async def ai_echo(request: Request) -> Response:

@@ -63,13 +63,30 @@ def cluster_url() -> Iterator[str]:
             node.stop()
 
 
-def _config(url: str, tmp_path: Any) -> dict[str, Any]:
+def _config(url: str, tmp_path: Any, key_prefix: str) -> dict[str, Any]:
     config = dict(BASE_CONFIG)
     tenants = [{"id": f"tenant-{i}", "tier": "pro"} for i in range(24)]
     config["tenants"] = list(BASE_CONFIG["tenants"]) + tenants
-    config["redis"] = {"url": url, "keyPrefix": "cl", "shards": 16,
+    config["redis"] = {"url": url, "keyPrefix": key_prefix, "shards": 16,
                        "spoolDir": str(tmp_path / "spool")}
     return config
+
+
+def _check_settled(cluster_url: str, gateway: Gateway | AsyncGateway, tenants: list[str],
+                   tokens: str, cost: str) -> set[str]:
+    """Each tenant's counter and its one stream entry, read from the cluster; returns the
+    nodes their slots live on."""
+    month = time.strftime("%Y-%m", time.gmtime())
+    used_nodes = set()
+    with RedisCluster.from_url(cluster_url.replace("+cluster", ""),
+                               decode_responses=True) as client:
+        for tenant in tenants:
+            keys = gateway.keys.tenant(tenant)
+            assert client.get(keys.quota(month)) == tokens
+            entries = [f for _, f in client.xrange(keys.stream) if f["tenant_id"] == tenant]
+            assert len(entries) == 1 and entries[0]["cost"] == cost
+            used_nodes.add(client.get_node_from_key(keys.stream).name)
+    return used_nodes
 
 
 def _info(tenant: str) -> RequestInfo:
@@ -77,8 +94,9 @@ def _info(tenant: str) -> RequestInfo:
                        b'{"messages": [{"role": "user", "content": "hello"}]}', tenant_id=tenant)
 
 
-def test_admit_and_settle_on_a_cluster(cluster_url: str, tmp_path: Any) -> None:
-    gateway = Gateway(_config(cluster_url, tmp_path))
+def test_admit_and_settle_on_a_cluster(cluster_url: str, tmp_path: Any,
+                                       key_prefix: str) -> None:
+    gateway = Gateway(_config(cluster_url, tmp_path, key_prefix))
     tenants = [f"tenant-{i}" for i in range(24)]
     for tenant in tenants:
         decision = gateway.admit(_info(tenant))
@@ -86,28 +104,24 @@ def test_admit_and_settle_on_a_cluster(cluster_url: str, tmp_path: Any) -> None:
         assert decision.ticket is not None
         gateway.settle(decision.ticket, Outcome(200, provider_usage=(10, 5)), decision.context)
     assert not gateway.spool.pending  # nothing fell back to the local spool
-
-    client = RedisCluster.from_url(cluster_url.replace("+cluster", ""), decode_responses=True)
-    month = time.strftime("%Y-%m", time.gmtime())
-    used_nodes = set()
-    for tenant in tenants:
-        keys = gateway.keys.tenant(tenant)
-        assert client.get(keys.quota(month)) == "15"
-        entries = [f for _, f in client.xrange(keys.stream) if f["tenant_id"] == tenant]
-        assert len(entries) == 1 and entries[0]["cost"] == "0.0000045"
-        used_nodes.add(client.get_node_from_key(keys.stream).name)
+    # 10 x 0.00000015 + 5 x 0.0000006
+    used_nodes = _check_settled(cluster_url, gateway, tenants, "15", "0.0000045")
     assert len(used_nodes) == 3  # the tenants' slots really are spread over every node
     gateway.close()
-    client.close()
 
 
-async def test_async_gateway_on_a_cluster(cluster_url: str, tmp_path: Any) -> None:
-    gateway = AsyncGateway(_config(cluster_url, tmp_path))
-    for i in range(12):
-        decision = await gateway.admit(_info(f"tenant-{i}"))
+async def test_async_gateway_on_a_cluster(cluster_url: str, tmp_path: Any,
+                                          key_prefix: str) -> None:
+    gateway = AsyncGateway(_config(cluster_url, tmp_path, key_prefix))
+    tenants = [f"tenant-{i}" for i in range(12)]
+    for tenant in tenants:
+        decision = await gateway.admit(_info(tenant))
         assert decision.allowed, decision.body
         assert decision.ticket is not None
         await gateway.settle(decision.ticket, Outcome(200, provider_usage=(3, 4)),
                              decision.context)
     assert not gateway.spool.pending
+    # 3 x 0.00000015 + 4 x 0.0000006
+    used_nodes = _check_settled(cluster_url, gateway, tenants, "7", "0.00000285")
+    assert len(used_nodes) == 3
     await gateway.close()

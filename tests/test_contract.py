@@ -100,17 +100,11 @@ from wsgiref.util import setup_testing_defaults
 import django
 import pytest
 import redis
-from conftest import API_KEYS, BASE_CONFIG
+from conftest import API_KEYS, BASE_CONFIG, body_then_disconnect
 from django_app import build_django_apps
 from flask_app import make_flask_app
-from starlette_app import (
-    CHAT,
-    SSE_WORDS,
-    completion,
-    make_starlette_app,
-    middleware_of,
-    sse_body,
-)
+from replies import CHAT, SSE_WORDS, completion, sse_body
+from starlette_app import make_starlette_app, middleware_of
 
 from ai_saas_middleware.bodies import wait_for_settlements
 from ai_saas_middleware.flask import EXTENSION_KEY
@@ -262,17 +256,10 @@ class ASGIDriver:
                              for k, v in request_headers(method, headers, body).items()],
                  "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
         hung_up = asyncio.Event()
-        request_sent = False
+        # The body, then a client that keeps its connection open until it hangs up.
+        receive = body_then_disconnect(body, hung_up)
         started: dict[str, Any] = {}
         chunks: list[bytes] = []
-
-        async def receive() -> dict[str, Any]:
-            nonlocal request_sent
-            if not request_sent:
-                request_sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await hung_up.wait()  # until then, a client that keeps its connection open
-            return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
             if hung_up.is_set():

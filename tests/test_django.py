@@ -36,16 +36,14 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import AsyncClient, Client, override_settings
 from django.urls import reverse
 from django_app import (
-    CHAT,
-    SSE_WORDS,
     DjangoApps,
     atenant_of_user,
     build_django_apps,
     make_django_app,
     session_cookie,
-    sse_body,
     tenant_of_user,
 )
+from replies import CHAT, SSE_WORDS, sse_body
 
 from ai_saas_middleware.bodies import settle_in_background, wait_for_settlements
 from ai_saas_middleware.django import AISaaSMiddleware

@@ -29,9 +29,10 @@ import yaml
 from conftest import bearer
 from flask import Flask, g, session
 from flask_app import make_flask_app
+from replies import CHAT, SSE_WORDS, sse_body
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
-from starlette_app import CHAT, ROUTES, SSE_WORDS, sse_body
+from starlette_app import ROUTES
 from test_starlette import server_command_calls
 
 from ai_saas_middleware import ConfigError, load_config

@@ -25,6 +25,7 @@ import pytest
 import redis
 import redis.asyncio
 from conftest import API_KEYS, bearer, body_then_disconnect
+from replies import CHAT, SSE_WORDS, sse_body
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -32,14 +33,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.types import Message
 from starlette.websockets import WebSocket
-from starlette_app import (
-    CHAT,
-    DEEP_JSON,
-    SSE_WORDS,
-    make_starlette_app,
-    middleware_of,
-    sse_body,
-)
+from starlette_app import DEEP_JSON, make_starlette_app, middleware_of
 
 from ai_saas_middleware import load_config
 from ai_saas_middleware.gateway import AsyncGateway

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
+import redis as redis_py
+from redis.connection import SSLConnection
+
+import ai_saas_middleware.store.redis as store_module
 from ai_saas_middleware.config import load_config
+from ai_saas_middleware.embedded import LocalServer, start_server
+from ai_saas_middleware.errors import StoreError, StoreRefused
 from ai_saas_middleware.store.keys import KeySchema
-from ai_saas_middleware.store.redis import RedisStore
+from ai_saas_middleware.store.redis import AsyncRedisStore, RedisStore
 
 
 def _admit_args(request_id: str, month: str, reserve: int, *extra: str) -> list[object]:
@@ -17,6 +34,47 @@ def _admit_args(request_id: str, month: str, reserve: int, *extra: str) -> list[
         start, end = 915148800, 917827200
     return [request_id, month, "static", "", "pro", 100, 60_000, 100_000, reserve,
             86400, start, end, *extra]
+
+
+def _usage_keys(prefix: str, tenant: str, month: str) -> list[str]:
+    k = KeySchema(prefix, 16).tenant(tenant)
+    return [k.rate_limit, k.quota(month), k.record, k.api_keys]
+
+
+def _usage_args(month: str) -> list[object]:
+    return ["static", month, "", 60_000]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def password_server() -> Iterator[LocalServer]:
+    """A server of its own that wants the password ``s3cret``."""
+    server = start_server(args=("--requirepass", "s3cret"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_server() -> Iterator[LocalServer]:
+    """A server of its own, for a test that freezes it."""
+    server = start_server()
+    yield server
+    server.stop()
+
+
+@contextmanager
+def frozen(server: LocalServer) -> Iterator[None]:
+    """The server stopped (SIGSTOP): it keeps its connections and never answers."""
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def test_a_retried_admission_is_not_counted_twice(make_config, rclient, key_prefix) -> None:
@@ -55,37 +113,27 @@ def test_settle_writes_all_or_nothing(make_config, rclient, key_prefix) -> None:
     keys = KeySchema(key_prefix, 16).tenant("globex")
     rclient.hset(keys.quota("2026-01"), "oops", "1")  # a corrupted counter
     script_keys = [keys.quota("2026-01"), keys.stream, keys.settled("req_x")]
-    import pytest
-
-    from ai_saas_middleware.errors import StoreRefused
+    event = [5, 60, 90, "request_id", "req_x", "tenant_id", "globex"]
 
     with pytest.raises(StoreRefused, match="quota counter not moved"):
-        store.settle(script_keys, [5, 60, 60, "request_id", "req_x"])
+        store.settle(script_keys, event)
     assert rclient.xlen(keys.stream) == 0
     assert not rclient.exists(keys.settled("req_x"))
+    assert rclient.hgetall(keys.quota("2026-01")) == {"oops": "1"}  # left as it was
 
     rclient.delete(keys.quota("2026-01"))
-    assert store.settle(script_keys, [5, 60, 60, "request_id", "req_x"]) is not None
-    assert store.settle(script_keys, [5, 60, 60, "request_id", "req_x"]) is None  # once
-    assert rclient.xlen(keys.stream) == 1 and rclient.get(keys.quota("2026-01")) == "5"
+    entry_id = store.settle(script_keys, event)
+    assert store.settle(script_keys, event) is None  # once
+    # The reply names the one entry written, whose fields are the event as given.
+    assert rclient.xrange(keys.stream) == [(entry_id.decode(),
+                                            {"request_id": "req_x", "tenant_id": "globex"})]
+    assert rclient.get(keys.quota("2026-01")) == "5"
+    assert 0 < rclient.ttl(keys.quota("2026-01")) <= 90  # a new counter gets ARGV[3]
+    assert 0 < rclient.ttl(keys.settled("req_x")) <= 60  # the marker, ARGV[2]
     store.close()
 
 
 # --------------------------------------------------------------------------- the asyncio lane
-
-import asyncio  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-
-import pytest  # noqa: E402
-
-from ai_saas_middleware.embedded import start_server  # noqa: E402
-from ai_saas_middleware.errors import StoreError  # noqa: E402
-from ai_saas_middleware.store.redis import AsyncRedisStore  # noqa: E402
-
-
-def _usage_args(month: str) -> list[object]:
-    return ["static", month, "", 60_000]
 
 
 async def test_lane_answers_each_of_many_concurrent_calls_with_its_own_reply(
@@ -144,74 +192,53 @@ async def test_lane_reloads_scripts_after_a_script_flush(make_config, rclient, k
     await store.close()
 
 
-async def test_lane_uses_the_urls_password_and_database(tmp_path) -> None:
-    server = start_server(args=("--requirepass", "s3cret"))
-    try:
-        url = f"redis://:s3cret@127.0.0.1:{server.port}/5"
-        config = load_config({"redis": {"url": url, "keyPrefix": "auth",
-                                        "spoolDir": str(tmp_path)}})
-        store = AsyncRedisStore(config.redis)
-        month = time.strftime("%Y-%m", time.gmtime())
-        k = KeySchema("auth", 16).tenant("a")
-        import redis as redis_py
-
-        direct = redis_py.Redis(port=server.port, password="s3cret", db=5)
-        direct.set(k.quota(month), 42)
-        reply = await store.usage([k.rate_limit, k.quota(month), k.record, k.api_keys],
-                                  _usage_args(month))
-        assert int(reply[2]) == 42  # read from db 5, after AUTH
-        await store.close()
-        direct.close()
-        wrong = AsyncRedisStore(load_config({"redis": {
-            "url": f"redis://:nope@127.0.0.1:{server.port}/0", "spoolDir": str(tmp_path)}}).redis)
-        with pytest.raises(StoreError):
-            await wrong.usage([k.rate_limit, k.quota(month), k.record, k.api_keys],
-                              _usage_args(month))
-    finally:
-        server.stop()
+async def test_lane_uses_the_urls_password_and_database(password_server: LocalServer,
+                                                        tmp_path: Path) -> None:
+    port = password_server.port
+    config = load_config({"redis": {"url": f"redis://:s3cret@127.0.0.1:{port}/5",
+                                    "keyPrefix": "auth", "spoolDir": str(tmp_path)}})
+    store = AsyncRedisStore(config.redis)
+    month = time.strftime("%Y-%m", time.gmtime())
+    with redis_py.Redis(port=port, password="s3cret", db=5) as direct:
+        direct.set(KeySchema("auth", 16).tenant("a").quota(month), 42)
+    reply = await store.usage(_usage_keys("auth", "a", month), _usage_args(month))
+    assert int(reply[2]) == 42  # read from db 5, after AUTH
+    await store.close()
+    wrong = AsyncRedisStore(load_config({"redis": {
+        "url": f"redis://:nope@127.0.0.1:{port}/0", "spoolDir": str(tmp_path)}}).redis)
+    with pytest.raises(StoreError):
+        await wrong.usage(_usage_keys("auth", "a", month), _usage_args(month))
+    await wrong.close()
 
 
-async def test_lane_gives_up_on_a_hung_server_within_the_timeout(tmp_path) -> None:
-    server = start_server()
-    try:
-        config = load_config({"redis": {"url": server.url, "socketTimeout": "200ms",
-                                        "retryInterval": "1s", "spoolDir": str(tmp_path)}})
-        store = AsyncRedisStore(config.redis)
-        month = time.strftime("%Y-%m", time.gmtime())
-        k = KeySchema("aisaas", 16).tenant("h")
-        args = ([k.rate_limit, k.quota(month), k.record, k.api_keys], _usage_args(month))
-        await store.usage(*args)
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
-            started = time.monotonic()
-            results = await asyncio.gather(*(store.usage(*args) for _ in range(5)),
-                                           return_exceptions=True)
-            assert all(isinstance(r, StoreError) for r in results)
-            assert time.monotonic() - started < 5  # a hang guard, not a benchmark
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
-        await asyncio.sleep(1.1)  # past retryInterval
-        assert (await store.usage(*args))[0] == 0  # a fresh connection, in step again
-        await store.close()
-    finally:
-        server.stop()
+async def test_lane_gives_up_on_a_hung_server_within_the_timeout(
+        own_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config({"redis": {"url": own_server.url, "socketTimeout": "200ms",
+                                    "retryInterval": "300ms", "spoolDir": str(tmp_path)}})
+    store = AsyncRedisStore(config.redis)
+    month = time.strftime("%Y-%m", time.gmtime())
+    args = (_usage_keys("aisaas", "h", month), _usage_args(month))
+    await store.usage(*args)
+    retried: list[str] = []
+    monkeypatch.setattr(store_module, "_retry_args",
+                        lambda which, a: retried.append(which) or a)
+    with frozen(own_server):
+        started = time.monotonic()
+        results = await asyncio.gather(*(store.usage(*args) for _ in range(5)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, StoreError) for r in results), results
+        assert time.monotonic() - started < 5  # a hang guard, not a benchmark
+        assert retried == []  # a timeout is not retried: that would double the wait
+        assert store.health.is_down()
+        with pytest.raises(StoreError, match=r"not retried for 0\.3s"):
+            await store.usage(*args)  # refused at once, without dialling
+    await asyncio.sleep(max(0.0, store.health.down_until - time.monotonic()))  # retryInterval
+    assert not store.health.is_down()
+    assert (await store.usage(*args))[0] == 0  # a fresh connection, in step again
+    await store.close()
 
 
 # --------------------------------------------------------------------------- the sync lane
-
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-
-import redis as redis_py  # noqa: E402
-from redis.connection import SSLConnection  # noqa: E402
-
-import ai_saas_middleware.store.redis as store_module  # noqa: E402
-
-
-def _usage_keys(prefix: str, tenant: str, month: str) -> list[str]:
-    k = KeySchema(prefix, 16).tenant(tenant)
-    return [k.rate_limit, k.quota(month), k.record, k.api_keys]
 
 
 def test_sync_lane_answers_each_of_many_threads_with_its_own_reply(
@@ -260,8 +287,6 @@ def test_sync_lane_reloads_scripts_after_a_script_flush(make_config, rclient, ke
 
 def test_sync_lane_puts_a_connection_back_after_an_error_reply(
         make_config, rclient, key_prefix) -> None:
-    from ai_saas_middleware.errors import StoreRefused
-
     config = load_config(make_config())
     store = RedisStore(config.redis)
     keys = KeySchema(key_prefix, 16).tenant("globex")
@@ -304,48 +329,48 @@ def test_sync_lane_retries_once_on_a_connection_the_server_closed(
     store.close()
 
 
-def test_sync_lane_does_not_retry_a_fresh_connection_that_cannot_connect(tmp_path) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = load_config({"redis": {"url": f"redis://127.0.0.1:{port}/0",
+def test_sync_lane_does_not_retry_a_fresh_connection_that_cannot_connect(
+        tmp_path: Path) -> None:
+    config = load_config({"redis": {"url": f"redis://127.0.0.1:{_free_port()}/0",
                                     "spoolDir": str(tmp_path)}})
     store = RedisStore(config.redis)
     store._loaded = True  # straight to the lane
+    lane = store._lane
+    assert lane is not None
+    dialled: list[int] = []
+    connect = lane._connect
+
+    def counting_connect() -> object:
+        dialled.append(1)
+        return connect()
+
+    lane._connect = counting_connect  # type: ignore[method-assign]
     month = time.strftime("%Y-%m", time.gmtime())
-    started = time.monotonic()
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match="ConnectionError"):
         store.usage(_usage_keys("x", "a", month), _usage_args(month))
-    assert time.monotonic() - started < 2
+    assert dialled == [1]  # only a connection that had worked is worth a second try
     assert store.health.is_down()
     store.close()
 
 
-def test_sync_lane_uses_the_urls_password_and_database(tmp_path) -> None:
-    server = start_server(args=("--requirepass", "s3cret"))
-    try:
-        url = f"redis://:s3cret@127.0.0.1:{server.port}/5"
-        config = load_config({"redis": {"url": url, "keyPrefix": "auth",
-                                        "spoolDir": str(tmp_path)}})
-        store = RedisStore(config.redis)
-        month = time.strftime("%Y-%m", time.gmtime())
-        direct = redis_py.Redis(port=server.port, password="s3cret", db=5)
+def test_sync_lane_uses_the_urls_password_and_database(password_server: LocalServer,
+                                                       tmp_path: Path) -> None:
+    port = password_server.port
+    config = load_config({"redis": {"url": f"redis://:s3cret@127.0.0.1:{port}/5",
+                                    "keyPrefix": "auth", "spoolDir": str(tmp_path)}})
+    store = RedisStore(config.redis)
+    month = time.strftime("%Y-%m", time.gmtime())
+    with redis_py.Redis(port=port, password="s3cret", db=5) as direct:
         direct.set(KeySchema("auth", 16).tenant("a").quota(month), 42)
-        reply = store.usage(_usage_keys("auth", "a", month), _usage_args(month))
-        assert int(reply[2]) == 42  # read from db 5, after AUTH
-        store.close()
-        direct.close()
-        wrong = RedisStore(load_config({"redis": {
-            "url": f"redis://:nope@127.0.0.1:{server.port}/0",
-            "spoolDir": str(tmp_path)}}).redis)
-        wrong._loaded = True  # the lane's own AUTH, not the pooled client's
-        with pytest.raises(StoreError):
-            wrong.usage(_usage_keys("auth", "a", month), _usage_args(month))
-        wrong.close()
-    finally:
-        server.stop()
+    reply = store.usage(_usage_keys("auth", "a", month), _usage_args(month))
+    assert int(reply[2]) == 42  # read from db 5, after AUTH
+    store.close()
+    wrong = RedisStore(load_config({"redis": {
+        "url": f"redis://:nope@127.0.0.1:{port}/0", "spoolDir": str(tmp_path)}}).redis)
+    wrong._loaded = True  # the lane's own AUTH, not the pooled client's
+    with pytest.raises(StoreError):
+        wrong.usage(_usage_keys("auth", "a", month), _usage_args(month))
+    wrong.close()
 
 
 def test_sync_lane_over_a_unix_socket(tmp_path) -> None:
@@ -374,11 +399,7 @@ def test_sync_lane_over_tls(tmp_path) -> None:
                     "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
                    capture_output=True)
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        tls_port = sock.getsockname()[1]
+    tls_port = _free_port()
     try:
         server = start_server(args=("--tls-port", str(tls_port), "--tls-cert-file", str(cert),
                                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
@@ -399,29 +420,29 @@ def test_sync_lane_over_tls(tmp_path) -> None:
         server.stop()
 
 
-def test_sync_lane_gives_up_on_a_hung_server_within_the_timeout(tmp_path) -> None:
-    server = start_server()
-    try:
-        config = load_config({"redis": {"url": server.url, "socketTimeout": "200ms",
-                                        "retryInterval": "1s", "spoolDir": str(tmp_path)}})
-        store = RedisStore(config.redis)
-        month = time.strftime("%Y-%m", time.gmtime())
-        args = (_usage_keys("aisaas", "h", month), _usage_args(month))
-        store.usage(*args)
-        os.kill(server.process.pid, signal.SIGSTOP)
-        try:
-            started = time.monotonic()
-            with pytest.raises(StoreError):
-                store.usage(*args)
-            assert time.monotonic() - started < 1  # one timeout, not retried
-            assert len(store._lane._idle) == 0  # dropped: its state is unknown
-        finally:
-            os.kill(server.process.pid, signal.SIGCONT)
-        time.sleep(1.1)  # past retryInterval
-        assert store.usage(*args)[0] == 0  # a fresh connection, in step again
-        store.close()
-    finally:
-        server.stop()
+def test_sync_lane_gives_up_on_a_hung_server_within_the_timeout(
+        own_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config({"redis": {"url": own_server.url, "socketTimeout": "200ms",
+                                    "retryInterval": "300ms", "spoolDir": str(tmp_path)}})
+    store = RedisStore(config.redis)
+    month = time.strftime("%Y-%m", time.gmtime())
+    args = (_usage_keys("aisaas", "h", month), _usage_args(month))
+    store.usage(*args)
+    retried: list[str] = []
+    monkeypatch.setattr(store_module, "_retry_args",
+                        lambda which, a: retried.append(which) or a)
+    with frozen(own_server):
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="Timeout"):
+            store.usage(*args)
+        assert time.monotonic() - started < 5  # a hang guard, not a benchmark
+        assert retried == []  # a timeout is not retried: that would double the wait
+        assert len(store._lane._idle) == 0  # dropped: its state is unknown
+        assert store.health.is_down()
+    time.sleep(max(0.0, store.health.down_until - time.monotonic()))  # retryInterval
+    assert not store.health.is_down()
+    assert store.usage(*args)[0] == 0  # a fresh connection, in step again
+    store.close()
 
 
 def test_a_forked_child_does_not_use_the_parents_connections(
