@@ -84,9 +84,9 @@ def test_a_retried_admission_is_not_counted_twice(make_config, rclient, key_pref
     month = time.strftime("%Y-%m", time.gmtime())
     script_keys = [keys.rate_limit, keys.quota(month), keys.record, keys.api_keys]
 
-    first = store.admit(script_keys, _admit_args("req_a", month, 300))
-    again = store.admit(script_keys, _admit_args("req_a", month, 300, "retry"))
-    other = store.admit(script_keys, _admit_args("req_b", month, 300, "retry"))
+    first = store.run_script("admit", script_keys, _admit_args("req_a", month, 300))
+    again = store.run_script("admit", script_keys, _admit_args("req_a", month, 300, "retry"))
+    other = store.run_script("admit", script_keys, _admit_args("req_b", month, 300, "retry"))
 
     assert first[0] == 0 and again[0] == 0 and other[0] == 0
     assert int(rclient.get(keys.quota(month))) == 600  # req_a once, req_b once
@@ -99,8 +99,8 @@ def test_admission_in_another_month_asks_for_the_servers_month(make_config, key_
     store = RedisStore(config.redis)
     keys = KeySchema(key_prefix, 16).tenant("globex")
     stale = "1999-01"
-    reply = store.admit([keys.rate_limit, keys.quota(stale), keys.record, keys.api_keys],
-                        _admit_args("req_c", stale, 10))
+    reply = store.run_script("admit", [keys.rate_limit, keys.quota(stale), keys.record,
+                                       keys.api_keys], _admit_args("req_c", stale, 10))
     assert reply[0] == 5
     assert reply[2].decode() == time.strftime("%Y-%m", time.gmtime())
     store.close()
@@ -116,14 +116,14 @@ def test_settle_writes_all_or_nothing(make_config, rclient, key_prefix) -> None:
     event = [5, 60, 90, "request_id", "req_x", "tenant_id", "globex"]
 
     with pytest.raises(StoreRefused, match="quota counter not moved"):
-        store.settle(script_keys, event)
+        store.run_script("settle", script_keys, event)
     assert rclient.xlen(keys.stream) == 0
     assert not rclient.exists(keys.settled("req_x"))
     assert rclient.hgetall(keys.quota("2026-01")) == {"oops": "1"}  # left as it was
 
     rclient.delete(keys.quota("2026-01"))
-    entry_id = store.settle(script_keys, event)
-    assert store.settle(script_keys, event) is None  # once
+    entry_id = store.run_script("settle", script_keys, event)
+    assert store.run_script("settle", script_keys, event) is None  # once
     # The reply names the one entry written, whose fields are the event as given.
     assert rclient.xrange(keys.stream) == [(entry_id.decode(),
                                             {"request_id": "req_x", "tenant_id": "globex"})]
@@ -147,8 +147,8 @@ async def test_lane_answers_each_of_many_concurrent_calls_with_its_own_reply(
 
     async def used(i: int) -> int:
         k = schema.tenant(f"t{i % 50}")
-        reply = await store.usage([k.rate_limit, k.quota(month), k.record, k.api_keys],
-                                  _usage_args(month))
+        reply = await store.run_script(
+            "usage", [k.rate_limit, k.quota(month), k.record, k.api_keys], _usage_args(month))
         return int(reply[2])
 
     results = await asyncio.gather(*(used(i) for i in range(2000)))
@@ -167,8 +167,9 @@ async def test_a_cancelled_caller_does_not_shift_the_replies_of_others(
 
     async def used(i: int) -> int:
         k = schema.tenant(f"c{i}")
-        return int((await store.usage([k.rate_limit, k.quota(month), k.record, k.api_keys],
-                                      _usage_args(month)))[2])
+        reply = await store.run_script(
+            "usage", [k.rate_limit, k.quota(month), k.record, k.api_keys], _usage_args(month))
+        return int(reply[2])
 
     await used(0)  # connected, scripts loaded
     first = asyncio.ensure_future(used(0))
@@ -186,9 +187,9 @@ async def test_lane_reloads_scripts_after_a_script_flush(make_config, rclient, k
     month = time.strftime("%Y-%m", time.gmtime())
     k = KeySchema(key_prefix, 16).tenant("f")
     args = ([k.rate_limit, k.quota(month), k.record, k.api_keys], _usage_args(month))
-    assert (await store.usage(*args))[0] == 0
+    assert (await store.run_script("usage", *args))[0] == 0
     rclient.script_flush()
-    assert (await store.usage(*args))[0] == 0
+    assert (await store.run_script("usage", *args))[0] == 0
     await store.close()
 
 
@@ -201,13 +202,13 @@ async def test_lane_uses_the_urls_password_and_database(password_server: LocalSe
     month = time.strftime("%Y-%m", time.gmtime())
     with redis_py.Redis(port=port, password="s3cret", db=5) as direct:
         direct.set(KeySchema("auth", 16).tenant("a").quota(month), 42)
-    reply = await store.usage(_usage_keys("auth", "a", month), _usage_args(month))
+    reply = await store.run_script("usage", _usage_keys("auth", "a", month), _usage_args(month))
     assert int(reply[2]) == 42  # read from db 5, after AUTH
     await store.close()
     wrong = AsyncRedisStore(load_config({"redis": {
         "url": f"redis://:nope@127.0.0.1:{port}/0", "spoolDir": str(tmp_path)}}).redis)
     with pytest.raises(StoreError):
-        await wrong.usage(_usage_keys("auth", "a", month), _usage_args(month))
+        await wrong.run_script("usage", _usage_keys("auth", "a", month), _usage_args(month))
     await wrong.close()
 
 
@@ -218,23 +219,23 @@ async def test_lane_gives_up_on_a_hung_server_within_the_timeout(
     store = AsyncRedisStore(config.redis)
     month = time.strftime("%Y-%m", time.gmtime())
     args = (_usage_keys("aisaas", "h", month), _usage_args(month))
-    await store.usage(*args)
+    await store.run_script("usage", *args)
     retried: list[str] = []
     monkeypatch.setattr(store_module, "_retry_args",
                         lambda which, a: retried.append(which) or a)
     with frozen(own_server):
         started = time.monotonic()
-        results = await asyncio.gather(*(store.usage(*args) for _ in range(5)),
+        results = await asyncio.gather(*(store.run_script("usage", *args) for _ in range(5)),
                                        return_exceptions=True)
         assert all(isinstance(r, StoreError) for r in results), results
         assert time.monotonic() - started < 5  # a hang guard, not a benchmark
         assert retried == []  # a timeout is not retried: that would double the wait
         assert store.health.is_down()
         with pytest.raises(StoreError, match=r"not retried for 0\.3s"):
-            await store.usage(*args)  # refused at once, without dialling
+            await store.run_script("usage", *args)  # refused at once, without dialling
     await asyncio.sleep(max(0.0, store.health.down_until - time.monotonic()))  # retryInterval
     assert not store.health.is_down()
-    assert (await store.usage(*args))[0] == 0  # a fresh connection, in step again
+    assert (await store.run_script("usage", *args))[0] == 0  # a fresh connection, in step again
     await store.close()
 
 
@@ -257,7 +258,8 @@ def test_sync_lane_answers_each_of_many_threads_with_its_own_reply(
             start.wait()
             for j in range(200):
                 i = (n * 7 + j) % 20
-                reply = store.usage(_usage_keys(key_prefix, f"s{i}", month), _usage_args(month))
+                reply = store.run_script("usage", _usage_keys(key_prefix, f"s{i}", month),
+                                         _usage_args(month))
                 assert int(reply[2]) == i * 1000
         except BaseException as exc:
             errors.append(exc)
@@ -278,10 +280,10 @@ def test_sync_lane_reloads_scripts_after_a_script_flush(make_config, rclient, ke
     store = RedisStore(config.redis)
     month = time.strftime("%Y-%m", time.gmtime())
     args = (_usage_keys(key_prefix, "f", month), _usage_args(month))
-    assert store.usage(*args)[0] == 0
+    assert store.run_script("usage", *args)[0] == 0
     rclient.script_flush()
-    assert store.usage(*args)[0] == 0
-    assert store.usage(*args)[0] == 0  # loaded again once, on the lane's connection
+    assert store.run_script("usage", *args)[0] == 0
+    assert store.run_script("usage", *args)[0] == 0  # loaded again once, on the lane's connection
     store.close()
 
 
@@ -293,11 +295,12 @@ def test_sync_lane_puts_a_connection_back_after_an_error_reply(
     rclient.hset(keys.quota("2026-01"), "oops", "1")  # settle.lua refuses this counter
     script_keys = [keys.quota("2026-01"), keys.stream, keys.settled("req_r")]
     with pytest.raises(StoreRefused):
-        store.settle(script_keys, [5, 60, 60, "request_id", "req_r"])
+        store.run_script("settle", script_keys, [5, 60, 60, "request_id", "req_r"])
     assert len(store._lane._idle) == 1  # in step: kept, not dropped
     assert not store.health.is_down()
     month = time.strftime("%Y-%m", time.gmtime())
-    assert store.usage(_usage_keys(key_prefix, "g", month), _usage_args(month))[0] == 0
+    reply = store.run_script("usage", _usage_keys(key_prefix, "g", month), _usage_args(month))
+    assert reply[0] == 0
     store.close()
 
 
@@ -308,7 +311,7 @@ def test_sync_lane_retries_once_on_a_connection_the_server_closed(
     keys = KeySchema(key_prefix, 16).tenant("globex")
     month = time.strftime("%Y-%m", time.gmtime())
     script_keys = [keys.rate_limit, keys.quota(month), keys.record, keys.api_keys]
-    assert store.admit(script_keys, _admit_args("req_1", month, 10))[0] == 0
+    assert store.run_script("admit", script_keys, _admit_args("req_1", month, 10))[0] == 0
     retried: list[str] = []
     real = store_module._retry_args
 
@@ -321,7 +324,7 @@ def test_sync_lane_retries_once_on_a_connection_the_server_closed(
     assert len(idle) == 1
     port = idle[0]._sock.getsockname()[1]
     rclient.client_kill(f"127.0.0.1:{port}")  # as a restart or an idle timeout would
-    reply = store.admit(script_keys, _admit_args("req_2", month, 10))
+    reply = store.run_script("admit", script_keys, _admit_args("req_2", month, 10))
     assert reply[0] == 0 and retried == ["admit"]
     assert not store.health.is_down()
     assert int(rclient.get(keys.quota(month))) == 20  # each request counted once
@@ -347,7 +350,7 @@ def test_sync_lane_does_not_retry_a_fresh_connection_that_cannot_connect(
     lane._connect = counting_connect  # type: ignore[method-assign]
     month = time.strftime("%Y-%m", time.gmtime())
     with pytest.raises(StoreError, match="ConnectionError"):
-        store.usage(_usage_keys("x", "a", month), _usage_args(month))
+        store.run_script("usage", _usage_keys("x", "a", month), _usage_args(month))
     assert dialled == [1]  # only a connection that had worked is worth a second try
     assert store.health.is_down()
     store.close()
@@ -362,14 +365,14 @@ def test_sync_lane_uses_the_urls_password_and_database(password_server: LocalSer
     month = time.strftime("%Y-%m", time.gmtime())
     with redis_py.Redis(port=port, password="s3cret", db=5) as direct:
         direct.set(KeySchema("auth", 16).tenant("a").quota(month), 42)
-    reply = store.usage(_usage_keys("auth", "a", month), _usage_args(month))
+    reply = store.run_script("usage", _usage_keys("auth", "a", month), _usage_args(month))
     assert int(reply[2]) == 42  # read from db 5, after AUTH
     store.close()
     wrong = RedisStore(load_config({"redis": {
         "url": f"redis://:nope@127.0.0.1:{port}/0", "spoolDir": str(tmp_path)}}).redis)
     wrong._loaded = True  # the lane's own AUTH, not the pooled client's
     with pytest.raises(StoreError):
-        wrong.usage(_usage_keys("auth", "a", month), _usage_args(month))
+        wrong.run_script("usage", _usage_keys("auth", "a", month), _usage_args(month))
     wrong.close()
 
 
@@ -383,7 +386,8 @@ def test_sync_lane_over_a_unix_socket(tmp_path) -> None:
         month = time.strftime("%Y-%m", time.gmtime())
         redis_py.Redis(port=server.port, db=3).set(
             KeySchema("ux", 16).tenant("u").quota(month), 7)
-        assert int(store.usage(_usage_keys("ux", "u", month), _usage_args(month))[2]) == 7
+        reply = store.run_script("usage", _usage_keys("ux", "u", month), _usage_args(month))
+        assert int(reply[2]) == 7
         assert isinstance(store._lane._idle[0], redis_py.UnixDomainSocketConnection)
         store.close()
     finally:
@@ -413,7 +417,8 @@ def test_sync_lane_over_tls(tmp_path) -> None:
         store = RedisStore(config.redis)
         month = time.strftime("%Y-%m", time.gmtime())
         redis_py.Redis(port=server.port).set(KeySchema("tls", 16).tenant("t").quota(month), 9)
-        assert int(store.usage(_usage_keys("tls", "t", month), _usage_args(month))[2]) == 9
+        reply = store.run_script("usage", _usage_keys("tls", "t", month), _usage_args(month))
+        assert int(reply[2]) == 9
         assert isinstance(store._lane._idle[0], SSLConnection)
         store.close()
     finally:
@@ -427,21 +432,21 @@ def test_sync_lane_gives_up_on_a_hung_server_within_the_timeout(
     store = RedisStore(config.redis)
     month = time.strftime("%Y-%m", time.gmtime())
     args = (_usage_keys("aisaas", "h", month), _usage_args(month))
-    store.usage(*args)
+    store.run_script("usage", *args)
     retried: list[str] = []
     monkeypatch.setattr(store_module, "_retry_args",
                         lambda which, a: retried.append(which) or a)
     with frozen(own_server):
         started = time.monotonic()
         with pytest.raises(StoreError, match="Timeout"):
-            store.usage(*args)
+            store.run_script("usage", *args)
         assert time.monotonic() - started < 5  # a hang guard, not a benchmark
         assert retried == []  # a timeout is not retried: that would double the wait
         assert len(store._lane._idle) == 0  # dropped: its state is unknown
         assert store.health.is_down()
     time.sleep(max(0.0, store.health.down_until - time.monotonic()))  # retryInterval
     assert not store.health.is_down()
-    assert store.usage(*args)[0] == 0  # a fresh connection, in step again
+    assert store.run_script("usage", *args)[0] == 0  # a fresh connection, in step again
     store.close()
 
 
@@ -451,20 +456,20 @@ def test_a_forked_child_does_not_use_the_parents_connections(
     store = RedisStore(config.redis)
     month = time.strftime("%Y-%m", time.gmtime())
     args = (_usage_keys(key_prefix, "k", month), _usage_args(month))
-    assert store.usage(*args)[0] == 0
+    assert store.run_script("usage", *args)[0] == 0
     parents = list(store._lane._idle)
     pid = os.fork()
     if pid == 0:  # the child: a connection of its own, the parent's left alone
         code = 1
         try:
-            if len(store._lane._idle) == 0 and store.usage(*args)[0] == 0 \
+            if len(store._lane._idle) == 0 and store.run_script("usage", *args)[0] == 0 \
                     and store._lane._idle[0] is not parents[0]:
                 code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert store.usage(*args)[0] == 0  # the parent's connection is still in step
+    assert store.run_script("usage", *args)[0] == 0  # the parent's connection is still in step
     assert list(store._lane._idle) == parents
     store.close()
 
@@ -476,6 +481,7 @@ def test_the_store_without_hiredis_uses_the_pooled_client(
     store = RedisStore(config.redis)
     assert store._lane is None
     month = time.strftime("%Y-%m", time.gmtime())
-    assert store.usage(_usage_keys(key_prefix, "p", month), _usage_args(month))[0] == 0
+    reply = store.run_script("usage", _usage_keys(key_prefix, "p", month), _usage_args(month))
+    assert reply[0] == 0
     store.close()
 

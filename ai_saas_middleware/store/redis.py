@@ -285,18 +285,6 @@ class RedisStore:
         """Run ``which`` (admit | settle | usage).lua; see each script's header."""
         return self._run(which, getattr(self, "_" + which), keys, args)
 
-    def admit(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
-        """Run admit.lua; see its header for KEYS, ARGV and the reply."""
-        return list(self._run("admit", self._admit, keys, args))
-
-    def settle(self, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
-        """Run settle.lua; returns the stream entry id, or None if already settled."""
-        return self._run("settle", self._settle, keys, args)  # type: ignore[no-any-return]
-
-    def usage(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
-        """Run usage.lua (a tenant's own usage endpoint)."""
-        return list(self._run("usage", self._usage, keys, args))
-
     def call(self, *command: Any) -> Any:
         """Run one plain command (admin paths only, never the request path)."""
         self.health.check()
@@ -610,15 +598,6 @@ class AsyncRedisStore:
             sha = await lane.call(lane.pack("SCRIPT", "LOAD", script.script))
             script.sha = sha.decode() if isinstance(sha, bytes) else sha
             return await lane.call(lane.pack("EVALSHA", script.sha, len(keys), *keys, *args))
-
-    async def admit(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
-        return list(await self.run_script("admit", keys, args))
-
-    async def settle(self, keys: Sequence[str], args: Sequence[Any]) -> bytes | None:
-        return await self.run_script("settle", keys, args)  # type: ignore[no-any-return]
-
-    async def usage(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
-        return list(await self.run_script("usage", keys, args))
 
     async def call(self, *command: Any) -> Any:
         self.health.check()
