@@ -763,6 +763,22 @@ def test_admit_lua_answers_the_servers_month_when_the_caller_expects_another(
     assert keys_under(rclient, key_prefix) == []  # nothing counted against any month
 
 
+@pytest.mark.parametrize(("year", "month"), [(2026, 11), (2026, 12), (2027, 1), (2028, 2)])
+def test_a_months_bounds_are_its_first_utc_second_and_the_next_months(year: int,
+                                                                      month: int) -> None:
+    """The bounds admit.lua checks the server's clock against (December runs into the
+    next year; a leap February ends on the 29th)."""
+    from datetime import datetime, timezone
+
+    import ai_saas_middleware.gateway as core
+
+    name, start, end = core._month_bounds(year, month)
+    first = datetime(year, month, 1, tzinfo=timezone.utc)
+    following = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=timezone.utc)
+    assert (name, start, end) == (f"{year}-{month:02d}", int(first.timestamp()),
+                                  int(following.timestamp()))
+
+
 def test_an_app_server_clock_in_another_month_is_corrected_by_redis(
         gateway: Gateway, quota_used: Any, events: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
