@@ -39,17 +39,14 @@ import inspect
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import redis
 
-from ai_saas_middleware.config import RedisConfig
 from ai_saas_middleware.types import RequestInfo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -99,53 +96,26 @@ def answer_in_process(gateway: Any, *, admit: bool, settle: bool) -> None:
 
 def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
     """``--serve``: one variant under uvicorn, 1 worker, no access log."""
-    import uvicorn
-    app = oh.build_app("bare" if variant == "bare" else "middleware", redis_url, prefix)
+    app = oh.build_app("starlette", "bare" if variant == "bare" else "middleware", redis_url,
+                       prefix)
     if variant in ("no-settle", "no-redis"):
         app.middleware_stack = app.build_middleware_stack()
         answer_in_process(oh.find_gateway(app), admit=variant == "no-redis", settle=True)
-    uvicorn.run(app, host="127.0.0.1", port=port, workers=1, access_log=False,
-                log_level="warning")
+    oh.run_uvicorn(app, port)
 
 
-def served(server: oh.Server, prefix: str, seconds: int, rounds: int, connections: int,
-           load_cpu: int | None) -> dict[str, list[oh.WrkRun]]:
-    workdir = tempfile.mkdtemp(prefix="ai-saas-ceiling-")
-    script = os.path.join(workdir, "post.lua")
-    Path(script).write_text(oh.WRK_SCRIPT.format(body=oh.REQUEST_BODY.decode(),
-                                                 key=oh.API_KEY))
-    processes: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-    runs: dict[str, list[oh.WrkRun]] = {v: [] for v in SERVED_VARIANTS}
-    try:
-        for variant in SERVED_VARIANTS:
-            port = oh.free_port()
-            processes[variant] = (subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--serve", variant, "--port",
-                 str(port), "--redis-url", server.url, "--prefix", f"{prefix}{variant[:4]}"]),
-                port)
-        for process, port in processes.values():  # warm-up, not counted
-            oh.wait_listening(port, process)
-            oh.wrk(port, script, 1, connections, load_cpu, process.pid, None)
-        for i in range(rounds):
-            k = i % len(SERVED_VARIANTS)
-            for variant in SERVED_VARIANTS[k:] + SERVED_VARIANTS[:k]:
-                process, port = processes[variant]
-                runs[variant].append(oh.wrk(port, script, seconds, connections, load_cpu,
-                                            process.pid, None))
-    finally:
-        oh.stop_servers([process for process, _port in processes.values()], signal.SIGINT)
-        shutil.rmtree(workdir, ignore_errors=True)
-    return runs
+def serve_args(prefix: str, variant: str) -> list[str]:
+    return [os.path.abspath(__file__), "--serve", variant, "--prefix", f"{prefix}{variant[:4]}"]
 
 
 def in_process_flask(redis_url: str, prefix: str, requests: int, block: int
                      ) -> dict[str, oh.Samples]:
-    apps = {v: oh.build_framework_app("flask", "bare" if v == "bare" else "middleware",
-                                      redis_url, f"{prefix}{v[:4]}")
+    apps = {v: oh.build_app("flask", "bare" if v == "bare" else "middleware", redis_url,
+                            f"{prefix}{v[:4]}")
             for v in ("bare", "middleware", "no-admit", "no-redis")}
-    answer_in_process(oh.find_wsgi_gateway(apps["no-admit"]), admit=True, settle=False)
-    answer_in_process(oh.find_wsgi_gateway(apps["no-redis"]), admit=True, settle=True)
-    gateway = oh.find_wsgi_gateway(apps["middleware"])
+    answer_in_process(oh.find_gateway(apps["no-admit"]), admit=True, settle=False)
+    answer_in_process(oh.find_gateway(apps["no-redis"]), admit=True, settle=True)
+    gateway = oh.find_gateway(apps["middleware"])
     info = RequestInfo("POST", oh.AI_PATH, {"content-type": "application/json",
                                                "authorization": f"Bearer {oh.API_KEY}"},
                           oh.REQUEST_BODY)
@@ -157,28 +127,17 @@ def in_process_flask(redis_url: str, prefix: str, requests: int, block: int
         plan.request_id = f"req_ceiling{next(ids):012x}"
         return gateway.store.run_script(*gateway._admit_call(plan))
 
-    cfg = RedisConfig()
-    floor_client = redis.Redis.from_url(redis_url, socket_timeout=cfg.socket_timeout_s,
-                                        socket_connect_timeout=cfg.connect_timeout_s,
-                                        health_check_interval=0)
-    floor_script = floor_client.register_script("return 1")
+    floor_client, floor_script = oh.floor_script(redis.Redis, redis_url)
     floor_script()
-    calls = {"admit": admit,
-             "floor": lambda: floor_script(keys=[], args=[])}
+    run = oh.wsgi_run(apps, {"admit": admit,
+                             "floor": lambda: floor_script(keys=[], args=[])})
     samples = {v: oh.Samples() for v in WSGI_VARIANTS}
     try:
         for variant in WSGI_VARIANTS:  # warm-up
-            if variant in calls:
-                oh.drive_sync_calls(calls[variant], 500, None)
-            else:
-                oh.drive_wsgi(apps[variant], oh.AI_ENVIRON, oh.REQUEST_BODY, 500, None)
-        for _ in range(max(1, requests // block)):
+            run(variant, 500, None)
+        for _ in range(max(1, requests // block)):  # always in this order
             for variant in WSGI_VARIANTS:
-                if variant in calls:
-                    oh.drive_sync_calls(calls[variant], block, samples[variant])
-                else:
-                    oh.drive_wsgi(apps[variant], oh.AI_ENVIRON, oh.REQUEST_BODY, block,
-                                  samples[variant])
+                run(variant, block, samples[variant])
     finally:
         floor_client.close()
     return samples
@@ -205,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.requests, args.block, args.served_seconds, args.rounds = 1000, 250, 1, 1
-    cpu = oh.pin(args.cpu)
-    load_cpu = args.load_cpu if cpu is not None and args.load_cpu != cpu else None
+    _cpu, load_cpu = oh.pin(args.cpu, args.load_cpu)
     prefix = "ceil" + uuid.uuid4().hex[:8]
     with oh.redis_server(None) as server:
         admin = redis.Redis.from_url(server.url)
@@ -231,28 +189,26 @@ def main(argv: list[str] | None = None) -> int:
                   f"The admission round trip in place (as shipped minus admission answered "
                   f"in process): {in_place:.1f} us = {in_place / floor:.2f}x the floor.")
             if shutil.which("wrk"):
-                if load_cpu is not None and server.pid is not None:
-                    os.sched_setaffinity(server.pid, {load_cpu})  # Redis beside wrk
-                runs = served(server, prefix + "s", args.served_seconds, args.rounds,
-                              args.connections, load_cpu)
+                srv = oh.served(partial(serve_args, prefix + "s"), SERVED_VARIANTS, server,
+                                [oh.Placement("Redis beside wrk", load_cpu)],
+                                args.served_seconds, args.rounds, args.connections, load_cpu,
+                                signal.SIGINT)
+                place = srv["placements"][0]
                 print(f"\n## Served: uvicorn (1 worker), wrk -t1 -c{args.connections}, "
                       f"{args.served_seconds} s x {args.rounds} rounds interleaved, Redis "
                       f"beside wrk\n")
                 print("| app | req/s | vs bare | uvicorn CPU us/req |")
                 print("|---|---:|---:|---:|")
-                base = oh.med([r.rps for r in runs["bare"]])
+                base = place["median_rps"]["bare"]
                 for variant in SERVED_VARIANTS:
-                    rps = oh.med([r.rps for r in runs[variant]])
-                    cpu_us = oh.med([r.app_cpu_us for r in runs[variant]])
+                    rps = place["median_rps"][variant]
                     print(f"| {LABELS[variant]} | {rps:.0f} | {rps / base:.2f}x | "
-                          f"{cpu_us:.0f} |")
+                          f"{place['app_cpu_us'][variant]:.0f} |")
             else:
                 print("\nwrk not on PATH: served part skipped", file=sys.stderr)
         finally:
-            oh.delete_keys(admin, f"{prefix}*")
+            oh.clean_up(admin, prefix)
             admin.close()
-            for path in Path(tempfile.gettempdir()).glob(f"ai-saas-spool-{prefix}*"):
-                shutil.rmtree(path, ignore_errors=True)
     return 0
 
 

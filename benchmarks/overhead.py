@@ -88,8 +88,10 @@ import tempfile
 import time
 import types
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -111,13 +113,54 @@ REQUEST_BODY = json.dumps({
 }, separators=(",", ":")).encode()
 HUGE = 1_000_000_000  # requests/min and tokens/month: never refused in a run
 NON_AI_REQUESTS = 1000
-
-VARIANTS = ("bare", "middleware", "slowapi", "floor", "conn")
-SERVED = ("bare", "middleware", "slowapi")
+DJANGO_URLCONF = "ai_saas_bench_urls"
 Scope = dict[str, Any]
 Message = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]],
                     Callable[[Message], Awaitable[None]]], Awaitable[None]]
+Environ = dict[str, Any]
+WSGIApp = Callable[[Environ, Callable[..., Any]], Any]
+
+
+@dataclass(frozen=True)
+class Framework:
+    name: str
+    ours: str  # our adapter
+    peer: str | None  # the framework's usual Redis-backed rate limiter
+    # Commands the peer's own Lua script runs (Redis counts them; they are not round trips)
+    peer_script_commands: frozenset[str]
+    server: str  # the served run's app server
+    asgi: bool  # driven as an ASGI app (else as WSGI), floor on redis.asyncio
+    reference: str | None  # the label of the dedicated-connection EVALSHA, if measured
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The apps measured: bare, + our middleware, + the peer if there is one."""
+        return ("bare", "middleware", *(("peer",) if self.peer else ()))
+
+    @property
+    def floor_client(self) -> str:
+        return "redis.asyncio client" if self.asgi else "redis-py sync client"
+
+
+UVICORN = "uvicorn (1 worker, --no-access-log)"
+GUNICORN = "gunicorn (1 sync worker)"
+LIMITS_SCRIPT = frozenset({"incrby", "expire"})  # limits' incr_expire.lua (fixed window)
+FRAMEWORKS = {
+    "starlette": Framework("Starlette", "AISaaSMiddleware", "slowapi", LIMITS_SCRIPT, UVICORN,
+                           True, "reference: same EVALSHA, one dedicated redis.asyncio "
+                                 "connection"),
+    "flask": Framework("Flask", "AISaaS (Flask extension)", "flask-limiter", LIMITS_SCRIPT,
+                       GUNICORN, False,
+                       "reference: same EVALSHA, one dedicated socket (hiredis)"),
+    "django": Framework("Django (WSGI)", "AISaaSMiddleware", "django-ratelimit",
+                        frozenset({"exists", "incrby"}),  # django-redis's incr() script
+                        GUNICORN, False,
+                        "reference: same EVALSHA, one dedicated socket (hiredis)"),
+    # django-ratelimit has no async decorator: no peer on the ASGI path
+    "django-asgi": Framework("Django (ASGI)", "AISaaSMiddleware", None, frozenset(), UVICORN,
+                             True, None),
+}
 
 
 # --------------------------------------------------------------------------- the apps
@@ -146,7 +189,28 @@ def spool_dir(prefix: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"ai-saas-spool-{prefix}")
 
 
-def build_app(variant: str, redis_url: str, prefix: str) -> Any:
+def chat_reply(model: str) -> dict[str, Any]:
+    """What every framework's endpoint answers."""
+    return {
+        "id": "chatcmpl-bench", "object": "chat.completion", "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "Hello, benchmark."}}],
+        "usage": {"prompt_tokens": 21, "completion_tokens": 4, "total_tokens": 25},
+    }
+
+
+def build_app(framework: str, variant: str, redis_url: str, prefix: str) -> Any:
+    """The app of one framework and variant (``bare``, ``middleware`` or ``peer``)."""
+    if variant not in FRAMEWORKS[framework].variants:
+        raise ValueError(f"no {framework} app for variant {variant!r}")
+    if framework == "starlette":
+        return build_starlette_app(variant, redis_url, prefix)
+    if framework == "flask":
+        return build_flask_app(variant, redis_url, prefix)
+    return build_django_app(variant, redis_url, prefix, asynchronous=framework == "django-asgi")
+
+
+def build_starlette_app(variant: str, redis_url: str, prefix: str) -> Any:
     """The Starlette app of one variant; the endpoint is the same function in all."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -156,13 +220,7 @@ def build_app(variant: str, redis_url: str, prefix: str) -> Any:
 
     async def chat(request: Request) -> JSONResponse:
         body = await request.json()
-        return JSONResponse({
-            "id": "chatcmpl-bench", "object": "chat.completion",
-            "model": body.get("model", "model-small"),
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "Hello, benchmark."}}],
-            "usage": {"prompt_tokens": 21, "completion_tokens": 4, "total_tokens": 25},
-        })
+        return JSONResponse(chat_reply(body.get("model", "model-small")))
 
     async def health(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
@@ -173,7 +231,7 @@ def build_app(variant: str, redis_url: str, prefix: str) -> Any:
     if variant == "middleware":
         from ai_saas_middleware.starlette import AISaaSMiddleware
         middleware.append(Middleware(AISaaSMiddleware, config=bench_config(redis_url, prefix)))
-    elif variant == "slowapi":
+    elif variant == "peer":
         from slowapi import Limiter
 
         def api_key(request: Request) -> str:
@@ -181,8 +239,6 @@ def build_app(variant: str, redis_url: str, prefix: str) -> Any:
 
         limiter = Limiter(key_func=api_key, storage_uri=redis_url, key_prefix=prefix)
         endpoint = limiter.limit(f"{HUGE}/minute")(chat)
-    elif variant != "bare":
-        raise ValueError(f"no app for variant {variant!r}")
     app = Starlette(routes=[Route(AI_PATH, endpoint, methods=["POST"]),
                             Route(PLAIN_PATH, health)],
                     middleware=middleware)
@@ -194,7 +250,122 @@ def build_app(variant: str, redis_url: str, prefix: str) -> Any:
     return app
 
 
-# --------------------------------------------------------------------------- harness
+def build_flask_app(variant: str, redis_url: str, prefix: str) -> Any:
+    """The Flask app of one variant; the view is the same function in all."""
+    from flask import Flask, request
+
+    app = Flask(__name__)
+
+    def chat() -> Any:
+        body = request.get_json()
+        return chat_reply(body.get("model", "model-small"))
+
+    def health() -> str:
+        return "ok"
+
+    view: Any = chat
+    if variant == "middleware":
+        from ai_saas_middleware.flask import AISaaS
+        AISaaS(app, config=bench_config(redis_url, prefix))
+    elif variant == "peer":
+        from flask_limiter import Limiter
+
+        def api_key() -> str:
+            return request.headers.get("Authorization", "anonymous")
+
+        limiter = Limiter(api_key, app=app, storage_uri=redis_url, key_prefix=prefix)
+        view = limiter.limit(f"{HUGE}/minute")(chat)
+    app.add_url_rule(AI_PATH, "chat", view, methods=["POST"])
+    app.add_url_rule(PLAIN_PATH, "health", health)
+    return app
+
+
+def setup_django(redis_url: str, prefix: str) -> None:
+    """Django settings for the benchmark (once per process): no database, no middleware
+    but the variant's, the peer's cache on this Redis."""
+    import django
+    from django.conf import settings
+    from django.http import HttpRequest, HttpResponse, JsonResponse
+    from django.urls import path
+    from django_ratelimit.decorators import ratelimit
+
+    if settings.configured:
+        return
+    settings.configure(
+        DEBUG=False, ALLOWED_HOSTS=["*"], SECRET_KEY="benchmark-only", USE_TZ=True,
+        ROOT_URLCONF=DJANGO_URLCONF, MIDDLEWARE=[], INSTALLED_APPS=[], DATABASES={},
+        CACHES={"default": {"BACKEND": "django_redis.cache.RedisCache",
+                            "LOCATION": redis_url, "KEY_PREFIX": f"{prefix}dj"}},
+        RATELIMIT_USE_CACHE="default", LOGGING_CONFIG=None)
+    django.setup()
+
+    def chat(request: HttpRequest) -> HttpResponse:
+        body = json.loads(request.body)
+        return JsonResponse(chat_reply(body.get("model", "model-small")))
+
+    async def chat_async(request: HttpRequest) -> HttpResponse:
+        body = json.loads(request.body)
+        return JsonResponse(chat_reply(body.get("model", "model-small")))
+
+    def health(request: HttpRequest) -> HttpResponse:
+        return HttpResponse("ok", content_type="text/plain")
+
+    async def health_async(request: HttpRequest) -> HttpResponse:
+        return HttpResponse("ok", content_type="text/plain")
+
+    limited = ratelimit(key="header:authorization", rate=f"{HUGE}/m", block=True)(chat)
+    # One URLconf per variant, all with the same paths; a handler picks its own (below).
+    for name, views in {"": (chat, health), "_peer": (limited, health),
+                        "_async": (chat_async, health_async)}.items():
+        module = types.ModuleType(DJANGO_URLCONF + name)
+        module.urlpatterns = [path(AI_PATH[1:], views[0]),  # type: ignore[attr-defined]
+                              path(PLAIN_PATH[1:], views[1])]
+        sys.modules[DJANGO_URLCONF + name] = module
+
+
+def build_django_app(variant: str, redis_url: str, prefix: str, asynchronous: bool) -> Any:
+    """The Django WSGI (or ASGI) handler of one variant, with its own middleware list."""
+    from django.core.handlers.asgi import ASGIHandler
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.test.utils import override_settings
+
+    setup_django(redis_url, prefix)
+    urlconf = DJANGO_URLCONF + ("_async" if asynchronous else
+                                "_peer" if variant == "peer" else "")
+    middleware = ["ai_saas_middleware.django.AISaaSMiddleware"] if variant == "middleware" else []
+    base: Any = ASGIHandler if asynchronous else WSGIHandler
+
+    class Handler(base):  # type: ignore[misc, valid-type]
+        def get_response(self, request: Any) -> Any:  # every variant pays this alike
+            request.urlconf = urlconf
+            return super().get_response(request)
+
+        async def get_response_async(self, request: Any) -> Any:
+            request.urlconf = urlconf
+            return await super().get_response_async(request)
+
+    with override_settings(MIDDLEWARE=middleware,
+                           AI_SAAS={"CONFIG": bench_config(redis_url, prefix)}):
+        return Handler()  # the middleware chain (and our gateway) is built now
+
+
+def find_gateway(app: Any) -> Any:
+    """The gateway inside a built app (a Starlette middleware stack, a Flask app's
+    extension, a Django handler's middleware chain), if any."""
+    ext = getattr(app, "extensions", {}).get("ai_saas")
+    if ext is not None:
+        return ext.gateway
+    node = getattr(app, "middleware_stack", None) or getattr(app, "_middleware_chain", None)
+    while node is not None:
+        if hasattr(node, "gateway"):
+            return node.gateway
+        # Starlette: the next app; Django: the wrapped middleware instance, its next one
+        node = (getattr(node, "app", None) or getattr(node, "__wrapped__", None)
+                or getattr(node, "get_response", None))
+    return None
+
+
+# --------------------------------------------------------------------------- ASGI harness
 
 def ai_scope() -> Scope:
     return {
@@ -253,14 +424,22 @@ class Samples:
     whole_ns: list[int] = field(default_factory=list)
 
 
-async def drive(app: ASGIApp, make_scope: Callable[[], Scope], body: bytes,
-                count: int, samples: Samples | None) -> None:
+Run = Callable[[str, int, Samples | None], None]  # a block: variant, requests, samples or None
+
+
+async def drive(app: ASGIApp, make_scope: Callable[[], Scope], body: bytes, count: int,
+                samples: Samples | None,
+                settle: Callable[[], Awaitable[None]] | None = None) -> None:
+    """``count`` requests through an ASGI app: client-visible until the final body message
+    was sent, whole call until the app returned and ``settle`` (if any) is done."""
     perf = time.perf_counter_ns
     for _ in range(count):
         scope = make_scope()
         call = Call(body)
         start = perf()
         await app(scope, call.receive, call.send)
+        if settle is not None:
+            await settle()
         end = perf()
         if call.status != 200:
             raise RuntimeError(f"status {call.status}: {b''.join(call.chunks)[:300]!r}")
@@ -279,475 +458,6 @@ async def drive_calls(one: Callable[[], Awaitable[Any]], count: int,
         if samples is not None:
             samples.client_ns.append(end - start)
             samples.whole_ns.append(end - start)
-
-
-# --------------------------------------------------------------------------- Redis side
-
-def commandstats(client: redis.Redis) -> dict[str, int]:
-    info = client.info("commandstats")
-    return {name[len("cmdstat_"):]: int(stat["calls"]) for name, stat in info.items()}
-
-
-def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    out = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)}
-    return {k: v for k, v in out.items() if v}
-
-
-def commands_inside_scripts() -> set[str]:
-    """Commands the package's Lua scripts run: Redis counts them too, but they are not
-    round trips."""
-    import ai_saas_middleware.store.redis as store
-    names: set[str] = set()
-    for path in Path(store.__file__).with_name("lua").glob("*.lua"):
-        names |= {m.lower() for m in re.findall(r"redis\.p?call\(\s*'(\w+)'",
-                                                path.read_text())}
-    return names
-
-
-def stream_entries(client: redis.Redis, prefix: str) -> int:
-    return sum(int(client.xlen(key)) for key in client.scan_iter(match=f"{prefix}:*:usage"))
-
-
-def delete_keys(client: redis.Redis, pattern: str) -> None:
-    batch: list[Any] = []
-    for key in client.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            client.unlink(*batch)
-            batch = []
-    if batch:
-        client.unlink(*batch)
-
-
-@dataclass
-class Server:
-    url: str
-    note: str
-    pid: int | None  # ours to pin, or None
-
-
-@contextlib.contextmanager
-def redis_server(url: str | None) -> Iterator[Server]:
-    """The given URL, or a private server on a free loopback port (stopped after)."""
-    if url:
-        yield Server(url, "given by --redis-url (pin it yourself)", None)
-        return
-    from ai_saas_middleware.embedded import start_server
-    server = start_server()
-    try:
-        yield Server(server.url, f"{server.name} started by this script",
-                     server.process.pid)
-    finally:
-        server.stop()
-
-
-# --------------------------------------------------------------------------- statistics
-
-def pct(values: list[int], q: float) -> float:
-    """The q-th percentile (nearest rank), in microseconds."""
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, -(-len(ordered) * q // 100) - 1))
-    return ordered[int(rank)] / 1000
-
-
-def med(values: list[Any]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    mid = n // 2
-    return float(ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2)
-
-
-# --------------------------------------------------------------------------- in-process
-
-async def in_process(redis_url: str, prefix: str, requests: int, block: int,
-                     warmup: int) -> dict[str, Any]:
-    apps = {v: build_app(v, redis_url, f"{prefix}{v[:2]}") for v in SERVED}
-    cfg = RedisConfig()  # the middleware's default timeouts
-    floor_client = redis.asyncio.Redis.from_url(
-        redis_url, socket_timeout=cfg.socket_timeout_s,
-        socket_connect_timeout=cfg.connect_timeout_s, health_check_interval=0)
-    floor_script = floor_client.register_script("return 1")
-    conn_pool = redis.asyncio.ConnectionPool.from_url(
-        redis_url, socket_timeout=None, socket_connect_timeout=cfg.connect_timeout_s)
-    conn = conn_pool.make_connection()
-    await conn.connect()
-    await floor_script()  # loaded, so both send EVALSHA only
-    evalsha = b"".join(conn.pack_command("EVALSHA", floor_script.sha, 0))
-    timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
-
-    async def floor() -> Any:
-        return await floor_script(keys=[], args=[])
-
-    async def dedicated() -> Any:
-        if timeout is None:
-            await conn.send_packed_command(evalsha, check_health=False)
-            return await conn.read_response()
-        async with timeout(cfg.socket_timeout_s):
-            await conn.send_packed_command(evalsha, check_health=False)
-            return await conn.read_response()
-
-    calls = {"floor": floor, "conn": dedicated}
-    admin = redis.Redis.from_url(redis_url)
-    admin.ping()
-
-    async def run(variant: str, count: int, samples: Samples | None) -> None:
-        if variant in calls:
-            await drive_calls(calls[variant], count, samples)
-        else:
-            await drive(apps[variant], ai_scope, REQUEST_BODY, count, samples)
-
-    for variant in VARIANTS:  # connections, script loads, caches: all before measuring
-        await run(variant, warmup, None)
-
-    samples = {v: Samples() for v in VARIANTS}
-    stats: dict[str, int] = {}
-    snapshots = 0
-    blocks = max(1, requests // block)
-    for i in range(blocks):
-        k = i % len(VARIANTS)
-        for variant in VARIANTS[k:] + VARIANTS[:k]:  # rotate who goes first
-            if variant != "middleware":
-                await run(variant, block, samples[variant])
-                continue
-            before = commandstats(admin)
-            await run(variant, block, samples[variant])  # settlement is awaited in-call
-            after = commandstats(admin)
-            snapshots += 1
-            for name, calls_made in delta(before, after).items():
-                stats[name] = stats.get(name, 0) + calls_made
-    stats["info"] = stats.get("info", 0) - snapshots  # our own INFO calls
-    stats = {k: v for k, v in stats.items() if v}
-    measured = blocks * block
-
-    # A non-AI request through the middleware app: no Redis command at all.
-    before = commandstats(admin)
-    await drive(apps["middleware"], plain_scope, b"", NON_AI_REQUESTS, None)
-    after = commandstats(admin)
-    non_ai = delta(before, after)
-    non_ai["info"] = non_ai.get("info", 0) - 1
-    non_ai = {k: v for k, v in non_ai.items() if v}
-
-    inside = commands_inside_scripts()
-    top_level = {k: v for k, v in stats.items() if k not in inside}
-    entries = stream_entries(admin, f"{prefix}mi")
-    gateway = find_gateway(apps["middleware"])
-    if gateway is not None:
-        await gateway.close()
-    await floor_client.aclose()
-    await conn.disconnect()
-    admin.close()
-    return {
-        "samples": samples,
-        "measured_ai_requests": measured,
-        "ai_requests_through_middleware": measured + warmup,
-        "stream_entries": entries,
-        "commandstats": stats,
-        "round_trip_commands": top_level,
-        "round_trips_per_request": sum(top_level.values()) / measured,
-        "non_ai_commands": non_ai,
-    }
-
-
-def find_gateway(app: Any) -> Any:
-    """The AsyncGateway inside a built Starlette middleware stack, if any."""
-    node = getattr(app, "middleware_stack", None)
-    while node is not None:
-        if hasattr(node, "gateway"):
-            return node.gateway
-        node = getattr(node, "app", None)
-    return None
-
-
-# --------------------------------------------------------------------------- served
-
-WRK_SCRIPT = """\
-wrk.method = "POST"
-wrk.body = [[{body}]]
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {key}"
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def serve(variant: str, port: int, redis_url: str, prefix: str) -> None:
-    """``--serve``: one variant under uvicorn, 1 worker, no access log."""
-    import uvicorn
-    uvicorn.run(build_app(variant, redis_url, prefix), host="127.0.0.1", port=port,
-                workers=1, access_log=False, log_level="warning")
-
-
-def wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"uvicorn on port {port} exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"uvicorn did not listen on port {port} within {timeout_s}s")
-
-
-def stop_servers(processes: list[subprocess.Popen[bytes]], sig: signal.Signals) -> None:
-    """Signal every app server, then wait for each (killed after 10 s)."""
-    for process in processes:
-        process.send_signal(sig)
-    for process in processes:
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a process so far (Linux), else 0."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError, TypeError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class WrkRun:
-    rps: float
-    requests: int
-    app_cpu_us: float  # uvicorn's CPU time per request
-    redis_cpu_us: float  # redis-server's CPU time per request (0 when not ours)
-
-
-def wrk(port: int, script: str, seconds: int, connections: int, load_cpu: int | None,
-        app_pid: int, redis_pid: int | None) -> WrkRun:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", script,
-           f"http://127.0.0.1:{port}{AI_PATH}"]
-    if load_cpu is not None and shutil.which("taskset"):
-        cmd = ["taskset", "-c", str(load_cpu), *cmd]
-    app0, redis0 = cpu_seconds(app_pid), cpu_seconds(redis_pid)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    app1, redis1 = cpu_seconds(app_pid), cpu_seconds(redis_pid)
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"served run had errors on port {port}:\n{out}")
-    rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    total = re.search(r"(\d+) requests in", out)
-    if rps is None or total is None:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    n = max(1, int(total.group(1)))
-    return WrkRun(float(rps.group(1)), n, (app1 - app0) / n * 1e6,
-                  (redis1 - redis0) / n * 1e6)
-
-
-@dataclass
-class Placement:
-    name: str
-    redis_cpu: int | None
-
-
-def served(server: Server, prefix: str, placements: list[Placement], seconds: int,
-           rounds: int, connections: int, load_cpu: int | None) -> dict[str, Any]:
-    workdir = tempfile.mkdtemp(prefix="ai-saas-bench-")
-    script = os.path.join(workdir, "post.lua")
-    Path(script).write_text(WRK_SCRIPT.format(body=REQUEST_BODY.decode(), key=API_KEY))
-    processes: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-    counted: dict[str, int] = dict.fromkeys(SERVED, 0)  # responses wrk saw, per variant
-    results: list[dict[str, Any]] = []
-    original = (os.sched_getaffinity(server.pid)
-                if server.pid is not None and hasattr(os, "sched_getaffinity") else None)
-    try:
-        for variant in SERVED:
-            port = free_port()
-            process = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--serve", variant,
-                 "--port", str(port), "--redis-url", server.url,
-                 "--prefix", f"{prefix}s{variant[:2]}"])
-            processes[variant] = (process, port)
-        for place in placements:
-            if place.redis_cpu is not None and server.pid is not None:
-                os.sched_setaffinity(server.pid, {place.redis_cpu})
-            runs: dict[str, list[WrkRun]] = {v: [] for v in SERVED}
-            for variant, (process, port) in processes.items():  # warm-up, not counted
-                wait_listening(port, process)
-                counted[variant] += wrk(port, script, 1, connections, load_cpu, process.pid,
-                                        server.pid).requests
-            for i in range(rounds):
-                k = i % len(SERVED)
-                for variant in SERVED[k:] + SERVED[:k]:
-                    process, port = processes[variant]
-                    run = wrk(port, script, seconds, connections, load_cpu, process.pid,
-                              server.pid)
-                    counted[variant] += run.requests
-                    runs[variant].append(run)
-            results.append({
-                "placement": place.name,
-                "rps": {v: [r.rps for r in runs[v]] for v in SERVED},
-                "median_rps": {v: med([r.rps for r in runs[v]]) for v in SERVED},
-                "app_cpu_us": {v: med([r.app_cpu_us for r in runs[v]]) for v in SERVED},
-                "redis_cpu_us": {v: med([r.redis_cpu_us for r in runs[v]]) for v in SERVED},
-            })
-    finally:
-        stop_servers([process for process, _port in processes.values()], signal.SIGINT)
-        if original is not None and server.pid is not None:
-            os.sched_setaffinity(server.pid, original)
-        shutil.rmtree(workdir, ignore_errors=True)
-    client = redis.Redis.from_url(server.url)
-    entries = stream_entries(client, f"{prefix}smi")
-    client.close()
-    return {"placements": results, "seconds": seconds, "rounds": rounds,
-            "connections": connections, "middleware_responses": counted["middleware"],
-            "middleware_stream_entries": entries}
-
-
-# =========================================================================== Flask, Django
-#
-# The same endpoint, the same method, on the WSGI frameworks (and Django's ASGI path):
-# bare, + our middleware, + the framework's usual Redis-backed rate limiter (the peer),
-# and the floor: one EVALSHA with the client of that path (redis-py's sync client on
-# WSGI; redis.asyncio on Django's ASGI path), in the same interleaved run.
-
-FRAMEWORKS = ("starlette", "flask", "django", "django-asgi")
-PEERS = {"flask": "flask-limiter", "django": "django-ratelimit"}
-# Commands the peers' own Lua scripts run (Redis counts them; they are not round trips):
-# limits' incr_expire.lua (flask-limiter's fixed window) and django-redis's incr() script.
-PEER_SCRIPT_COMMANDS = {"flask": {"incrby", "expire"}, "django": {"exists", "incrby"}}
-APP_VARIANTS = {"flask": ("bare", "middleware", "peer"),
-                "django": ("bare", "middleware", "peer"),
-                # django-ratelimit has no async decorator: no peer on the ASGI path
-                "django-asgi": ("bare", "middleware")}
-DJANGO_URLCONF = "ai_saas_bench_urls"
-Environ = dict[str, Any]
-WSGIApp = Callable[[Environ, Callable[..., Any]], Any]
-
-
-def chat_reply(model: str) -> dict[str, Any]:
-    """What every framework's endpoint answers (the Starlette one's JSON)."""
-    return {
-        "id": "chatcmpl-bench", "object": "chat.completion", "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": "Hello, benchmark."}}],
-        "usage": {"prompt_tokens": 21, "completion_tokens": 4, "total_tokens": 25},
-    }
-
-
-def build_flask_app(variant: str, redis_url: str, prefix: str) -> Any:
-    """The Flask app of one variant; the view is the same function in all."""
-    from flask import Flask, request
-
-    app = Flask(__name__)
-
-    def chat() -> Any:
-        body = request.get_json()
-        return chat_reply(body.get("model", "model-small"))
-
-    def health() -> str:
-        return "ok"
-
-    view: Any = chat
-    if variant == "middleware":
-        from ai_saas_middleware.flask import AISaaS
-        AISaaS(app, config=bench_config(redis_url, prefix))
-    elif variant == "peer":
-        from flask_limiter import Limiter
-
-        def api_key() -> str:
-            return request.headers.get("Authorization", "anonymous")
-
-        limiter = Limiter(api_key, app=app, storage_uri=redis_url, key_prefix=prefix)
-        view = limiter.limit(f"{HUGE}/minute")(chat)
-    elif variant != "bare":
-        raise ValueError(f"no Flask app for variant {variant!r}")
-    app.add_url_rule(AI_PATH, "chat", view, methods=["POST"])
-    app.add_url_rule(PLAIN_PATH, "health", health)
-    return app
-
-
-def setup_django(redis_url: str, prefix: str) -> None:
-    """Django settings for the benchmark (once per process): no database, no middleware
-    but the variant's, the peer's cache on this Redis."""
-    import django
-    from django.conf import settings
-    from django.http import HttpRequest, HttpResponse, JsonResponse
-    from django.urls import path
-    from django_ratelimit.decorators import ratelimit
-
-    if settings.configured:
-        return
-    settings.configure(
-        DEBUG=False, ALLOWED_HOSTS=["*"], SECRET_KEY="benchmark-only", USE_TZ=True,
-        ROOT_URLCONF=DJANGO_URLCONF, MIDDLEWARE=[], INSTALLED_APPS=[], DATABASES={},
-        CACHES={"default": {"BACKEND": "django_redis.cache.RedisCache",
-                            "LOCATION": redis_url, "KEY_PREFIX": f"{prefix}dj"}},
-        RATELIMIT_USE_CACHE="default", LOGGING_CONFIG=None)
-    django.setup()
-
-    def chat(request: HttpRequest) -> HttpResponse:
-        body = json.loads(request.body)
-        return JsonResponse(chat_reply(body.get("model", "model-small")))
-
-    async def chat_async(request: HttpRequest) -> HttpResponse:
-        body = json.loads(request.body)
-        return JsonResponse(chat_reply(body.get("model", "model-small")))
-
-    def health(request: HttpRequest) -> HttpResponse:
-        return HttpResponse("ok", content_type="text/plain")
-
-    async def health_async(request: HttpRequest) -> HttpResponse:
-        return HttpResponse("ok", content_type="text/plain")
-
-    limited = ratelimit(key="header:authorization", rate=f"{HUGE}/m", block=True)(chat)
-    # One URLconf per variant, all with the same paths; a handler picks its own (below).
-    for name, views in {"": (chat, health), "_peer": (limited, health),
-                        "_async": (chat_async, health_async)}.items():
-        module = types.ModuleType(DJANGO_URLCONF + name)
-        module.urlpatterns = [path(AI_PATH[1:], views[0]),  # type: ignore[attr-defined]
-                              path(PLAIN_PATH[1:], views[1])]
-        sys.modules[DJANGO_URLCONF + name] = module
-
-
-def build_django_app(variant: str, redis_url: str, prefix: str,
-                     asynchronous: bool = False) -> Any:
-    """The Django WSGI (or ASGI) handler of one variant, with its own middleware list."""
-    from django.core.handlers.asgi import ASGIHandler
-    from django.core.handlers.wsgi import WSGIHandler
-    from django.test.utils import override_settings
-
-    setup_django(redis_url, prefix)
-    urlconf = DJANGO_URLCONF + ("_async" if asynchronous else
-                                "_peer" if variant == "peer" else "")
-    middleware = []
-    if variant == "middleware":
-        middleware = ["ai_saas_middleware.django.AISaaSMiddleware"]
-    elif variant not in ("bare", "peer") or (asynchronous and variant == "peer"):
-        raise ValueError(f"no Django app for variant {variant!r}")
-    base: Any = ASGIHandler if asynchronous else WSGIHandler
-
-    class Handler(base):  # type: ignore[misc, valid-type]
-        def get_response(self, request: Any) -> Any:  # every variant pays this alike
-            request.urlconf = urlconf
-            return super().get_response(request)
-
-        async def get_response_async(self, request: Any) -> Any:
-            request.urlconf = urlconf
-            return await super().get_response_async(request)
-
-    with override_settings(MIDDLEWARE=middleware,
-                           AI_SAAS={"CONFIG": bench_config(redis_url, prefix)}):
-        return Handler()  # the middleware chain (and our gateway) is built now
-
-
-def build_framework_app(framework: str, variant: str, redis_url: str, prefix: str) -> Any:
-    if framework == "flask":
-        return build_flask_app(variant, redis_url, prefix)
-    if framework == "django":
-        return build_django_app(variant, redis_url, prefix)
-    if framework == "django-asgi":
-        return build_django_app(variant, redis_url, prefix, asynchronous=True)
-    raise ValueError(f"unknown framework {framework!r}")
 
 
 # --------------------------------------------------------------------------- WSGI harness
@@ -824,6 +534,16 @@ def drive_sync_calls(one: Callable[[], Any], count: int, samples: Samples | None
             samples.whole_ns.append(end - start)
 
 
+def wsgi_run(apps: dict[str, WSGIApp], calls: dict[str, Callable[[], Any]]) -> Run:
+    """Run a block of one variant: a call of ``calls``, else AI requests to its app."""
+    def run(variant: str, count: int, samples: Samples | None) -> None:
+        if variant in calls:
+            drive_sync_calls(calls[variant], count, samples)
+        else:
+            drive_wsgi(apps[variant], AI_ENVIRON, REQUEST_BODY, count, samples)
+    return run
+
+
 class DedicatedConnection:
     """The reference: EVALSHA down one socket of its own, packed and parsed by hiredis,
     with the middleware's socket timeout; no pool, no per-call Python packing."""
@@ -854,168 +574,239 @@ class DedicatedConnection:
         self.sock.close()
 
 
-# --------------------------------------------------------------------------- in-process
+# --------------------------------------------------------------------------- Redis side
 
-def find_wsgi_gateway(app: Any) -> Any:
-    """The gateway inside a built Flask app or Django handler, if any."""
-    ext = getattr(app, "extensions", {}).get("ai_saas")
-    if ext is not None:
-        return ext.gateway
-    node = getattr(app, "_middleware_chain", None)  # Django: wrapped middleware instances
-    while node is not None:
-        if hasattr(node, "gateway"):
-            return node.gateway
-        node = getattr(node, "__wrapped__", None) or getattr(node, "get_response", None)
-    return None
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    info = client.info("commandstats")
+    return {name[len("cmdstat_"):]: int(stat["calls"]) for name, stat in info.items()}
 
 
-def in_process_wsgi(framework: str, redis_url: str, prefix: str, requests: int, block: int,
-                    warmup: int) -> dict[str, Any]:
-    """Flask or Django (WSGI) in-process; the same interleaving as the Starlette part."""
-    served_variants = APP_VARIANTS[framework]
-    apps = {v: build_framework_app(framework, v, redis_url, f"{prefix}{v[:2]}")
-            for v in served_variants}
-    cfg = RedisConfig()  # the middleware's default timeouts
-    floor_client = redis.Redis.from_url(
+def commands_during(admin: redis.Redis, action: Callable[[], Any]) -> dict[str, int]:
+    """The commands Redis ran while ``action`` ran (INFO commandstats deltas), but for
+    the INFO that took the first snapshot."""
+    before = commandstats(admin)
+    action()
+    after = commandstats(admin)
+    out = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)}
+    out["info"] = out.get("info", 0) - 1
+    return {k: v for k, v in out.items() if v}
+
+
+def commands_inside_scripts() -> set[str]:
+    """Commands the package's Lua scripts run: Redis counts them too, but they are not
+    round trips."""
+    import ai_saas_middleware.store.redis as store
+    names: set[str] = set()
+    for path in Path(store.__file__).with_name("lua").glob("*.lua"):
+        names |= {m.lower() for m in re.findall(r"redis\.p?call\(\s*'(\w+)'",
+                                                path.read_text())}
+    return names
+
+
+def stream_entries(client: redis.Redis, prefix: str) -> int:
+    return sum(int(client.xlen(key)) for key in client.scan_iter(match=f"{prefix}:*:usage"))
+
+
+def delete_keys(client: redis.Redis, pattern: str) -> None:
+    batch: list[Any] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            client.unlink(*batch)
+            batch = []
+    if batch:
+        client.unlink(*batch)
+
+
+def clean_up(admin: redis.Redis, prefix: str) -> list[str]:
+    """Delete a run's keys (slowapi's too: LIMITS:LIMITER/<prefix>/...) and spool
+    directories; the files spooled, with a warning if any."""
+    delete_keys(admin, f"*{prefix}*")
+    spooled: list[str] = []
+    for path in Path(tempfile.gettempdir()).glob(f"ai-saas-spool-{prefix}*"):
+        spooled += [p.name for p in path.iterdir()]
+        shutil.rmtree(path, ignore_errors=True)
+    if spooled:
+        print(f"WARNING: usage events were spooled during the run: {spooled}",
+              file=sys.stderr)
+    return spooled
+
+
+@dataclass
+class Server:
+    url: str
+    note: str
+    pid: int | None  # ours to pin, or None
+
+
+@contextlib.contextmanager
+def redis_server(url: str | None) -> Iterator[Server]:
+    """The given URL, or a private server on a free loopback port (stopped after)."""
+    if url:
+        yield Server(url, "given by --redis-url (pin it yourself)", None)
+        return
+    from ai_saas_middleware.embedded import start_server
+    server = start_server()
+    try:
+        yield Server(server.url, f"{server.name} started by this script",
+                     server.process.pid)
+    finally:
+        server.stop()
+
+
+def floor_script(client_class: Any, redis_url: str) -> tuple[Any, Any]:
+    """The floor's client (pooled, the middleware's default timeouts) and its
+    ``return 1`` script (load it before measuring, so that only EVALSHA is sent)."""
+    cfg = RedisConfig()
+    client = client_class.from_url(
         redis_url, socket_timeout=cfg.socket_timeout_s,
         socket_connect_timeout=cfg.connect_timeout_s, health_check_interval=0)
-    floor_script = floor_client.register_script("return 1")
-    floor_script()  # loaded, so both send EVALSHA only
-    conn = DedicatedConnection(redis_url, cfg.socket_timeout_s)
+    return client, client.register_script("return 1")
 
-    def floor() -> Any:
-        return floor_script(keys=[], args=[])
 
-    def dedicated() -> Any:
-        return conn.call("EVALSHA", floor_script.sha, 0)
+# --------------------------------------------------------------------------- statistics
 
-    calls = {"floor": floor, "conn": dedicated}
-    variants = (*served_variants, "floor", "conn")
-    admin = redis.Redis.from_url(redis_url)
-    admin.ping()
+def pct(values: list[int], q: float) -> float:
+    """The q-th percentile (nearest rank), in microseconds."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, -(-len(ordered) * q // 100) - 1))
+    return ordered[int(rank)] / 1000
+
+
+def med(values: list[Any]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    mid = n // 2
+    return float(ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2)
+
+
+# --------------------------------------------------------------------------- in-process
+
+def asgi_runner(framework: str, apps: dict[str, Any], redis_url: str
+                ) -> tuple[Run, Callable[[], None], Callable[[], None]]:
+    """Starlette or Django's ASGI handler, on one event loop: how to run a block of a
+    variant, the non-AI requests, and the clean-up."""
+    from ai_saas_middleware.bodies import wait_for_settlements
+    loop = asyncio.new_event_loop()
+    client, script = floor_script(redis.asyncio.Redis, redis_url)
+    loop.run_until_complete(script())
+
+    async def floor() -> Any:
+        return await script(keys=[], args=[])
+
+    calls = {"floor": floor}
+    conns = []
+    if FRAMEWORKS[framework].reference:
+        cfg = RedisConfig()
+        pool = redis.asyncio.ConnectionPool.from_url(
+            redis_url, socket_timeout=None, socket_connect_timeout=cfg.connect_timeout_s)
+        conn = pool.make_connection()
+        conns.append(conn)
+        loop.run_until_complete(conn.connect())
+        evalsha = b"".join(conn.pack_command("EVALSHA", script.sha, 0))
+        timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+        async def dedicated() -> Any:
+            if timeout is None:
+                await conn.send_packed_command(evalsha, check_health=False)
+                return await conn.read_response()
+            async with timeout(cfg.socket_timeout_s):
+                await conn.send_packed_command(evalsha, check_health=False)
+                return await conn.read_response()
+
+        calls["conn"] = dedicated
+    # Django settles in a task of its own after the response (the client does not wait
+    # on it): the whole call waits for it too. Starlette's settles within the call.
+    settle = wait_for_settlements if framework == "django-asgi" else None
 
     def run(variant: str, count: int, samples: Samples | None) -> None:
         if variant in calls:
-            drive_sync_calls(calls[variant], count, samples)
+            loop.run_until_complete(drive_calls(calls[variant], count, samples))
         else:
-            drive_wsgi(apps[variant], AI_ENVIRON, REQUEST_BODY, count, samples)
+            loop.run_until_complete(drive(apps[variant], ai_scope, REQUEST_BODY, count,
+                                          samples, settle))
 
-    return interleave(variants, run, admin, apps, requests, block, warmup,
-                      lambda app: drive_wsgi(app, PLAIN_ENVIRON, b"", NON_AI_REQUESTS, None),
-                      prefix, cleanup=lambda: (floor_client.close(), conn.close()))
+    def non_ai() -> None:
+        loop.run_until_complete(drive(apps["middleware"], plain_scope, b"", NON_AI_REQUESTS,
+                                      None, settle))
 
-
-def in_process_asgi_django(redis_url: str, prefix: str, requests: int, block: int,
-                           warmup: int) -> dict[str, Any]:
-    """Django's ASGI path in-process: the ASGI harness of the Starlette part."""
-    apps = {v: build_framework_app("django-asgi", v, redis_url, f"{prefix}{v[:2]}")
-            for v in APP_VARIANTS["django-asgi"]}
-    from ai_saas_middleware.bodies import wait_for_settlements
-    loop = asyncio.new_event_loop()
-    cfg = RedisConfig()
-    floor_client = redis.asyncio.Redis.from_url(
-        redis_url, socket_timeout=cfg.socket_timeout_s,
-        socket_connect_timeout=cfg.connect_timeout_s, health_check_interval=0)
-    floor_script = floor_client.register_script("return 1")
-    loop.run_until_complete(floor_script())
-
-    async def drive_django(app: ASGIApp, make_scope: Callable[[], Scope], body: bytes,
-                           count: int, samples: Samples | None) -> None:
-        # Django settles in a task of its own after the response (the client does not
-        # wait on it): the whole call waits for it too.
-        perf = time.perf_counter_ns
-        for _ in range(count):
-            call = Call(body)
-            start = perf()
-            await app(make_scope(), call.receive, call.send)
-            await wait_for_settlements()
-            end = perf()
-            if call.status != 200:
-                raise RuntimeError(f"status {call.status}: {b''.join(call.chunks)[:300]!r}")
-            if samples is not None:
-                samples.client_ns.append(call.ended_ns - start)
-                samples.whole_ns.append(end - start)
-
-    async def floor() -> Any:
-        return await floor_script(keys=[], args=[])
-
-    variants = (*APP_VARIANTS["django-asgi"], "floor")
-    admin = redis.Redis.from_url(redis_url)
-    admin.ping()
-
-    def run(variant: str, count: int, samples: Samples | None) -> None:
-        if variant == "floor":
-            loop.run_until_complete(drive_calls(floor, count, samples))
-        else:
-            loop.run_until_complete(drive_django(apps[variant], ai_scope, REQUEST_BODY,
-                                                 count, samples))
-
-    def non_ai(app: Any) -> None:
-        loop.run_until_complete(drive_django(app, plain_scope, b"", NON_AI_REQUESTS, None))
-
-    def cleanup() -> None:
-        gateway = find_wsgi_gateway(apps["middleware"])
+    def close() -> None:
+        gateway = find_gateway(apps["middleware"])
         if gateway is not None:
             loop.run_until_complete(gateway.close())
-        loop.run_until_complete(floor_client.aclose())
+        loop.run_until_complete(client.aclose())
+        for conn in conns:
+            loop.run_until_complete(conn.disconnect())
         loop.close()
 
-    return interleave(variants, run, admin, apps, requests, block, warmup, non_ai, prefix,
-                      cleanup=cleanup, close_gateway=False)
+    return run, non_ai, close
 
 
-def interleave(variants: tuple[str, ...], run: Callable[[str, int, Samples | None], None],
-               admin: redis.Redis, apps: dict[str, Any], requests: int, block: int,
-               warmup: int, non_ai: Callable[[Any], None], prefix: str,
-               cleanup: Callable[[], Any], close_gateway: bool = True) -> dict[str, Any]:
+def wsgi_runner(framework: str, apps: dict[str, Any], redis_url: str
+                ) -> tuple[Run, Callable[[], None], Callable[[], None]]:
+    """Flask or Django's WSGI handler: how to run a block of a variant, the non-AI
+    requests, and the clean-up."""
+    client, script = floor_script(redis.Redis, redis_url)
+    script()
+    conn = DedicatedConnection(redis_url, RedisConfig().socket_timeout_s)
+
+    def floor() -> Any:
+        return script(keys=[], args=[])
+
+    def dedicated() -> Any:
+        return conn.call("EVALSHA", script.sha, 0)
+
+    def non_ai() -> None:
+        drive_wsgi(apps["middleware"], PLAIN_ENVIRON, b"", NON_AI_REQUESTS, None)
+
+    def close() -> None:
+        gateway = find_gateway(apps["middleware"])
+        if gateway is not None:
+            gateway.close()
+        client.close()
+        conn.close()
+
+    return wsgi_run(apps, {"floor": floor, "conn": dedicated}), non_ai, close
+
+
+def in_process(framework: str, redis_url: str, prefix: str, requests: int, block: int,
+               warmup: int) -> dict[str, Any]:
     """Warm-up, then blocks of each variant round-robin (the first rotating), Redis's
     commandstats around every middleware and peer block; then the non-AI check."""
+    fw = FRAMEWORKS[framework]
+    apps = {v: build_app(framework, v, redis_url, f"{prefix}{v[:2]}") for v in fw.variants}
+    run, non_ai, close = (asgi_runner if fw.asgi else wsgi_runner)(framework, apps, redis_url)
+    variants = (*fw.variants, "floor", *(("conn",) if fw.reference else ()))
+    admin = redis.Redis.from_url(redis_url)
+    admin.ping()
     for variant in variants:  # connections, script loads, caches: all before measuring
         run(variant, warmup, None)
     samples = {v: Samples() for v in variants}
-    stats: dict[str, dict[str, int]] = {"middleware": {}, "peer": {}}
-    snapshots = dict.fromkeys(stats, 0)
+    stats: dict[str, Counter[str]] = {"middleware": Counter(), "peer": Counter()}
     blocks = max(1, requests // block)
     for i in range(blocks):
         k = i % len(variants)
         for variant in variants[k:] + variants[:k]:
-            if variant not in stats:
-                run(variant, block, samples[variant])
-                continue
-            before = commandstats(admin)
-            run(variant, block, samples[variant])  # settlement happens in-call
-            after = commandstats(admin)
-            snapshots[variant] += 1
-            for name, calls_made in delta(before, after).items():
-                stats[variant][name] = stats[variant].get(name, 0) + calls_made
-    for variant in stats:
-        stats[variant]["info"] = stats[variant].get("info", 0) - snapshots[variant]
-        stats[variant] = {k: v for k, v in stats[variant].items() if v}
+            block_run = partial(run, variant, block, samples[variant])
+            if variant in stats:  # settlement happens in-call
+                stats[variant].update(commands_during(admin, block_run))
+            else:
+                block_run()
     measured = blocks * block
+    non_ai_commands = commands_during(admin, non_ai)
 
-    before = commandstats(admin)
-    non_ai(apps["middleware"])
-    after = commandstats(admin)
-    non_ai_commands = delta(before, after)
-    non_ai_commands["info"] = non_ai_commands.get("info", 0) - 1
-    non_ai_commands = {k: v for k, v in non_ai_commands.items() if v}
-
-    inside = commands_inside_scripts()
-    top_level = {k: v for k, v in stats["middleware"].items() if k not in inside}
+    top_level = {k: v for k, v in stats["middleware"].items()
+                 if k not in commands_inside_scripts()}
     entries = stream_entries(admin, f"{prefix}mi")
-    if close_gateway:
-        gateway = find_wsgi_gateway(apps["middleware"])
-        if gateway is not None:
-            gateway.close()
-    cleanup()
+    close()
     admin.close()
     return {
         "samples": samples,
         "measured_ai_requests": measured,
         "ai_requests_through_middleware": measured + warmup,
         "stream_entries": entries,
-        "commandstats": stats["middleware"],
-        "peer_commandstats": stats["peer"],
+        "commandstats": dict(stats["middleware"]),
+        "peer_commandstats": dict(stats["peer"]),
         "round_trip_commands": top_level,
         "round_trips_per_request": sum(top_level.values()) / measured,
         "non_ai_commands": non_ai_commands,
@@ -1024,15 +815,33 @@ def interleave(variants: tuple[str, ...], run: Callable[[str, int, Samples | Non
 
 # --------------------------------------------------------------------------- served
 
-def serve_app(spec: str, port: int, redis_url: str, prefix: str) -> None:
-    """``--serve-app FRAMEWORK/VARIANT``: gunicorn (1 sync worker) for a WSGI app,
-    uvicorn (1 worker) for Django's ASGI handler; no access log either way."""
+WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_uvicorn(app: Any, port: int) -> None:
+    """uvicorn, 1 worker, no access log."""
+    import uvicorn
+    uvicorn.run(app, host="127.0.0.1", port=port, workers=1, access_log=False,
+                log_level="warning", lifespan="off")
+
+
+def serve(spec: str, port: int, redis_url: str, prefix: str) -> None:
+    """``--serve FRAMEWORK/VARIANT``: uvicorn for an ASGI app, gunicorn (1 sync worker)
+    for a WSGI one; no access log either way."""
     framework, variant = spec.split("/")
-    if framework == "django-asgi":
-        import uvicorn
-        uvicorn.run(build_framework_app(framework, variant, redis_url, prefix),
-                    host="127.0.0.1", port=port, workers=1, access_log=False,
-                    log_level="warning", lifespan="off")
+    if FRAMEWORKS[framework].asgi:
+        run_uvicorn(build_app(framework, variant, redis_url, prefix), port)
         return
     from gunicorn.app.base import BaseApplication
 
@@ -1047,9 +856,28 @@ def serve_app(spec: str, port: int, redis_url: str, prefix: str) -> None:
                     self.cfg.set(key, value)
 
         def load(self) -> Any:  # in the worker, after the fork
-            return build_framework_app(framework, variant, redis_url, prefix)
+            return build_app(framework, variant, redis_url, prefix)
 
     Gunicorn().run()
+
+
+def serve_args(framework: str, prefix: str, variant: str) -> list[str]:
+    """How this script serves one app (``--serve``)."""
+    return [os.path.abspath(__file__), "--serve", f"{framework}/{variant}",
+            "--prefix", f"{prefix}s{variant[:2]}"]
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app server on port {port} exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"app server did not listen on port {port} within {timeout_s}s")
 
 
 def worker_pid(pid: int) -> int:
@@ -1064,100 +892,184 @@ def worker_pid(pid: int) -> int:
     return pid
 
 
-def served_framework(framework: str, server: Server, prefix: str, seconds: int, rounds: int,
-                     connections: int, load_cpu: int | None) -> dict[str, Any]:
-    """Each variant under its real server (pinned as this process is), wrk on
-    ``load_cpu``, Redis beside the app server; the Starlette part's rounds and medians."""
-    variants = APP_VARIANTS[framework]
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (Linux), else 0."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class WrkRun:
+    rps: float
+    requests: int
+    app_cpu_us: float  # the app server's CPU time per request
+    redis_cpu_us: float  # redis-server's CPU time per request (0 when not ours)
+
+
+def wrk(port: int, script: str, seconds: int, connections: int, load_cpu: int | None,
+        app_pid: int, redis_pid: int | None) -> WrkRun:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", script,
+           f"http://127.0.0.1:{port}{AI_PATH}"]
+    if load_cpu is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(load_cpu), *cmd]
+    app0, redis0 = cpu_seconds(app_pid), cpu_seconds(redis_pid)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    app1, redis1 = cpu_seconds(app_pid), cpu_seconds(redis_pid)
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"served run had errors on port {port}:\n{out}")
+    rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if rps is None or total is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    n = max(1, int(total.group(1)))
+    return WrkRun(float(rps.group(1)), n, (app1 - app0) / n * 1e6,
+                  (redis1 - redis0) / n * 1e6)
+
+
+@dataclass
+class Placement:
+    name: str
+    redis_cpu: int | None  # the CPU to move our redis-server to, or None: leave it
+
+
+def placements(framework: str, server: Server, cpu: int | None, load_cpu: int | None,
+               quick: bool) -> list[Placement]:
+    """Where Redis runs in a served run: beside the app server; for Starlette, in a full
+    run with our own redis-server, also beside wrk (the nearer picture of a Redis on
+    another machine)."""
+    if framework != "starlette":
+        return [Placement("Redis beside the app server", None)]
+    if server.pid is None:
+        return [Placement("Redis as given (not pinned here)", None)]
+    if cpu is None:
+        return [Placement("unpinned", None)]
+    return [Placement(f"Redis beside uvicorn (CPU {cpu})", cpu),
+            *([Placement(f"Redis beside wrk (CPU {load_cpu})", load_cpu)]
+              if not quick and load_cpu is not None else [])]
+
+
+def served(serve_args: Callable[[str], list[str]], variants: tuple[str, ...], server: Server,
+           placements: list[Placement], seconds: int, rounds: int, connections: int,
+           load_cpu: int | None, stop: signal.Signals) -> dict[str, Any]:
+    """Each variant under its app server (``python *serve_args(variant) --port P
+    --redis-url U``, pinned as this process is), wrk on ``load_cpu``: for each Redis
+    placement a warm-up, then ``rounds`` interleaved runs; medians. ``stop`` is the
+    signal that stops an app server (uvicorn: INT; gunicorn: TERM lets the worker
+    finish the request in hand, INT would interrupt it)."""
     workdir = tempfile.mkdtemp(prefix="ai-saas-bench-")
     script = os.path.join(workdir, "post.lua")
     Path(script).write_text(WRK_SCRIPT.format(body=REQUEST_BODY.decode(), key=API_KEY))
-    processes: dict[str, tuple[subprocess.Popen[bytes], int, int]] = {}
-    counted: dict[str, int] = dict.fromkeys(variants, 0)
+    processes: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    counted: dict[str, int] = dict.fromkeys(variants, 0)  # responses wrk saw, per variant
+    results: list[dict[str, Any]] = []
+    original = (os.sched_getaffinity(server.pid)
+                if server.pid is not None and hasattr(os, "sched_getaffinity") else None)
     try:
         for variant in variants:
             port = free_port()
-            process = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--serve-app",
-                 f"{framework}/{variant}", "--port", str(port), "--redis-url", server.url,
-                 "--prefix", f"{prefix}s{variant[:2]}"])
-            processes[variant] = (process, port, process.pid)
-        for variant, (process, port, _) in list(processes.items()):
-            wait_listening(port, process, timeout_s=60)
-            processes[variant] = (process, port, worker_pid(process.pid))
-        runs: dict[str, list[WrkRun]] = {v: [] for v in variants}
-        for variant, (_process, port, pid) in processes.items():  # warm-up, not counted
-            counted[variant] += wrk(port, script, 1, connections, load_cpu, pid,
-                                    server.pid).requests
-        for i in range(rounds):
-            k = i % len(variants)
-            for variant in variants[k:] + variants[:k]:
-                process, port, pid = processes[variant]
-                run = wrk(port, script, seconds, connections, load_cpu, pid, server.pid)
-                counted[variant] += run.requests
-                runs[variant].append(run)
+            processes[variant] = (subprocess.Popen(
+                [sys.executable, *serve_args(variant), "--port", str(port),
+                 "--redis-url", server.url]), port)
+        pids = {}
+        for variant, (process, port) in processes.items():
+            wait_listening(port, process)
+            pids[variant] = worker_pid(process.pid)
+        for place in placements:
+            if place.redis_cpu is not None and server.pid is not None:
+                os.sched_setaffinity(server.pid, {place.redis_cpu})
+            runs: dict[str, list[WrkRun]] = {v: [] for v in variants}
+            for variant, (_process, port) in processes.items():  # warm-up, not counted
+                counted[variant] += wrk(port, script, 1, connections, load_cpu,
+                                        pids[variant], server.pid).requests
+            for i in range(rounds):
+                k = i % len(variants)
+                for variant in variants[k:] + variants[:k]:
+                    run = wrk(processes[variant][1], script, seconds, connections, load_cpu,
+                              pids[variant], server.pid)
+                    counted[variant] += run.requests
+                    runs[variant].append(run)
+            results.append({
+                "placement": place.name,
+                "rps": {v: [r.rps for r in runs[v]] for v in variants},
+                "median_rps": {v: med([r.rps for r in runs[v]]) for v in variants},
+                "app_cpu_us": {v: med([r.app_cpu_us for r in runs[v]]) for v in variants},
+                "redis_cpu_us": {v: med([r.redis_cpu_us for r in runs[v]]) for v in variants},
+            })
     finally:
-        # gunicorn: TERM lets the worker finish the request in hand (INT would interrupt
-        # it); uvicorn: INT, as in the Starlette part.
-        stop_servers([process for process, _port, _pid in processes.values()],
-                     signal.SIGINT if framework == "django-asgi" else signal.SIGTERM)
+        for process, _port in processes.values():
+            process.send_signal(stop)
+        for process, _port in processes.values():
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if original is not None and server.pid is not None:
+            os.sched_setaffinity(server.pid, original)
         shutil.rmtree(workdir, ignore_errors=True)
-    client = redis.Redis.from_url(server.url)
-    entries = stream_entries(client, f"{prefix}smi")
-    client.close()
-    return {"variants": variants, "seconds": seconds, "rounds": rounds,
-            "connections": connections,
-            "rps": {v: [r.rps for r in runs[v]] for v in variants},
-            "median_rps": {v: med([r.rps for r in runs[v]]) for v in variants},
-            "app_cpu_us": {v: med([r.app_cpu_us for r in runs[v]]) for v in variants},
-            "redis_cpu_us": {v: med([r.redis_cpu_us for r in runs[v]]) for v in variants},
-            "middleware_responses": counted["middleware"],
-            "middleware_stream_entries": entries}
+    return {"placements": results, "seconds": seconds, "rounds": rounds,
+            "connections": connections, "responses": counted}
 
 
 # --------------------------------------------------------------------------- report
 
-FRAMEWORK_NAMES = {"flask": "Flask", "django": "Django (WSGI)",
-                   "django-asgi": "Django (ASGI)"}
-MIDDLEWARE_NAMES = {"flask": "AISaaS (Flask extension)", "django": "AISaaSMiddleware",
-                    "django-asgi": "AISaaSMiddleware"}
-SERVERS = {"flask": "gunicorn (1 sync worker)", "django": "gunicorn (1 sync worker)",
-           "django-asgi": "uvicorn (1 worker, --no-access-log)"}
-FLOORS = {"flask": "redis-py sync client", "django": "redis-py sync client",
-          "django-asgi": "redis.asyncio client"}
+def timing_row(label: str, values: list[int], bare: list[int] | None = None
+               ) -> tuple[str, float, float, float | None, float | None]:
+    """label, median, p99 (us), and both minus the bare endpoint's (``bare``), if given."""
+    m, p = med(values) / 1000, pct(values, 99)
+    if bare is None:
+        return label, m, p, None, None
+    return label, m, p, m - med(bare) / 1000, p - pct(bare, 99)
 
 
-def report_framework(framework: str, res: dict[str, Any], srv: dict[str, Any] | None
-                     ) -> tuple[list[str], dict[str, Any]]:
-    """One framework's tables (markdown lines) and figures."""
+def signed(x: float | None) -> str:
+    return "" if x is None else f"{x:+.1f}"
+
+
+def ok(good: bool) -> str:
+    return "met" if good else "**missed**"
+
+
+def report(framework: str, res: dict[str, Any], srv: dict[str, Any] | None
+           ) -> tuple[list[str], dict[str, Any]]:
+    """One framework's tables (markdown lines) and figures. Starlette's keep the layout
+    they were first published in (benchmarks/README.md): its bare row and slowapi's are
+    whole calls, its served table has a Redis placement column and targets of its own."""
+    fw = FRAMEWORKS[framework]
+    starlette = framework == "starlette"
     s = res["samples"]
     n = res["measured_ai_requests"]
-    name, ours = FRAMEWORK_NAMES[framework], MIDDLEWARE_NAMES[framework]
-    peer = PEERS.get(framework)
-    bare_c, bare_w = med(s["bare"].client_ns) / 1000, med(s["bare"].whole_ns) / 1000
-    bare_c99, bare_w99 = pct(s["bare"].client_ns, 99), pct(s["bare"].whole_ns, 99)
+    bare = s["bare"]
     floor = med(s["floor"].whole_ns) / 1000
-    rows: list[tuple[str, float, float, float | None, float | None]] = []
+    if starlette:
+        rows = [timing_row(f"bare {fw.name} endpoint", bare.whole_ns)]
+    else:
+        rows = [timing_row(f"bare {fw.name} endpoint, client-visible", bare.client_ns),
+                timing_row(f"bare {fw.name} endpoint, whole call", bare.whole_ns)]
+    rows.append(timing_row(f"+ {fw.ours}, client-visible", s["middleware"].client_ns,
+                           bare.client_ns))
+    added_client = rows[-1][3] or 0.0
+    rows.append(timing_row(f"+ {fw.ours}, whole call (settlement included)",
+                           s["middleware"].whole_ns, bare.whole_ns))
+    added_peer = None
+    if starlette:
+        rows.append(timing_row(f"+ {fw.peer}, Redis storage", s["peer"].whole_ns,
+                               bare.whole_ns))
+    elif fw.peer:
+        rows.append(timing_row(f"+ {fw.peer}, Redis storage, client-visible",
+                               s["peer"].client_ns, bare.client_ns))
+        added_peer = rows[-1][3]
+    rows.append(timing_row(f"floor: one EVALSHA `return 1`, {fw.floor_client}",
+                           s["floor"].whole_ns))
+    if fw.reference:
+        rows.append(timing_row(fw.reference, s["conn"].whole_ns))
 
-    def row(label: str, values: list[int], base: float | None = None,
-            base99: float | None = None) -> None:
-        m, p = med(values) / 1000, pct(values, 99)
-        rows.append((label, m, p, None if base is None else m - base,
-                     None if base99 is None else p - base99))
-
-    row(f"bare {name} endpoint, client-visible", s["bare"].client_ns)
-    row(f"bare {name} endpoint, whole call", s["bare"].whole_ns)
-    row(f"+ {ours}, client-visible", s["middleware"].client_ns, bare_c, bare_c99)
-    row(f"+ {ours}, whole call (settlement included)", s["middleware"].whole_ns,
-        bare_w, bare_w99)
-    if peer:
-        row(f"+ {peer}, Redis storage, client-visible", s["peer"].client_ns, bare_c,
-            bare_c99)
-    row(f"floor: one EVALSHA `return 1`, {FLOORS[framework]}", s["floor"].whole_ns)
-    if "conn" in s:
-        row("reference: same EVALSHA, one dedicated socket (hiredis)", s["conn"].whole_ns)
-    added_client = rows[2][3] or 0.0
-    added_peer = rows[4][3] if peer else None
+    stats, peer_stats = res["commandstats"], res["peer_commandstats"]
+    inside, peer_inside = commands_inside_scripts(), fw.peer_script_commands
+    peer_trips = sum(v for k, v in peer_stats.items() if k not in peer_inside) / n
     targets: dict[str, Any] = {
         "client_visible_added_us": added_client,
         "floor_us": floor,
@@ -1165,83 +1077,103 @@ def report_framework(framework: str, res: dict[str, Any], srv: dict[str, Any] | 
         "peer_client_visible_added_us": added_peer,
         "peer_added_over_floor": None if added_peer is None else added_peer / floor,
         "round_trips_per_ai_request": res["round_trips_per_request"],
+        "peer_round_trips_per_ai_request": peer_trips if fw.peer else None,
         "non_ai_redis_commands": sum(res["non_ai_commands"].values()),
         "stream_entries_equal_ai_requests":
             res["stream_entries"] == res["ai_requests_through_middleware"],
     }
-    out = [f"# {name}\n",
-           f"## In-process: {n} requests per variant, interleaved in blocks (us)\n",
+
+    out = [f"## In-process: {n} requests per variant, interleaved in blocks (us)\n",
            "| variant | median | p99 | added median | added p99 |",
            "|---|---:|---:|---:|---:|"]
-    out += [f"| {label} | {m:.1f} | {p:.1f} | {fmt(am, True)} | {fmt(ap, True)} |"
+    out += [f"| {label} | {m:.1f} | {p:.1f} | {signed(am)} | {signed(ap)} |"
             for label, m, p, am, ap in rows]
-    out.append("\nadded = variant minus the bare endpoint, client-visible minus "
-               "client-visible, whole call minus whole call (median minus median, p99 "
-               "minus p99).")
-    out.append(f"\n## Redis commands per AI request (INFO commandstats, {n} measured "
-               "requests of each)\n")
-    inside = commands_inside_scripts()
-    peer_stats = res["peer_commandstats"]
-    peer_inside = PEER_SCRIPT_COMMANDS.get(framework, set())
+    if starlette:
+        out.append("\nadded = variant minus the bare endpoint (median minus median, p99 "
+                   "minus p99); the bare figure is its whole call (client-visible: "
+                   f"{med(bare.client_ns) / 1000:.1f}).")
+        out.append(f"\n## Redis commands per AI request (INFO commandstats, {n} measured "
+                   "middleware requests)\n")
+        out.append("| command | per request | a round trip? |")
+        out.append("|---|---:|---|")
+        for command, calls in sorted(stats.items(), key=lambda kv: (kv[0] in inside, kv[0])):
+            out.append(f"| {command} | {calls / n:.3f} | "
+                       f"{'no: run by Redis inside a script' if command in inside else 'yes'} |")
+    else:
+        out.append("\nadded = variant minus the bare endpoint, client-visible minus "
+                   "client-visible, whole call minus whole call (median minus median, p99 "
+                   "minus p99).")
+        out.append(f"\n## Redis commands per AI request (INFO commandstats, {n} measured "
+                   "requests of each)\n")
 
-    def cell(stats: dict[str, int], command: str, scripted: set[str]) -> str:
-        calls = stats.get(command, 0)
-        if not calls:
-            return ""
-        return f"{calls / n:.3f}" + (" (in a script)" if command in scripted else "")
+        def cell(side: dict[str, int], command: str, scripted: frozenset[str] | set[str]
+                 ) -> str:
+            calls = side.get(command, 0)
+            if not calls:
+                return ""
+            return f"{calls / n:.3f}" + (" (in a script)" if command in scripted else "")
 
-    columns = [f"{ours}, per request"] + ([f"{peer}, per request"] if peer else [])
-    out.append(f"| command | {' | '.join(columns)} |")
-    out.append("|---|" + "---:|" * len(columns))
-    def is_round_trip(command: str) -> bool:
-        return ((command in res["commandstats"] and command not in inside)
-                or (command in peer_stats and command not in peer_inside))
+        def is_round_trip(command: str) -> bool:
+            return ((command in stats and command not in inside)
+                    or (command in peer_stats and command not in peer_inside))
 
-    for command in sorted(set(res["commandstats"]) | set(peer_stats),
-                          key=lambda c: (not is_round_trip(c), c)):
-        cells = [cell(res["commandstats"], command, inside)]
-        if peer:
-            cells.append(cell(peer_stats, command, peer_inside))
-        out.append(f"| {command} | {' | '.join(cells)} |")
-    peer_trips = sum(v for k, v in peer_stats.items() if k not in peer_inside) / n
-    targets["peer_round_trips_per_ai_request"] = peer_trips if peer else None
-    out.append("\n*(in a script)*: run by Redis inside that side's Lua script, so not a "
-               "round trip of its own.")
+        columns = [f"{fw.ours}, per request"] + ([f"{fw.peer}, per request"] if fw.peer else [])
+        out.append(f"| command | {' | '.join(columns)} |")
+        out.append("|---|" + "---:|" * len(columns))
+        for command in sorted(set(stats) | set(peer_stats),
+                              key=lambda c: (not is_round_trip(c), c)):
+            cells = [cell(stats, command, inside)]
+            if fw.peer:
+                cells.append(cell(peer_stats, command, peer_inside))
+            out.append(f"| {command} | {' | '.join(cells)} |")
+        out.append("\n*(in a script)*: run by Redis inside that side's Lua script, so not "
+                   "a round trip of its own.")
     out.append(f"\nRound trips per AI request: {res['round_trips_per_request']:.3f}"
-               + (f" ({peer}: {peer_trips:.3f})" if peer else "") + ". "
-               f"Commands caused by {NON_AI_REQUESTS} non-AI requests through the same app: "
-               f"{targets['non_ai_redis_commands']}"
+               + (f" ({fw.peer}: {peer_trips:.3f})" if fw.peer and not starlette else "")
+               + f". Commands caused by {NON_AI_REQUESTS} non-AI requests through the same "
+               f"app: {targets['non_ai_redis_commands']}"
                + (f" {res['non_ai_commands']}" if res["non_ai_commands"] else "")
                + f". Usage events written: {res['stream_entries']} for "
                f"{res['ai_requests_through_middleware']} AI requests (warm-up included).")
-    if srv is not None:
-        variants = srv["variants"]
-        mr = srv["median_rps"]
-        out.append(f"\n## Served: {SERVERS[framework]}, wrk -t1 -c{srv['connections']}, "
-                   f"{srv['seconds']} s x {srv['rounds']} rounds interleaved, medians\n")
-        out.append("| app | req/s | vs bare | runs | server CPU us/req | redis CPU us/req |")
-        out.append("|---|---:|---:|---|---:|---:|")
-        labels = {"bare": "bare", "middleware": ours, "peer": peer or "peer"}
-        for v in variants:
-            out.append(f"| {labels[v]} | {mr[v]:.0f} | {mr[v] / mr['bare']:.2f}x | "
-                       f"{', '.join(f'{x:.0f}' for x in srv['rps'][v])} | "
-                       f"{srv['app_cpu_us'][v]:.0f} | {srv['redis_cpu_us'][v]:.0f} |")
-        out.append(f"\nUsage events written by the served middleware: "
-                   f"{srv['middleware_stream_entries']} for {srv['middleware_responses']} "
-                   "responses wrk counted.")
-        targets["served_middleware_over_bare"] = mr["middleware"] / mr["bare"]
-        if "peer" in mr:
-            targets["served_peer_over_bare"] = mr["peer"] / mr["bare"]
 
-    def ok(good: bool) -> str:
-        return "met" if good else "**missed**"
+    if srv is not None:
+        out.append(f"\n## Served: {fw.server}, wrk -t1 -c{srv['connections']}, "
+                   f"{srv['seconds']} s x {srv['rounds']} rounds interleaved, medians\n")
+        if starlette:
+            out.append("| Redis placement | app | req/s | vs bare | runs | uvicorn CPU us/req "
+                       "| redis CPU us/req |")
+            out.append("|---|---|---:|---:|---|---:|---:|")
+            labels = {"bare": "bare", "middleware": "middleware", "peer": fw.peer}
+        else:
+            out.append("| app | req/s | vs bare | runs | server CPU us/req | redis CPU "
+                       "us/req |")
+            out.append("|---|---:|---:|---|---:|---:|")
+            labels = {"bare": "bare", "middleware": fw.ours, "peer": fw.peer}
+        for place in srv["placements"]:
+            mr = place["median_rps"]
+            for v in fw.variants:
+                out.append((f"| {place['placement']} " if starlette else "")
+                           + f"| {labels[v]} | {mr[v]:.0f} | {mr[v] / mr['bare']:.2f}x | "
+                           f"{', '.join(f'{x:.0f}' for x in place['rps'][v])} | "
+                           f"{place['app_cpu_us'][v]:.0f} | {place['redis_cpu_us'][v]:.0f} |")
+            suffix = "" if place is srv["placements"][0] else f" ({place['placement']})"
+            targets[f"served_middleware_over_bare{suffix}"] = mr["middleware"] / mr["bare"]
+            if fw.peer:
+                targets[f"served_peer_over_bare{suffix}"] = mr["peer"] / mr["bare"]
+        out.append(f"\nUsage events written by the served middleware: "
+                   f"{srv['middleware_stream_entries']} for {srv['responses']['middleware']} "
+                   "responses wrk counted"
+                   + (" (a run's last in-flight requests are served but not counted)."
+                      if starlette else "."))
+    elif starlette:
+        out.append("\n## Served run skipped (--no-served, or wrk not on PATH)")
 
     out += ["\n## Targets\n", "| target | this run | |", "|---|---:|---|"]
     ratio = targets["client_visible_added_over_floor"]
     out.append(f"| client-visible added median <= 1.5x the floor ({floor:.1f} us) | "
                f"{added_client:.1f} us = {ratio:.2f}x | {ok(ratio <= 1.5)} |")
     if added_peer is not None:
-        out.append(f"| client-visible added median below {peer}'s ({added_peer:.1f} us = "
+        out.append(f"| client-visible added median below {fw.peer}'s ({added_peer:.1f} us = "
                    f"{targets['peer_added_over_floor']:.2f}x the floor) | "
                    f"{added_client:.1f} us | {ok(added_client < added_peer)} |")
     out.append(f"| <= 2 Redis round trips per AI request | "
@@ -1253,10 +1185,18 @@ def report_framework(framework: str, res: dict[str, Any], srv: dict[str, Any] | 
     out.append(f"| one usage event per AI request | "
                f"{'yes' if targets['stream_entries_equal_ai_requests'] else 'no'} | "
                f"{ok(targets['stream_entries_equal_ai_requests'])} |")
+    if starlette and srv is not None:
+        for place in srv["placements"]:
+            mr = place["median_rps"]
+            ratio = mr["middleware"] / mr["bare"]
+            out.append(f"| served req/s with the middleware >= 0.7x bare "
+                       f"({place['placement']}) | {ratio:.2f}x | {ok(ratio >= 0.7)} |")
+            out.append(f"| (peer) {fw.peer} req/s vs bare ({place['placement']}) | "
+                       f"{mr['peer'] / mr['bare']:.2f}x | |")
     figures = {
         "in_process_us": {label: {"median": m, "p99": p, "added_median": am,
                                   "added_p99": ap} for label, m, p, am, ap in rows},
-        "commandstats_per_request": {k: v / n for k, v in res["commandstats"].items()},
+        "commandstats_per_request": {k: v / n for k, v in stats.items()},
         "peer_commandstats_per_request": {k: v / n for k, v in peer_stats.items()},
         "round_trip_commands": res["round_trip_commands"],
         "non_ai_commands": res["non_ai_commands"],
@@ -1266,19 +1206,15 @@ def report_framework(framework: str, res: dict[str, Any], srv: dict[str, Any] | 
     return out, figures
 
 
-def framework_facts() -> dict[str, str]:
+def versions(*dists: str) -> dict[str, str]:
     def ver(dist: str) -> str:
         try:
             return version(dist)
         except Exception:
             return "not installed"
 
-    return {name: ver(name) for name in ("flask", "flask-limiter", "limits", "django",
-                                         "django-ratelimit", "django-redis", "gunicorn",
-                                         "hiredis")}
+    return {dist: ver(dist) for dist in dists}
 
-
-# --------------------------------------------------------------------------- report
 
 def machine(server: Server, cpu: int | None, load_cpu: int | None) -> dict[str, Any]:
     import starlette
@@ -1317,154 +1253,27 @@ def machine(server: Server, cpu: int | None, load_cpu: int | None) -> dict[str, 
     }
 
 
-def fmt(x: float | None, sign: bool = False) -> str:
-    return "" if x is None else (f"{x:+.1f}" if sign else f"{x:.1f}")
-
-
-def report(res: dict[str, Any], srv: dict[str, Any] | None, facts: dict[str, Any],
-           command: str) -> dict[str, Any]:
-    s = res["samples"]
-    n = res["measured_ai_requests"]
-    bare_c, bare_w = med(s["bare"].client_ns) / 1000, med(s["bare"].whole_ns) / 1000
-    bare_c99, bare_w99 = pct(s["bare"].client_ns, 99), pct(s["bare"].whole_ns, 99)
-    floor = med(s["floor"].whole_ns) / 1000
-    rows: list[tuple[str, float, float, float | None, float | None]] = []
-
-    def row(name: str, values: list[int], base: float | None = None,
-            base99: float | None = None) -> None:
-        m, p = med(values) / 1000, pct(values, 99)
-        rows.append((name, m, p, None if base is None else m - base,
-                     None if base99 is None else p - base99))
-
-    row("bare Starlette endpoint", s["bare"].whole_ns)
-    row("+ AISaaSMiddleware, client-visible", s["middleware"].client_ns, bare_c, bare_c99)
-    row("+ AISaaSMiddleware, whole call (settlement included)", s["middleware"].whole_ns,
-        bare_w, bare_w99)
-    row("+ slowapi, Redis storage", s["slowapi"].whole_ns, bare_w, bare_w99)
-    row("floor: one EVALSHA `return 1`, redis.asyncio client", s["floor"].whole_ns)
-    row("reference: same EVALSHA, one dedicated redis.asyncio connection",
-        s["conn"].whole_ns)
-    added_client = rows[1][3] or 0.0
-
-    targets: dict[str, Any] = {
-        "client_visible_added_us": added_client,
-        "floor_us": floor,
-        "client_visible_added_over_floor": added_client / floor,
-        "round_trips_per_ai_request": res["round_trips_per_request"],
-        "non_ai_redis_commands": sum(res["non_ai_commands"].values()),
-        "stream_entries_equal_ai_requests":
-            res["stream_entries"] == res["ai_requests_through_middleware"],
-    }
-    out = [f"## In-process: {n} requests per variant, interleaved in blocks (us)\n",
-           "| variant | median | p99 | added median | added p99 |",
-           "|---|---:|---:|---:|---:|"]
-    out += [f"| {name} | {m:.1f} | {p:.1f} | {fmt(am, True)} | {fmt(ap, True)} |"
-            for name, m, p, am, ap in rows]
-    out.append("\nadded = variant minus the bare endpoint (median minus median, p99 minus "
-               "p99); the bare figure is its whole call (client-visible: "
-               f"{bare_c:.1f}).")
-    out.append(f"\n## Redis commands per AI request (INFO commandstats, {n} measured "
-               "middleware requests)\n")
-    out.append("| command | per request | a round trip? |")
-    out.append("|---|---:|---|")
-    inside = commands_inside_scripts()
-    for name, calls in sorted(res["commandstats"].items(),
-                              key=lambda kv: (kv[0] in inside, kv[0])):
-        out.append(f"| {name} | {calls / n:.3f} | "
-                   f"{'no: run by Redis inside a script' if name in inside else 'yes'} |")
-    out.append(f"\nRound trips per AI request: {res['round_trips_per_request']:.3f}. "
-               f"Commands caused by {NON_AI_REQUESTS} non-AI requests through the same app: "
-               f"{targets['non_ai_redis_commands']}"
-               + (f" {res['non_ai_commands']}" if res["non_ai_commands"] else "")
-               + f". Usage events written: {res['stream_entries']} for "
-               f"{res['ai_requests_through_middleware']} AI requests (warm-up included).")
-    if srv is not None:
-        out.append(f"\n## Served: uvicorn (1 worker, --no-access-log), wrk -t1 "
-                   f"-c{srv['connections']}, {srv['seconds']} s x {srv['rounds']} rounds "
-                   "interleaved, medians\n")
-        out.append("| Redis placement | app | req/s | vs bare | runs | uvicorn CPU us/req "
-                   "| redis CPU us/req |")
-        out.append("|---|---|---:|---:|---|---:|---:|")
-        for place in srv["placements"]:
-            mr = place["median_rps"]
-            for v in SERVED:
-                out.append(f"| {place['placement']} | {v} | {mr[v]:.0f} | "
-                           f"{mr[v] / mr['bare']:.2f}x | "
-                           f"{', '.join(f'{x:.0f}' for x in place['rps'][v])} | "
-                           f"{place['app_cpu_us'][v]:.0f} | {place['redis_cpu_us'][v]:.0f} |")
-        out.append(f"\nUsage events written by the served middleware: "
-                   f"{srv['middleware_stream_entries']} for {srv['middleware_responses']} "
-                   "responses wrk counted (a run's last in-flight requests are served but "
-                   "not counted).")
-        first = srv["placements"][0]["median_rps"]
-        targets["served_middleware_over_bare"] = first["middleware"] / first["bare"]
-        targets["served_slowapi_over_bare"] = first["slowapi"] / first["bare"]
-        for place in srv["placements"][1:]:
-            mr = place["median_rps"]
-            targets[f"served_middleware_over_bare ({place['placement']})"] = \
-                mr["middleware"] / mr["bare"]
-    else:
-        out.append("\n## Served run skipped (--no-served, or wrk not on PATH)")
-
-    def ok(good: bool) -> str:
-        return "met" if good else "**missed**"
-
-    out += ["\n## Targets\n", "| target | this run | |", "|---|---:|---|"]
-    out.append(f"| client-visible added median <= 1.5x the floor ({floor:.1f} us) | "
-               f"{added_client:.1f} us = {targets['client_visible_added_over_floor']:.2f}x | "
-               f"{ok(targets['client_visible_added_over_floor'] <= 1.5)} |")
-    out.append(f"| <= 2 Redis round trips per AI request | "
-               f"{targets['round_trips_per_ai_request']:.3f} | "
-               f"{ok(targets['round_trips_per_ai_request'] <= 2)} |")
-    out.append(f"| no Redis command for a non-AI request | "
-               f"{targets['non_ai_redis_commands']} | "
-               f"{ok(targets['non_ai_redis_commands'] == 0)} |")
-    out.append(f"| one usage event per AI request | "
-               f"{'yes' if targets['stream_entries_equal_ai_requests'] else 'no'} | "
-               f"{ok(targets['stream_entries_equal_ai_requests'])} |")
-    if srv is not None:
-        placements = srv["placements"]
-        for place in placements:
-            mr = place["median_rps"]
-            ratio = mr["middleware"] / mr["bare"]
-            out.append(f"| served req/s with the middleware >= 0.7x bare "
-                       f"({place['placement']}) | {ratio:.2f}x | {ok(ratio >= 0.7)} |")
-            out.append(f"| (peer) slowapi req/s vs bare ({place['placement']}) | "
-                       f"{mr['slowapi'] / mr['bare']:.2f}x | |")
-    out += ["\n## Machine\n", *(f"- {k}: {v}" for k, v in facts.items())]
-    out.append(f"\nCommand: `{command}`")
-    print("\n".join(out))
-    return {
-        "in_process_us": {name: {"median": m, "p99": p, "added_median": am, "added_p99": ap}
-                          for name, m, p, am, ap in rows},
-        "commandstats_per_request": {k: v / n for k, v in res["commandstats"].items()},
-        "round_trip_commands": res["round_trip_commands"],
-        "non_ai_commands": res["non_ai_commands"],
-        "served": srv,
-        "targets": targets,
-        "machine": facts,
-        "command": command,
-    }
-
-
 # --------------------------------------------------------------------------- main
 
-def pin(cpu: int | None) -> int | None:
+def pin(cpu: int | None, load_cpu: int | None) -> tuple[int | None, int | None]:
+    """Pin this process to ``cpu``; the CPUs pinned to: ``cpu`` (None if not pinned) and
+    ``load_cpu`` if it is another CPU this process could use."""
     if cpu is None or not hasattr(os, "sched_setaffinity"):
-        return None
-    if cpu not in os.sched_getaffinity(0):
+        return None, None
+    available = os.sched_getaffinity(0)
+    if cpu not in available:
         print(f"note: CPU {cpu} is not available to this process; not pinning",
               file=sys.stderr)
-        return None
+        return None, None
     os.sched_setaffinity(0, {cpu})
-    return cpu
+    return cpu, load_cpu if load_cpu != cpu and load_cpu in available else None
 
 
 def framework_list(text: str) -> tuple[str, ...]:
     """``--framework``: names in the order of FRAMEWORKS, or all of them."""
     names = {name.strip() for name in text.split(",") if name.strip()}
     if "all" in names:
-        return FRAMEWORKS
+        return tuple(FRAMEWORKS)
     unknown = names - set(FRAMEWORKS)
     if unknown or not names:
         raise argparse.ArgumentTypeError(
@@ -1476,7 +1285,7 @@ def framework_list(text: str) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--framework", type=framework_list, default=FRAMEWORKS,
+    parser.add_argument("--framework", type=framework_list, default=tuple(FRAMEWORKS),
                         help="which frameworks to measure, comma-separated: "
                              f"{', '.join(FRAMEWORKS)} (Django's ASGI path) or all "
                              "(the default)")
@@ -1502,17 +1311,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU for wrk in the served run (default 1)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin to CPUs")
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--serve", choices=SERVED, help=argparse.SUPPRESS)
-    parser.add_argument("--serve-app", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # FRAMEWORK/VARIANT
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.serve:
         serve(args.serve, args.port, args.redis_url, args.prefix)
-        return 0
-    if args.serve_app:
-        serve_app(args.serve_app, args.port, args.redis_url, args.prefix)
         return 0
 
     command = " ".join(["python benchmarks/overhead.py",
@@ -1521,10 +1326,7 @@ def main(argv: list[str] | None = None) -> int:
         args.requests, args.block, args.served_seconds, args.rounds = 400, 100, 1, 1
     warmup = 200 if args.quick else 2000
     frameworks: tuple[str, ...] = args.framework
-    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    cpu = None if args.no_pin else pin(args.cpu)
-    load_cpu = (args.load_cpu if cpu is not None and args.load_cpu != cpu
-                and args.load_cpu in available else None)
+    cpu, load_cpu = pin(None if args.no_pin else args.cpu, args.load_cpu)
     prefix = "bench" + uuid.uuid4().hex[:8]
     started = time.monotonic()
     figures: dict[str, Any] = {}
@@ -1538,66 +1340,49 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         admin = redis.Redis.from_url(server.url)
         try:
-            if "starlette" in frameworks:
-                if len(frameworks) > 1:
-                    print("# Starlette\n")
-                res = asyncio.run(in_process(server.url, prefix, args.requests, args.block,
-                                             warmup))
-                print(f"in-process part: {time.monotonic() - started:.0f} s", file=sys.stderr)
-                srv = None
-                if served_ok:
-                    if server.pid is None:
-                        placements = [Placement("Redis as given (not pinned here)", None)]
-                    elif cpu is None:
-                        placements = [Placement("unpinned", None)]
-                    else:
-                        placements = [Placement(f"Redis beside uvicorn (CPU {cpu})", cpu)]
-                    if not args.quick and server.pid is not None and load_cpu is not None:
-                        placements.append(Placement(f"Redis beside wrk (CPU {load_cpu})",
-                                                    load_cpu))
-                    srv = served(server, prefix, placements, args.served_seconds,
-                                 args.rounds, args.connections, load_cpu)
-                figures["starlette"] = report(res, srv, facts, command)
-                print(f"starlette: {time.monotonic() - started:.0f} s", file=sys.stderr)
             for framework in frameworks:
-                if framework == "starlette":
-                    continue
-                fw_prefix = f"{prefix}{framework[0]}{framework[-1]}"
+                fw = FRAMEWORKS[framework]
+                fw_prefix = (prefix if framework == "starlette"
+                             else f"{prefix}{framework[0]}{framework[-1]}")
+                requests, fw_warmup = args.requests, warmup
                 if framework == "django-asgi":
                     # A quarter of the requests: each costs about eight WSGI ones (Django
                     # runs response.close() in a thread of its own per request).
-                    res = in_process_asgi_django(server.url, fw_prefix,
-                                                 max(args.block, args.requests // 4),
-                                                 args.block, warmup // 4)
-                else:
-                    res = in_process_wsgi(framework, server.url, fw_prefix, args.requests,
-                                          args.block, warmup)
-                srv = (served_framework(framework, server, fw_prefix, args.served_seconds,
-                                        args.rounds, args.connections, load_cpu)
-                       if served_ok else None)
-                lines, figures[framework] = report_framework(framework, res, srv)
-                print(("\n" if figures else "") + "\n".join(lines))
+                    requests, fw_warmup = max(args.block, args.requests // 4), warmup // 4
+                res = in_process(framework, server.url, fw_prefix, requests, args.block,
+                                 fw_warmup)
+                print(f"{framework}, in-process part: {time.monotonic() - started:.0f} s",
+                      file=sys.stderr)
+                srv = None
+                if served_ok:
+                    srv = served(partial(serve_args, framework, fw_prefix), fw.variants, server,
+                                 placements(framework, server, cpu, load_cpu, args.quick),
+                                 args.served_seconds, args.rounds,
+                                 args.connections, load_cpu,
+                                 signal.SIGINT if fw.asgi else signal.SIGTERM)
+                    srv["middleware_stream_entries"] = stream_entries(admin, f"{fw_prefix}smi")
+                lines, figs = report(framework, res, srv)
+                if framework != "starlette" or len(frameworks) > 1:
+                    lines.insert(0, f"# {fw.name}\n")
+                if framework == "starlette":
+                    lines += ["\n## Machine\n", *(f"- {k}: {v}" for k, v in facts.items()),
+                              f"\nCommand: `{command}`"]
+                    figs.update(machine=facts, command=command)
+                print(("" if framework == "starlette" else "\n") + "\n".join(lines))
+                figures[framework] = figs
                 print(f"{framework}: {time.monotonic() - started:.0f} s", file=sys.stderr)
             if any(f != "starlette" for f in frameworks):
-                versions = framework_facts()
-                facts = {**facts, **versions}
+                more = versions("flask", "flask-limiter", "limits", "django",
+                                "django-ratelimit", "django-redis", "gunicorn", "hiredis")
                 print("\n## Machine (Flask, Django)\n")
-                print("\n".join(f"- {k}: {v}" for k, v in facts.items()
+                print("\n".join(f"- {k}: {v}" for k, v in {**facts, **more}.items()
                                 if k not in ("starlette", "slowapi")))
-                print(f"- served: gunicorn {versions['gunicorn']} (sync worker) / uvicorn "
+                print(f"- served: gunicorn {more['gunicorn']} (sync worker) / uvicorn "
                       f"on CPU {cpu}, wrk on CPU {load_cpu}, Redis beside the app server")
                 print(f"\nCommand: `{command}`")
         finally:
-            delete_keys(admin, f"{prefix}*")
-            delete_keys(admin, f"*{prefix}*")  # slowapi's keys: LIMITS:LIMITER/<prefix>/...
+            spooled = clean_up(admin, prefix)
             admin.close()
-            spooled = []
-            for path in Path(tempfile.gettempdir()).glob(f"ai-saas-spool-{prefix}*"):
-                spooled += [p.name for p in path.iterdir()]
-                shutil.rmtree(path, ignore_errors=True)
-            if spooled:
-                print(f"WARNING: usage events were spooled during the run: {spooled}",
-                      file=sys.stderr)
     figures = figures["starlette"] if frameworks == ("starlette",) else figures
     figures["spooled_files"] = spooled
     print(f"total: {time.monotonic() - started:.0f} s", file=sys.stderr)
