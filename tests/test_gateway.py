@@ -754,8 +754,8 @@ def test_admit_lua_answers_the_servers_month_when_the_caller_expects_another(
     argv = ["req_month", "1999-12", "static", "", "free", 10, 60_000, 10_000, 100, 60,
             944006400, 946684800]  # December 1999's bounds
 
-    reply = gateway.store.admit([keys.rate_limit, keys.quota("1999-12"), keys.record,
-                                 keys.api_keys], argv)
+    reply = gateway.store.run_script("admit", [keys.rate_limit, keys.quota("1999-12"),
+                                               keys.record, keys.api_keys], argv)
 
     assert reply[0] == 5
     assert reply[2].decode() == this_month()
