@@ -215,6 +215,27 @@ def read_demo_stream(text: str) -> tuple[str, dict[str, int]]:
     return words, usage
 
 
+def check_demo_stream(demo: Any, events: Callable[[], list[dict[str, str]]]) -> None:
+    """A demo's SSE endpoint through a sync HTTP client (Starlette's TestClient, httpx):
+    relayed as a stream, one word per completion token, billed with the final chunk's
+    usage under the response's request id."""
+    with demo.stream("POST", "/ai/chat/stream",
+                     json={"messages": DEMO_MESSAGES, "max_tokens": 9},
+                     headers=demo_auth("big-co")) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        text = b"".join(reply.iter_raw()).decode()
+    words, usage = read_demo_stream(text)
+    # The provider stand-in streams one word per completion token.
+    assert len(words.split()) == usage["completion_tokens"] == 9
+    [event] = events()
+    assert event["request_id"] == reply.headers["x-request-id"]
+    assert event["usage_source"] == "provider"
+    assert (int(event["prompt_tokens"]), int(event["completion_tokens"])) == \
+        (usage["prompt_tokens"], usage["completion_tokens"])
+    assert event["client_disconnected"] == "false"
+
+
 def check_demo_summary(text: str, framework: str) -> None:
     """What ``run_demo`` / ``ai-saas demo`` printed for its fixed burst of traffic: each
     tenant's statuses, and the usage read back from the stream agreeing with them."""

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEMO_MESSAGES, check_demo_summary, demo_auth, read_demo_stream
+from conftest import (
+    DEMO_MESSAGES,
+    check_demo_stream,
+    check_demo_summary,
+    demo_auth,
+)
 from starlette.testclient import TestClient
 
 from ai_saas_middleware.cli import main
@@ -57,21 +62,7 @@ def test_demo_chat_bills_the_providers_usage(demo: TestClient, events: Any,
 
 def test_demo_stream_relays_sse_and_bills_the_final_usage_chunk(demo: TestClient,
                                                                 events: Any) -> None:
-    with demo.stream("POST", "/ai/chat/stream",
-                     json={"messages": DEMO_MESSAGES, "max_tokens": 9},
-                     headers=demo_auth("big-co")) as reply:
-        assert reply.status_code == 200
-        assert reply.headers["content-type"].startswith("text/event-stream")
-        text = b"".join(reply.iter_raw()).decode()
-    words, usage = read_demo_stream(text)
-    # The provider stand-in streams one word per completion token.
-    assert len(words.split()) == usage["completion_tokens"] == 9
-    [event] = events()
-    assert event["request_id"] == reply.headers["x-request-id"]
-    assert event["usage_source"] == "provider"
-    assert (int(event["prompt_tokens"]), int(event["completion_tokens"])) == \
-        (usage["prompt_tokens"], usage["completion_tokens"])
-    assert event["client_disconnected"] == "false"
+    check_demo_stream(demo, events)
 
 
 def test_demo_premium_endpoint_requires_quality(demo: TestClient, events: Any) -> None:

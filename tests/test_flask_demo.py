@@ -12,7 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import DEMO_MESSAGES, check_demo_summary, demo_auth, read_demo_stream
+from conftest import (
+    DEMO_MESSAGES,
+    check_demo_stream,
+    check_demo_summary,
+    demo_auth,
+)
 
 from ai_saas_middleware.cli import main
 from ai_saas_middleware.demo import DEMO_APPS, run_demo, serve_wsgi_in_thread
@@ -61,21 +66,7 @@ def test_flask_demo_chat_bills_the_providers_usage(demo: httpx.Client, events: A
 
 def test_flask_demo_stream_relays_sse_and_bills_the_final_usage_chunk(
         demo: httpx.Client, events: Any) -> None:
-    with demo.stream("POST", "/ai/chat/stream",
-                     json={"messages": DEMO_MESSAGES, "max_tokens": 9},
-                     headers=demo_auth("big-co")) as reply:
-        assert reply.status_code == 200
-        assert reply.headers["content-type"].startswith("text/event-stream")
-        text = b"".join(reply.iter_raw()).decode()
-    words, usage = read_demo_stream(text)
-    # The provider stand-in streams one word per completion token.
-    assert len(words.split()) == usage["completion_tokens"] == 9
-    [event] = events()
-    assert event["request_id"] == reply.headers["x-request-id"]
-    assert event["usage_source"] == "provider"
-    assert (int(event["prompt_tokens"]), int(event["completion_tokens"])) == \
-        (usage["prompt_tokens"], usage["completion_tokens"])
-    assert event["client_disconnected"] == "false"
+    check_demo_stream(demo, events)
 
 
 def test_flask_demo_premium_endpoint_and_usage_blueprint(demo: httpx.Client,
