@@ -34,9 +34,9 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from .allowance import LocalAllowance
 from .config import Config, EndpointConfig, TenantConfig, TierConfig, load_config
 from .context import RequestContext, Ticket
 from .errors import (
@@ -48,14 +48,15 @@ from .errors import (
     StoreRefused,
     UnknownTenant,
 )
+from .estimate import estimate_tokens
+from .inputs import declared_length, parse_body, requirements, too_large
 from .pricing import cost_of, format_usd
 from .responses import refusal
 from .routing import Requirements, Selection, select_model
-from .spool import LocalAllowance, Spool
+from .spool import Spool
 from .store.keys import KeySchema, is_valid_tenant_id
 from .store.redis import AsyncRedisStore, RedisStore
 from .types import Decision, Outcome, RequestInfo, Usage
-from .usage import estimate_prompt_tokens, estimate_tokens
 
 __all__ = ["AsyncGateway", "Gateway"]
 
@@ -218,21 +219,12 @@ class _Core:
         return None
 
     def declared_length(self, headers: Mapping[str, str]) -> int | Decision | None:
-        """The request's Content-Length (None without one), or the refusal it calls for:
-        400 when it is not a whole number, 413 when it is over ``http.maxBodyBytes``
-        (so an oversized body is refused before a byte of it is read)."""
-        declared = headers.get("content-length")
-        if declared is None:
-            return None
-        if not declared.isdigit():
-            return refusal("invalid_request", "Content-Length must be a whole number")
-        length = int(declared)
-        return self.too_large() if length > self.max_body_bytes else length
+        """See :func:`ai_saas_middleware.inputs.declared_length`."""
+        return declared_length(headers, self.max_body_bytes)
 
     def too_large(self) -> Decision:
         """The refusal for a body over ``http.maxBodyBytes``."""
-        return refusal("request_too_large",
-                       f"request body is larger than the limit of {self.max_body_bytes} bytes")
+        return too_large(self.max_body_bytes)
 
     # ---------------------------------------------------------------- admission
 
@@ -283,64 +275,15 @@ class _Core:
         return self.config.tiers.get(known[0])
 
     def _parse_body(self, info: RequestInfo, plan: _Plan) -> Decision | None:
-        body: Any = {}
-        if info.body and not info.body.isspace():
-            content_type = info.headers.get("content-type", "")
-            if content_type != "application/json":  # the usual case, without parsing
-                content_type = content_type.split(";")[0].strip().lower()
-            if content_type != "application/json" and not content_type.endswith("+json"):
-                return refusal("unsupported_media_type",
-                               f"this endpoint takes application/json, not "
-                               f"{content_type or 'a body without a content type'}")
-            try:
-                body = json.loads(info.body)
-            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-                return refusal("invalid_json", f"request body is not valid JSON: {exc}")
-            if not isinstance(body, dict):
-                return refusal("invalid_json", "request body must be a JSON object")
-        plan.body = body
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is None:
-            assert plan.endpoint is not None
-            max_tokens = plan.endpoint.default_max_output_tokens
-        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            return refusal("invalid_request", "max_tokens must be a whole number >= 1")
-        plan.max_output_tokens = max_tokens
-        plan.prompt_tokens = estimate_prompt_tokens(body)
+        parsed = parse_body(info, plan.endpoint)
+        if isinstance(parsed, Decision):
+            return parsed
+        plan.body, plan.max_output_tokens, plan.prompt_tokens = parsed
         return None
 
     def _requirements(self, info: RequestInfo, plan: _Plan) -> Requirements | Decision:
-        endpoint = plan.endpoint
-        assert endpoint is not None
-        quality = endpoint.required_quality
-        latency = endpoint.max_latency_ms
-        cost = endpoint.max_cost_per_request
-        headers = info.headers
-        # A request may tighten its endpoint's needs, never loosen them.
-        try:
-            if "x-ai-min-quality" in headers:
-                value = float(headers["x-ai-min-quality"])
-                if not 0 <= value <= 1:
-                    raise ValueError
-                quality = value if quality is None else max(quality, value)
-            if "x-ai-max-latency-ms" in headers:
-                ms = int(headers["x-ai-max-latency-ms"])
-                if ms < 1:
-                    raise ValueError
-                latency = ms if latency is None else min(latency, ms)
-            if "x-ai-max-cost" in headers:
-                usd = Decimal(headers["x-ai-max-cost"])
-                if not usd.is_finite() or usd < 0:
-                    raise ValueError
-                cost = usd if cost is None else min(cost, usd)
-        except (ValueError, InvalidOperation):
-            return refusal("invalid_request", "X-AI-Min-Quality must be 0..1, X-AI-Max-Latency-Ms "
-                                              "a whole number >= 1, X-AI-Max-Cost a USD amount")
-        model = plan.body.get("model")
-        if model is not None and (not isinstance(model, str) or model == "auto"):
-            model = None
-        return Requirements(plan.prompt_tokens, plan.max_output_tokens, quality, latency, cost,
-                            model)
+        return requirements(info.headers, plan.endpoint, plan.body, plan.prompt_tokens,
+                            plan.max_output_tokens)
 
     def _select(self, info: RequestInfo, plan: _Plan) -> Decision | None:
         needs = self._requirements(info, plan)

@@ -1,9 +1,7 @@
 """Usage from request and response bodies. Pure; no I/O.
 
-- :func:`estimate_prompt_tokens`: tokens of an OpenAI-style request body (``messages``,
-  ``prompt`` or ``input``), estimated at 4 characters a token plus a small overhead per
-  message; good enough to reserve quota and check a context window, and always marked
-  ``estimate`` when it ends up billed.
+- :func:`~ai_saas_middleware.estimate.estimate_prompt_tokens` (re-exported): tokens of a
+  request body, estimated; see :mod:`ai_saas_middleware.estimate`.
 - :class:`ResponseMeter`: fed the response body as it passes (JSON or SSE), it finds the
   provider's own ``usage`` (an OpenAI-compatible JSON body, or the final usage chunk of
   an SSE stream) and counts the text produced, without changing or holding back a byte.
@@ -15,49 +13,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from .estimate import estimate_prompt_tokens, estimate_tokens, text_chars
 from .types import Outcome
 
 __all__ = ["ResponseMeter", "estimate_prompt_tokens", "estimate_tokens", "usage_from"]
-
-CHARS_PER_TOKEN = 4
-TOKENS_PER_MESSAGE = 4
-TOKENS_PER_REQUEST = 3
-
-
-def estimate_tokens(chars: int) -> int:
-    """Tokens in ``chars`` characters of text (rounded up)."""
-    return -(-chars // CHARS_PER_TOKEN)
-
-
-def _text_chars(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...] or ["a", "b"]
-        total = 0
-        for part in content:
-            if isinstance(part, str):
-                total += len(part)
-            elif isinstance(part, Mapping):
-                text = part.get("text")
-                if isinstance(text, str):
-                    total += len(text)
-        return total
-    return 0
-
-
-def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """Estimated prompt tokens of an OpenAI-style request body (0 when it has no prompt)."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        tokens = TOKENS_PER_REQUEST
-        for message in messages:
-            if isinstance(message, Mapping):
-                tokens += TOKENS_PER_MESSAGE + estimate_tokens(_text_chars(message.get("content")))
-        return tokens
-    for key in ("prompt", "input"):
-        if key in body:
-            return TOKENS_PER_REQUEST + estimate_tokens(_text_chars(body[key]))
-    return 0
 
 
 def usage_from(payload: Any) -> tuple[int, int] | None:
@@ -87,8 +46,8 @@ def _completion_chars(payload: Any) -> int:
             for part in ("delta", "message"):
                 holder = choice.get(part)
                 if isinstance(holder, Mapping):
-                    total += _text_chars(holder.get("content"))
-            total += _text_chars(choice.get("text"))
+                    total += text_chars(holder.get("content"))
+            total += text_chars(choice.get("text"))
     return total
 
 
