@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+from typing import Any
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +34,15 @@ def _admit_args(request_id: str, month: str, reserve: int, *extra: str) -> list[
     if month != this:  # the bounds of another month: 1999-01
         start, end = 915148800, 917827200
     return [request_id, month, "static", "", "pro", 100, 60_000, 100_000, reserve,
-            86400, start, end, *extra]
+            86400, start, end, 60_000, *extra]
+
+
+def _admit_keys(k: Any, month: str) -> list[str]:
+    return [k.rate_limit, k.quota(month), k.record, k.api_keys, k.reservations, k.reserved]
+
+
+def _settle_keys(k: Any, month: str, request_id: str) -> list[str]:
+    return [k.quota(month), k.stream, k.settled(request_id), k.reservations, k.reserved]
 
 
 def _usage_keys(prefix: str, tenant: str, month: str) -> list[str]:
@@ -82,7 +91,7 @@ def test_a_retried_admission_is_not_counted_twice(make_config, rclient, key_pref
     store = RedisStore(config.redis)
     keys = KeySchema(key_prefix, 16).tenant("globex")
     month = time.strftime("%Y-%m", time.gmtime())
-    script_keys = [keys.rate_limit, keys.quota(month), keys.record, keys.api_keys]
+    script_keys = _admit_keys(keys, month)
 
     first = store.run_script("admit", script_keys, _admit_args("req_a", month, 300))
     again = store.run_script("admit", script_keys, _admit_args("req_a", month, 300, "retry"))
@@ -99,8 +108,7 @@ def test_admission_in_another_month_asks_for_the_servers_month(make_config, key_
     store = RedisStore(config.redis)
     keys = KeySchema(key_prefix, 16).tenant("globex")
     stale = "1999-01"
-    reply = store.run_script("admit", [keys.rate_limit, keys.quota(stale), keys.record,
-                                       keys.api_keys], _admit_args("req_c", stale, 10))
+    reply = store.run_script("admit", _admit_keys(keys, stale), _admit_args("req_c", stale, 10))
     assert reply[0] == 5
     assert reply[2].decode() == time.strftime("%Y-%m", time.gmtime())
     store.close()
@@ -112,10 +120,10 @@ def test_settle_writes_all_or_nothing(make_config, rclient, key_prefix) -> None:
     store = RedisStore(config.redis)
     keys = KeySchema(key_prefix, 16).tenant("globex")
     rclient.hset(keys.quota("2026-01"), "oops", "1")  # a corrupted counter
-    script_keys = [keys.quota("2026-01"), keys.stream, keys.settled("req_x")]
-    event = [5, 60, 90, "request_id", "req_x", "tenant_id", "globex"]
+    script_keys = _settle_keys(keys, "2026-01", "req_x")
+    event = [5, 60, 90, "req_x", "request_id", "req_x", "tenant_id", "globex"]
 
-    with pytest.raises(StoreRefused, match="quota counter not moved"):
+    with pytest.raises(StoreRefused, match="WRONGTYPE"):
         store.run_script("settle", script_keys, event)
     assert rclient.xlen(keys.stream) == 0
     assert not rclient.exists(keys.settled("req_x"))
@@ -293,9 +301,9 @@ def test_sync_lane_puts_a_connection_back_after_an_error_reply(
     store = RedisStore(config.redis)
     keys = KeySchema(key_prefix, 16).tenant("globex")
     rclient.hset(keys.quota("2026-01"), "oops", "1")  # settle.lua refuses this counter
-    script_keys = [keys.quota("2026-01"), keys.stream, keys.settled("req_r")]
+    script_keys = _settle_keys(keys, "2026-01", "req_r")
     with pytest.raises(StoreRefused):
-        store.run_script("settle", script_keys, [5, 60, 60, "request_id", "req_r"])
+        store.run_script("settle", script_keys, [5, 60, 60, "req_r", "request_id", "req_r"])
     assert len(store._lane._idle) == 1  # in step: kept, not dropped
     assert not store.health.is_down()
     month = time.strftime("%Y-%m", time.gmtime())
@@ -310,7 +318,7 @@ def test_sync_lane_retries_once_on_a_connection_the_server_closed(
     store = RedisStore(config.redis)
     keys = KeySchema(key_prefix, 16).tenant("globex")
     month = time.strftime("%Y-%m", time.gmtime())
-    script_keys = [keys.rate_limit, keys.quota(month), keys.record, keys.api_keys]
+    script_keys = _admit_keys(keys, month)
     assert store.run_script("admit", script_keys, _admit_args("req_1", month, 10))[0] == 0
     retried: list[str] = []
     real = store_module._retry_args
