@@ -199,9 +199,8 @@ class _Core:
         self._verified_keys: dict[str, str] = {}  # key hash -> stored tenant, for outages
         self._tenant_header = cfg.http.tenant_header
         self.max_body_bytes = cfg.http.max_body_bytes
-        spool_dir = cfg.redis.spool_dir or os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"ai-saas-spool-{cfg.redis.key_prefix}")
-        self.spool = Spool(spool_dir)
+        self.spool = Spool(cfg.redis.spool_dir or Spool.default_dir(cfg.redis.key_prefix),
+                           self.keys)
         self.allowance = LocalAllowance()
         self._degraded = False
         self._rate_headers = {  # the fixed RateLimit headers of each tier, made once
@@ -469,6 +468,9 @@ class _Core:
         tier = plan.tier
         policy = tier.on_unavailable or self.config.redis.on_unavailable
         verified = not plan.key_hash or self._verified_keys.get(plan.key_hash) == plan.tenant_id
+        if isinstance(exc, StoreRefused):  # not an outage: this request's call can never run
+            log.error("admission of %s refused by Redis, following onUnavailable (%s): %s",
+                      plan.request_id, policy, exc)
         if policy == "closed" or not tier.name or not verified:
             log.warning("refusing an AI request while Redis is unavailable: %s", exc)
             return refusal("store_unavailable", "usage accounting is unavailable; retry shortly",
@@ -630,8 +632,9 @@ class Gateway(_Core):
             try:
                 self._run(call)
                 return
-            except StoreRefused:
-                log.exception("usage event %s refused by Redis", ticket.request_id)
+            except StoreRefused as exc:  # can never succeed: set aside, loudly, not spooled
+                self.spool.set_aside(call, exc)
+                return
             except StoreError as exc:
                 log.warning("usage event %s spooled: %s", ticket.request_id, exc)
         self.spool.append(call)
@@ -718,8 +721,9 @@ class AsyncGateway(_Core):
             try:
                 await self._run(call)
                 return
-            except StoreRefused:
-                log.exception("usage event %s refused by Redis", ticket.request_id)
+            except StoreRefused as exc:  # can never succeed: set aside, loudly, not spooled
+                self.spool.set_aside(call, exc)
+                return
             except StoreError as exc:
                 log.warning("usage event %s spooled: %s", ticket.request_id, exc)
         self.spool.append(call)

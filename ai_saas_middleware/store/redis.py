@@ -13,8 +13,19 @@ concurrent requests' scripts share one write and one read instead of one each. T
 store, for the same reason, sends them down connections of its own (a :class:`_SyncLane`)
 rather than through redis-py's ``Script`` and pool.
 
-An unreachable Redis is not retried on every request: after a connection failure the
-store answers ``StoreError`` at once for ``retry_interval_s``, then tries again.
+An unreachable Redis is not retried on every request: after a connection failure, or an
+error reply that means "not now" (READONLY, OOM, LOADING, BUSY ...: see
+:mod:`~ai_saas_middleware.store.replies`, the one classification of both stores), the
+store answers ``StoreError`` at once for ``retry_interval_s``, then tries again. Only a
+reply that can never succeed is :class:`~ai_saas_middleware.errors.StoreRefused`.
+
+TLS (``rediss://``): both stores honour the URL's ``ssl_ca_certs``, ``ssl_ca_path``,
+``ssl_ca_data``, ``ssl_certfile``/``ssl_keyfile``/``ssl_password`` (a client certificate),
+``ssl_cert_reqs`` (none | optional | required), ``ssl_check_hostname``, ``ssl_ciphers``
+and ``ssl_min_version``, exactly as redis-py's ``SSLConnection`` does.
+
+A password in the URL (``user:pass@``, ``?password=``) never reaches a message or a log
+line: :func:`_redact`.
 
 URLs: ``redis://``, ``rediss://``, ``unix://`` for one server, and
 ``redis+cluster://host:port`` (or ``rediss+cluster://``) for a Redis Cluster.
@@ -25,7 +36,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import logging
 import os
+import re
+import ssl
 import sys
 import time
 import weakref
@@ -38,12 +52,13 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import RedisConfig
 from ..errors import StoreError, StoreRefused
+from .replies import ReplyKind, classify_reply
 
 try:
     from hiredis import pack_command as _hiredis_pack
@@ -58,6 +73,8 @@ else:  # pragma: no cover - redis-py requires async-timeout before 3.11.3
 __all__ = ["AsyncRedisStore", "RedisStore", "load_script"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+log = logging.getLogger("ai_saas_middleware")
 
 
 @functools.cache
@@ -77,12 +94,18 @@ def _split_url(url: str) -> tuple[bool, str]:
     return False, url
 
 
+# The userinfo of a URL (what urlparse takes as such: up to the last '@' of the authority),
+# and the query parameters that carry a secret or an identity.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+_SECRET_PARAMS = re.compile(r"([?&;](?:password|ssl_password|username)=)[^&;#]*",
+                            re.IGNORECASE)
+
+
 def _redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    """The URL without its credentials, for messages and logs: the userinfo
+    (``user:pass@``, ``:pass@``) and ``password=`` / ``ssl_password=`` / ``username=``
+    query parameters become ``***``."""
+    return _SECRET_PARAMS.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
 
 
 class _Health:
@@ -100,13 +123,31 @@ class _Health:
                              f"not retried for {self.retry_interval_s:g}s")
 
     def failed(self, exc: BaseException) -> StoreError:
-        from redis.exceptions import ConnectionError as RConnectionError
-        from redis.exceptions import TimeoutError as RTimeoutError
-
+        """The error for a failed call; marks the store down when it is an outage (a
+        connection failure, a timeout, or a reply that means "not now")."""
         self.last_error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, (RConnectionError, RTimeoutError, OSError, asyncio.TimeoutError)):
+        if isinstance(exc, ResponseError) or isinstance(exc, AuthenticationError):
+            kind = classify_reply(exc)
+        else:
+            kind = ReplyKind.OUTAGE
+        if kind is ReplyKind.AUTH:
+            # A misconfiguration, not bad luck: every call fails until someone fixes it.
+            # Logged once per retry interval (a down store is not called meanwhile).
+            log.error("Redis at %s refuses this client's credentials or ACL (%s); "
+                      "treated as unavailable", self.url, self.last_error)
+        if kind is ReplyKind.PERMANENT:
+            return StoreError(f"Redis at {self.url}: {self.last_error}")
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError,
+                            asyncio.TimeoutError, ResponseError)):
             self.down_until = time.monotonic() + self.retry_interval_s
         return StoreError(f"Redis at {self.url}: {self.last_error}")
+
+    def refused(self, exc: ResponseError, what: str) -> StoreError:
+        """The error for an error reply: :class:`StoreRefused` when retrying cannot help,
+        else an outage (see :mod:`~ai_saas_middleware.store.replies`)."""
+        if classify_reply(exc) is ReplyKind.PERMANENT:
+            return StoreRefused(f"Redis refused {what}: {exc}")
+        return self.failed(exc)
 
     def ok(self) -> None:
         self.down_until = 0.0
@@ -275,7 +316,7 @@ class RedisStore:
             else:
                 result = lane.evalsha(script, keys, args, which)
         except ResponseError as exc:
-            raise StoreRefused(f"Redis refused a script: {exc}") from exc
+            raise self.health.refused(exc, "a script") from exc
         except (RedisError, OSError) as exc:
             raise self.health.failed(exc) from exc
         self.health.ok()
@@ -291,7 +332,7 @@ class RedisStore:
         try:
             result = self.client.execute_command(*command)
         except ResponseError as exc:
-            raise StoreRefused(f"Redis refused {command[0]}: {exc}") from exc
+            raise self.health.refused(exc, str(command[0])) from exc
         except (RedisError, OSError) as exc:
             raise self.health.failed(exc) from exc
         self.health.ok()
@@ -312,6 +353,45 @@ class _LaneProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lane._on_lost(exc)
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
+              "required": ssl.CERT_REQUIRED}
+
+
+def _ssl_context(params: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS context for a ``rediss://`` URL's parameters (``redis.connection.parse_url``),
+    built exactly as redis-py's sync ``SSLConnection._wrap_socket_with_ssl`` builds it, so
+    that both stores accept and refuse the same servers."""
+    reqs: Any = params.get("ssl_cert_reqs", "required")
+    if reqs is None:
+        reqs = ssl.CERT_NONE
+    elif isinstance(reqs, str):
+        if reqs not in _CERT_REQS:
+            raise RedisError(f"Invalid SSL Certificate Requirements Flag: {reqs}")
+        reqs = _CERT_REQS[reqs]
+    check_hostname = params.get("ssl_check_hostname", True) if reqs != ssl.CERT_NONE else False
+    context = ssl.create_default_context()
+    context.check_hostname = bool(check_hostname)
+    context.verify_mode = reqs
+    for flag in params.get("ssl_include_verify_flags") or ():
+        context.verify_flags |= flag
+    for flag in params.get("ssl_exclude_verify_flags") or ():
+        context.verify_flags &= ~flag
+    certfile: Any = params.get("ssl_certfile")
+    keyfile = params.get("ssl_keyfile")
+    if certfile or keyfile:
+        context.load_cert_chain(certfile=certfile, keyfile=keyfile,
+                                password=params.get("ssl_password"))
+    cafile, capath, cadata = (params.get("ssl_ca_certs"), params.get("ssl_ca_path"),
+                              params.get("ssl_ca_data"))
+    if cafile is not None or capath is not None or cadata is not None:
+        context.load_verify_locations(cafile=cafile, capath=capath, cadata=cadata)
+    if params.get("ssl_min_version") is not None:
+        context.minimum_version = params["ssl_min_version"]
+    if params.get("ssl_ciphers"):
+        context.set_ciphers(params["ssl_ciphers"])
+    return context
 
 
 def _reply_error(message: str) -> ResponseError:
@@ -401,9 +481,13 @@ class _Lane:
             await self._open(loop)
             self._connecting.set_result(None)
         except BaseException as exc:
-            self._connecting.set_exception(RedisConnectionError(f"cannot connect: {exc}"))
+            # A refused AUTH (WRONGPASS, NOAUTH, NOPERM) stays an authentication error, as
+            # redis-py's own connections raise it, so the store logs it as one.
+            auth = isinstance(exc, ResponseError) and classify_reply(exc) is ReplyKind.AUTH
+            kind = AuthenticationError if auth else RedisConnectionError
+            self._connecting.set_exception(kind(f"cannot connect: {exc}"))
             self._connecting.exception()  # retrieved: waiters re-raise it, no warning
-            raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+            raise kind(f"cannot connect to Redis: {exc}") from exc
         finally:
             self._connecting = None
 
@@ -419,12 +503,7 @@ class _Lane:
             else:
                 ssl_context = None
                 if params.get("connection_class") is redis.connection.SSLConnection:
-                    import ssl
-
-                    ssl_context = ssl.create_default_context()
-                    if params.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-                        ssl_context.check_hostname = False
-                        ssl_context.verify_mode = ssl.CERT_NONE
+                    ssl_context = _ssl_context(params)
                 transport, _ = await loop.create_connection(
                     lambda: _LaneProtocol(self), params.get("host", "localhost"),
                     params.get("port", 6379), ssl=ssl_context)
@@ -582,7 +661,7 @@ class AsyncRedisStore:
                 # it is a retry, does not count an attempt that did run twice.
                 result = await self._evalsha(script, keys, _retry_args(which, args))
         except ResponseError as exc:
-            raise StoreRefused(f"Redis refused a script: {exc}") from exc
+            raise self.health.refused(exc, "a script") from exc
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise self.health.failed(exc) from exc
         self.health.ok()
@@ -604,7 +683,7 @@ class AsyncRedisStore:
         try:
             result = await self.client.execute_command(*command)
         except ResponseError as exc:
-            raise StoreRefused(f"Redis refused {command[0]}: {exc}") from exc
+            raise self.health.refused(exc, str(command[0])) from exc
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise self.health.failed(exc) from exc
         self.health.ok()
