@@ -25,6 +25,8 @@ The sections, all optional except that a serving deployment needs ``models``,
     redis               url, keyPrefix, shards, onUnavailable, socketTimeout, connectTimeout,
                         retryInterval, dedupeTtl, spoolDir
     http                maxBodyBytes, tenantHeader (trusted header; off by default)
+    quota               promptEstimate (estimate | upper; see ai_saas_middleware.estimate),
+                        reservationTimeout (how long a reservation is held unsettled)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, ConfigProblem
+from .estimate import PROMPT_ESTIMATE_MODES
 
 __all__ = [
     "BillingConfig",
@@ -53,6 +56,7 @@ __all__ = [
     "HttpConfig",
     "ModelProfile",
     "PricingRule",
+    "QuotaConfig",
     "RedisConfig",
     "RoutingConfig",
     "TenantConfig",
@@ -183,6 +187,20 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    """How the token quota is reserved.
+
+    ``prompt_estimate``: ``estimate`` (a safe estimate of the prompt; the counter can pass
+    the quota by a bounded amount) or ``upper`` (a true upper bound: with ``max_tokens``
+    passed on, the counter never passes the quota), see :mod:`ai_saas_middleware.estimate`.
+    ``reservation_timeout_s``: how long a reservation is held for a request that has not
+    settled it (nor renewed it) before it is released."""
+
+    prompt_estimate: str = "estimate"
+    reservation_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole, validated configuration. Immutable; share it freely."""
 
@@ -195,6 +213,7 @@ class Config:
     cache: CacheConfig
     billing: BillingConfig
     http: HttpConfig
+    quota: QuotaConfig = QuotaConfig()
     source: str = ""
 
     def tier(self, name: str) -> TierConfig:
@@ -399,7 +418,7 @@ def _to_seconds(value: Any) -> float | None:
 
 
 _TOP = ("tenant", "routing", "cache", "billing", "models", "modelCatalog", "tenants",
-        "endpoints", "redis", "http")
+        "endpoints", "redis", "http", "quota")
 
 
 def _read_tiers(r: _Reader, tenant_section: Any) -> dict[str, TierConfig]:
@@ -623,6 +642,22 @@ def _read_http(r: _Reader, value: Any) -> HttpConfig:
     )
 
 
+def _read_quota(r: _Reader, value: Any) -> QuotaConfig:
+    m = r.mapping(value, "quota", ("promptEstimate", "reservationTimeout"))
+    timeout = r.duration(m, "reservationTimeout", "quota", 60.0)
+    if timeout < 1:
+        # Shorter than a provider call: reservations would lapse under requests still
+        # running, and their tokens would be admitted twice.
+        r.problem("quota.reservationTimeout", "a duration of at least 1s",
+                  _kind(m.get("reservationTimeout")))
+        timeout = 60.0
+    return QuotaConfig(
+        prompt_estimate=r.choice(m, "promptEstimate", "quota", PROMPT_ESTIMATE_MODES,
+                                 "estimate"),
+        reservation_timeout_s=timeout,
+    )
+
+
 def _check_references(r: _Reader, tiers: Mapping[str, TierConfig],
                       models: Mapping[str, ModelProfile], routing: RoutingConfig) -> None:
     # Models named without a profile are allowed (the seed template has none); but a
@@ -659,6 +694,7 @@ def _build(data: Any, source: str, base: Path | None) -> Config:
         cache=_read_cache(r, top.get("cache")),
         billing=_read_billing(r, top.get("billing")),
         http=_read_http(r, top.get("http")),
+        quota=_read_quota(r, top.get("quota")),
         source=source,
     )
     if r.problems:
