@@ -15,7 +15,12 @@ from ai_saas_middleware import ModelProfile, ResponseMeter
 from ai_saas_middleware.config import TierConfig
 from ai_saas_middleware.pricing import cost_of, expected_cost, format_usd
 from ai_saas_middleware.routing import Requirements, select_model
-from ai_saas_middleware.usage import estimate_prompt_tokens, estimate_tokens, usage_from
+from ai_saas_middleware.usage import (
+    estimate_prompt_tokens,
+    estimate_tokens,
+    floor_tokens,
+    usage_from,
+)
 
 
 def model(id: str, price_in: str, price_out: str, *, window: int = 128_000,
@@ -328,17 +333,18 @@ def test_a_body_that_is_not_json_or_sse_is_not_parsed() -> None:
     assert outcome.completion_chars == 0
 
 
-def test_a_json_body_over_the_buffer_limit_is_not_parsed() -> None:
+def test_a_json_body_over_the_buffer_limit_is_scanned_for_its_usage() -> None:
     m = ResponseMeter(max_buffer=64)
     m.start(200, "application/json")
-    body = chat_json("x" * 200, {"prompt_tokens": 1, "completion_tokens": 2})
+    body = chat_json("x" * 200, {"prompt_tokens": 1, "completion_tokens": 30})
     for chunk in split_every(body, 16):
         m.feed(chunk)
     m.finish()
 
     outcome = m.outcome()
 
-    assert outcome.provider_usage is None  # an estimate is billed, not a guess from half a body
+    assert outcome.provider_usage == (1, 30)  # scanned as it passed, not kept whole
+    assert outcome.completion_chars == 200
 
 
 def test_sse_final_usage_chunk_and_done() -> None:
@@ -409,7 +415,10 @@ def test_no_response_at_all_is_a_500() -> None:
 def chunkings(draw: st.DrawFn) -> tuple[bytes, list[bytes], tuple[int, int], str]:
     letters = st.characters(exclude_categories=("Cs",))  # any text UTF-8 can carry
     texts = draw(st.lists(st.text(letters, min_size=1, max_size=20), min_size=1, max_size=6))
-    usage = (draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6)))
+    # A provider never reports fewer completion tokens than the meter's floor of the
+    # text it streamed (usage.floor_tokens); below it the floor is billed instead.
+    usage = (draw(st.integers(0, 10**6)),
+             draw(st.integers(floor_tokens(len("".join(texts))), 10**6)))
     stream = sse(texts, usage, crlf=draw(st.booleans()))
     cuts = sorted(set(draw(st.lists(st.integers(0, len(stream)), max_size=30))))
     bounds = [0, *cuts, len(stream)]
