@@ -19,7 +19,7 @@ from decimal import Decimal
 from operator import itemgetter
 
 from .config import ModelProfile, TierConfig
-from .pricing import format_usd
+from .pricing import MONEY, format_usd
 
 __all__ = ["Requirements", "Selection", "select_model"]
 
@@ -82,8 +82,9 @@ def select_model(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Re
             excluded.append((model_id, f"p99 latency {model.latency_p99_ms} ms > "
                                        f"{needs.max_latency_ms} ms"))
             continue
-        cost = (model.cost_per_input_token * needs.prompt_tokens  # = expected_cost(), inline
-                + model.cost_per_output_token * needs.max_output_tokens)
+        # = expected_cost(), inline; in the fixed MONEY context, not the thread's
+        cost = _fma(model.cost_per_input_token, needs.prompt_tokens,
+                    _multiply(model.cost_per_output_token, needs.max_output_tokens))
         if needs.max_cost is not None and cost > needs.max_cost:
             excluded.append((model_id, f"expected cost ${format_usd(cost)} > "
                                        f"${format_usd(needs.max_cost)}"))
@@ -100,4 +101,6 @@ def select_model(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Re
                      not candidates and unhealthy > 0)
 
 
+_fma = MONEY.fma
+_multiply = MONEY.multiply
 _RANK = itemgetter(0, 1, 2, 3)  # expected cost, -quality, p99 latency, id

@@ -9,17 +9,23 @@ what the client sent.
 from __future__ import annotations
 
 import asyncio
+import decimal
 import json
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from conftest import API_KEYS
 
 from ai_saas_middleware import Decision, Gateway, Outcome, RequestInfo
+from ai_saas_middleware.config import ModelProfile, TierConfig
 from ai_saas_middleware.inputs import MAX_OUTPUT_TOKENS, declared_length
+from ai_saas_middleware.pricing import cost_of
+from ai_saas_middleware.routing import Requirements, select_model
 
 MESSAGE_BOUND = 1_000  # bytes: a refusal's body whatever the client sent
 
@@ -354,3 +360,65 @@ async def test_a_bad_content_length_reaching_an_asgi_adapter_is_a_400(
 
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
     assert quota_used("globex") == 0
+
+
+# --------------------------------------------------------------------------- item 13
+
+
+def in_host_context(work: Callable[[], Any]) -> Any:
+    """``work()`` run in a thread whose decimal context a host app has changed: four
+    significant digits, and a trap on every rounding."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        context = decimal.getcontext()  # this thread's own: other tests never see it
+        context.prec = 4
+        context.traps[decimal.Inexact] = context.traps[decimal.Rounded] = True
+        try:
+            result["value"] = work()
+        except BaseException as exc:  # handed to the test thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_money_is_exact_whatever_decimal_context_the_host_app_set(
+        gateway: Gateway, events: Any) -> None:
+    small = gateway.config.models["model-small"]  # $0.00000015 in, $0.0000006 out
+
+    def admit_and_settle() -> tuple[Decimal, str | None]:
+        decision = gateway.admit(ai_request(chat(max_tokens=98_765),
+                                            headers={"X-AI-Max-Cost": "0.0777775"}))
+        assert decision.allowed and decision.ticket is not None, decision.body
+        gateway.settle(decision.ticket, Outcome(status=200, provider_usage=(123_457, 98_765)),
+                       decision.context)
+        return cost_of(small, 123_457, 98_765), decision.context and decision.context.model.id
+
+    cost, model = in_host_context(admit_and_settle)
+
+    assert cost == Decimal("0.07777755")  # not 0.07778
+    assert model == "model-small"
+    [event] = events()
+    assert event["cost"] == "0.07777755"
+
+
+def test_routing_ranks_by_exact_cost_in_any_host_context() -> None:
+    def profile(model_id: str, price_in: str) -> ModelProfile:
+        return ModelProfile(model_id, "openai", Decimal(price_in), Decimal("0.000001"),
+                            100_000, 0.5, 500)
+
+    # Equal to four digits, different beyond: only exact arithmetic sees a-cheap cheaper.
+    models = {"b-dear": profile("b-dear", "0.0000012346"),
+              "a-cheap": profile("a-cheap", "0.0000012344")}
+    tier = TierConfig("t", None, None, ("b-dear", "a-cheap"))
+    needs = Requirements(1_000, 1, max_cost=Decimal("0.0012354"))
+
+    selection = in_host_context(lambda: select_model(tier, models, needs))
+
+    assert [m.id for m in selection.candidates] == ["a-cheap"]
+    assert selection.explain() == "b-dear: expected cost $0.0012356 > $0.0012354"
