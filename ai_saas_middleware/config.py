@@ -66,8 +66,10 @@ __all__ = [
     "serving_gaps",
 ]
 
-TENANT_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_KEY_HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+# Patterns that validate a whole value end in \Z, not $: $ also matches before a final
+# newline, so "acme\n" would pass as a tenant id (and go into Redis keys).
+TENANT_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+_KEY_HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ON_UNAVAILABLE = ("open", "closed")
@@ -578,16 +580,28 @@ def _read_redis(r: _Reader, value: Any) -> RedisConfig:
     return RedisConfig(
         url=url,
         key_prefix=r.string(m, "keyPrefix", "redis", default="aisaas",
-                            pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,32}$"),
+                            pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,32}\Z"),
                             what="a prefix of [A-Za-z0-9_.:-], 1 to 32 characters (no braces)"),
         shards=r.integer(m, "shards", "redis", default=16, minimum=1),
         on_unavailable=r.choice(m, "onUnavailable", "redis", _ON_UNAVAILABLE, "open"),
         socket_timeout_s=r.duration(m, "socketTimeout", "redis", 0.25),
         connect_timeout_s=r.duration(m, "connectTimeout", "redis", 0.25),
         retry_interval_s=r.duration(m, "retryInterval", "redis", 2.0),
-        dedupe_ttl_s=int(r.duration(m, "dedupeTtl", "redis", 86400.0)),
+        dedupe_ttl_s=_dedupe_ttl(r, m),
         spool_dir=r.string(m, "spoolDir", "redis", default=None),
     )
+
+
+def _dedupe_ttl(r: _Reader, m: Mapping[str, Any]) -> int:
+    # settle.lua writes the settled marker with SET ... EX <ttl>; under one second that is
+    # EX 0, which Redis refuses after the event and the counter are written, and the
+    # replay of the spooled settlement would write them again.
+    seconds = r.duration(m, "dedupeTtl", "redis", 86400.0)
+    if seconds < 1:
+        r.problem("redis.dedupeTtl", "a duration of at least 1s (a day or more is advised)",
+                  _kind(m.get("dedupeTtl")))
+        return 86400
+    return int(seconds)
 
 
 def _read_routing(r: _Reader, value: Any) -> RoutingConfig:
@@ -635,7 +649,7 @@ def _read_billing(r: _Reader, value: Any) -> BillingConfig:
 def _read_http(r: _Reader, value: Any) -> HttpConfig:
     m = r.mapping(value, "http", ("maxBodyBytes", "tenantHeader"))
     header = r.string(m, "tenantHeader", "http", default=None,
-                      pattern=re.compile(r"^[A-Za-z0-9-]{1,64}$"), what="an HTTP header name")
+                      pattern=re.compile(r"^[A-Za-z0-9-]{1,64}\Z"), what="an HTTP header name")
     return HttpConfig(
         max_body_bytes=r.integer(m, "maxBodyBytes", "http", default=1_048_576, minimum=1),
         tenant_header=header.lower() if header else None,

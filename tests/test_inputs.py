@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 from conftest import API_KEYS
 
-from ai_saas_middleware import Decision, Gateway, Outcome, RequestInfo
+from ai_saas_middleware import ConfigError, Decision, Gateway, Outcome, RequestInfo, load_config
 from ai_saas_middleware.config import ModelProfile, TierConfig
 from ai_saas_middleware.inputs import MAX_OUTPUT_TOKENS, declared_length
 from ai_saas_middleware.pricing import cost_of
 from ai_saas_middleware.routing import Requirements, select_model
+from ai_saas_middleware.store.keys import KeySchema, is_valid_tenant_id
 
 MESSAGE_BOUND = 1_000  # bytes: a refusal's body whatever the client sent
 
@@ -422,3 +423,61 @@ def test_routing_ranks_by_exact_cost_in_any_host_context() -> None:
 
     assert [m.id for m in selection.candidates] == ["a-cheap"]
     assert selection.explain() == "b-dear: expected cost $0.0012356 > $0.0012354"
+
+
+# --------------------------------------------------------------------------- items 12, 16a
+
+
+def problem_paths(config: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    return [p.path for p in caught.value.problems]
+
+
+@pytest.mark.parametrize("ttl", [0, "0s", 0.5, "500ms", "0.9s"])
+def test_a_dedupe_ttl_under_one_second_is_refused_naming_it(
+        make_config: Callable[..., dict[str, Any]], ttl: Any) -> None:
+    # SET ... EX 0 fails after settle.lua wrote the event and the counter: the replay of
+    # the spooled settlement would then write them twice.
+    assert problem_paths(make_config(redis={"dedupeTtl": ttl})) == ["redis.dedupeTtl"]
+
+
+@pytest.mark.parametrize(("ttl", "seconds"), [(1, 1), ("1s", 1), ("36h", 129_600), (None, 86_400)])
+def test_a_dedupe_ttl_of_a_second_or_more_is_taken(
+        make_config: Callable[..., dict[str, Any]], ttl: Any, seconds: int) -> None:
+    redis_section = {} if ttl is None else {"dedupeTtl": ttl}
+    assert load_config(make_config(redis=redis_section)).redis.dedupe_ttl_s == seconds
+
+
+def test_an_id_with_a_trailing_newline_is_not_a_tenant_id() -> None:
+    assert is_valid_tenant_id("acme")
+    assert not is_valid_tenant_id("acme\n")
+    with pytest.raises(ValueError):
+        KeySchema("p", 16).tenant("acme\n")
+
+
+def test_config_values_with_a_trailing_newline_are_refused(
+        make_config: Callable[..., dict[str, Any]]) -> None:
+    config = make_config(redis={"keyPrefix": "aisaas\n"}, http={"tenantHeader": "X-Tenant\n"})
+    config["tenant"]["tiers"][0]["name"] = "free\n"
+    config["tenants"][1]["id"] = "globex\n"
+    config["tenants"][2]["apiKeys"][0] += "\n"
+
+    assert set(problem_paths(config)) >= {
+        "tenant.tiers[0].name", "tenants[1].id", "tenants[2].apiKeys[0]", "redis.keyPrefix",
+        "http.tenantHeader"}
+
+
+def test_a_trusted_tenant_header_with_a_trailing_newline_is_refused(
+        make_config: Callable[..., dict[str, Any]], rclient: Any, key_prefix: str) -> None:
+    gateway = Gateway(make_config(http={"tenantHeader": "X-Tenant"}))
+    try:
+        decision = gateway.admit(RequestInfo("POST", "/ai/chat",
+                                             {"content-type": "application/json",
+                                              "x-tenant": "acme\n"},
+                                             json.dumps(chat(max_tokens=10)).encode()))
+    finally:
+        gateway.close()
+
+    assert decision.status == 401 and error_of(decision)["code"] == "invalid_tenant_id"
+    assert list(rclient.scan_iter(match=f"{key_prefix}:*")) == []

@@ -24,12 +24,14 @@ from dataclasses import dataclass
 
 __all__ = ["KeySchema", "TenantKeys", "is_valid_tenant_id"]
 
-_TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Matched whole (fullmatch): with match() and "$", "acme\n" would pass, as "$" also
+# matches before a string's final newline.
+_TENANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def is_valid_tenant_id(tenant_id: str) -> bool:
     """True when ``tenant_id`` may be put in a key: [A-Za-z0-9_.-], 1 to 64 characters."""
-    return _TENANT_ID.match(tenant_id) is not None
+    return _TENANT_ID.fullmatch(tenant_id) is not None
 
 
 @dataclass(frozen=True, slots=True)
