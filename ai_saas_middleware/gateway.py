@@ -382,9 +382,9 @@ class _Core:
         the server's month, or the stored tenant's real tier)."""
         code = int(reply[0])
         if code == 0:
-            if self._degraded:  # Redis is back: the outage allowance starts afresh
+            if self._degraded:  # Redis is back; the allowance is not renewed by it
                 self._degraded = False
-                self.allowance.reset()
+                self.allowance.forget_expired()
             if plan.stored:
                 self._stored_tiers[plan.tenant_id] = (plan.tier.name,
                                                       time.monotonic() + _TIER_TTL_S)
