@@ -80,9 +80,10 @@ def declared_length(headers: Mapping[str, str], max_body_bytes: int) -> int | De
     return too_large(max_body_bytes) if length > max_body_bytes else length
 
 
-def parse_body(info: RequestInfo, endpoint: EndpointConfig
+def parse_body(info: RequestInfo, endpoint: EndpointConfig, prompt_estimate: str = "estimate"
                ) -> tuple[dict[str, Any], int, int] | Decision:
-    """(the JSON body, output tokens to reserve, estimated prompt tokens), or a refusal
+    """(the JSON body, output tokens to reserve, the prompt's tokens estimated in the
+    ``prompt_estimate`` mode of ``quota.promptEstimate``), or a refusal
     (415 for another content type, 400 for a body that is not a JSON object or a bad
     ``max_tokens``)."""
     body: Any = {}
@@ -105,7 +106,7 @@ def parse_body(info: RequestInfo, endpoint: EndpointConfig
         return max_tokens
     if max_tokens is None:
         max_tokens = endpoint.default_max_output_tokens
-    return body, max_tokens, estimate_prompt_tokens(body)
+    return body, max_tokens, estimate_prompt_tokens(body, prompt_estimate)
 
 
 def _max_output_tokens(body: Mapping[str, Any]) -> int | Decision | None:

@@ -223,12 +223,14 @@ def test_estimate_prompt_tokens() -> None:
                          {"role": "user", "content": [{"type": "text", "text": "y" * 9},
                                                       {"type": "image_url", "image_url": {}}]}]}
 
-    # 3 per request + (4 + 10) + (4 + ceil(9/4) = 3)
-    assert estimate_prompt_tokens(chat) == 3 + 14 + 7
-    assert estimate_prompt_tokens({"prompt": "z" * 8}) == 3 + 2
-    assert estimate_prompt_tokens({"input": ["ab", "cd"]}) == 3 + 1
+    # 3 per request + 4 per message or part (3 of them) + the image part's allowance
+    # + a token per 3 bytes of text: "system" + 40 + "user" + 9 = 59 bytes -> 20
+    assert estimate_prompt_tokens(chat) == 3 + 3 * 4 + 1_600 + 20
+    assert estimate_prompt_tokens({"prompt": "z" * 8}) == 3 + 3
+    assert estimate_prompt_tokens({"input": ["ab", "cd"]}) == 3 + 2
     assert estimate_prompt_tokens({}) == 0
-    assert estimate_prompt_tokens({"messages": "not a list", "prompt": "abcd"}) == 3 + 1
+    # Whatever shape a field has, its text is counted (the provider may read it).
+    assert estimate_prompt_tokens({"messages": "not a list", "prompt": "abcd"}) == 3 + 5
 
 
 @given(st.lists(st.text(max_size=200), max_size=8))
