@@ -274,7 +274,7 @@ class _Core:
         return self.config.tiers.get(known[0])
 
     def _parse_body(self, info: RequestInfo, plan: _Plan) -> Decision | None:
-        parsed = parse_body(info, plan.endpoint)
+        parsed = parse_body(info, plan.endpoint, self.config.quota.prompt_estimate)
         if isinstance(parsed, Decision):
             return parsed
         plan.body, plan.max_output_tokens, plan.prompt_tokens = parsed
