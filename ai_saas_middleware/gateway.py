@@ -50,6 +50,7 @@ from .errors import (
 )
 from .estimate import estimate_tokens
 from .inputs import declared_length, parse_body, requirements, too_large
+from .leases import LeaseKeeper
 from .pricing import cost_of, format_usd
 from .responses import refusal
 from .routing import Requirements, Selection, select_model
@@ -185,6 +186,8 @@ class _Plan:
 class _Core:
     """Everything the twins share; no I/O."""
 
+    leases: LeaseKeeper  # set by each twin, with the store its renewals use
+
     def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str], *,
                  redis_url: str | None = None):
         self.config = load_config(config)
@@ -303,12 +306,13 @@ class _Core:
         keys = self.keys.tenant(plan.tenant_id)
         tier = plan.tier
         return ("admit",
-                [keys.rate_limit, keys.quota(plan.month), keys.record, keys.api_keys],
+                [keys.rate_limit, keys.quota(plan.month), keys.record, keys.api_keys,
+                 keys.reservations, keys.reserved],
                 [plan.request_id, plan.month, plan.mode, plan.key_hash, tier.name,
                  tier.rate_limit or 0, WINDOW_MS,
                  -1 if tier.monthly_quota is None else tier.monthly_quota,
                  plan.prompt_tokens + plan.max_output_tokens, QUOTA_TTL_S,
-                 plan.month_start, plan.month_end])
+                 plan.month_start, plan.month_end, self.leases.lease_ms])
 
     def _admitted(self, plan: _Plan, now_ms: int, remaining: int, reset_ms: int,
                   local: bool = False) -> Decision:
@@ -319,6 +323,9 @@ class _Core:
         ticket = Ticket(plan.request_id, plan.tenant_id, tier.name,
                         self.keys.tenant(plan.tenant_id), plan.month, 0 if local else reserve,
                         plan.prompt_tokens, now_ms, time.monotonic(), plan.endpoint, local, chosen)
+        # Held also when admitted locally: admit.lua may have run with its reply lost, and
+        # then Redis holds a reservation that the renewals keep (renew.lua skips others).
+        self.leases.hold(plan.request_id, ticket.keys)
         ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=chosen,
                              candidates=selection.candidates, request_id=plan.request_id,
                              max_output_tokens=plan.max_output_tokens, body=plan.body,
@@ -522,9 +529,13 @@ class _Core:
             "client_disconnected", "true" if outcome.disconnected else "false",
         ]
         keys = ticket.keys
-        delta = usage.total_tokens - ticket.reserved_tokens
-        return ("settle", [keys.quota(ticket.month), keys.stream, keys.settled(ticket.request_id)],
-                [delta, self.config.redis.dedupe_ttl_s, QUOTA_TTL_S, *event])
+        self.leases.drop(ticket.request_id)
+        # The real tokens, not a delta: settle.lua releases what Redis reserved for this
+        # request id, which a lost admission reply leaves unknown here.
+        return ("settle", [keys.quota(ticket.month), keys.stream, keys.settled(ticket.request_id),
+                           keys.reservations, keys.reserved],
+                [usage.total_tokens, self.config.redis.dedupe_ttl_s, QUOTA_TTL_S,
+                 ticket.request_id, *event])
 
     def spool_settlement(self, ticket: Ticket, outcome: Outcome,
                          ctx: RequestContext | None = None) -> None:
@@ -579,6 +590,7 @@ class Gateway(_Core):
                  redis_url: str | None = None):
         super().__init__(config, redis_url=redis_url)
         self.store = RedisStore(self.config.redis, self.redis_url)
+        self.leases = LeaseKeeper(self.config.quota.reservation_timeout_s, lambda: self.store)
 
     def _run(self, call: ScriptCall) -> Any:
         return self.store.run_script(*call)
@@ -669,6 +681,7 @@ class Gateway(_Core):
             self.settle(ticket, self._job_outcome(ctx, failed), ctx)
 
     def close(self) -> None:
+        self.leases.close()
         self.store.close()
 
 
@@ -679,6 +692,10 @@ class AsyncGateway(_Core):
                  redis_url: str | None = None):
         super().__init__(config, redis_url=redis_url)
         self.store = AsyncRedisStore(self.config.redis, self.redis_url)
+        # Renewals run in the keeper's thread, on a sync store of their own.
+        self.leases = LeaseKeeper(self.config.quota.reservation_timeout_s,
+                                  lambda: RedisStore(self.config.redis, self.redis_url),
+                                  owns_store=True)
 
     async def _run(self, call: ScriptCall) -> Any:
         return await self.store.run_script(*call)
@@ -748,5 +765,6 @@ class AsyncGateway(_Core):
             await self.settle(ticket, self._job_outcome(ctx, failed), ctx)
 
     async def close(self) -> None:
+        self.leases.close()
         await self.store.close()
 

@@ -9,6 +9,8 @@ same code runs on one Redis server or on a Redis Cluster::
     <prefix>:{s<shard>}:t:<tenant>:tenant         stored tenant record (hash)
     <prefix>:{s<shard>}:t:<tenant>:keys           stored tenant's API key hashes (hash)
     <prefix>:{s<shard>}:t:<tenant>:ev:<request>   settled-request marker (dedupe, expires)
+    <prefix>:{s<shard>}:t:<tenant>:res            reservations in flight: lease deadlines (zset)
+    <prefix>:{s<shard>}:t:<tenant>:resv           reservations in flight: tokens, month (hash)
     <prefix>:{s<shard>}:usage                     usage stream of the shard
     <prefix>:{s<shard>}:tenants                   ids of stored tenants in the shard (set)
 
@@ -57,6 +59,16 @@ class TenantKeys:
     @property
     def api_keys(self) -> str:
         return self.base + ":keys"
+
+    @property
+    def reservations(self) -> str:
+        """Sorted set: request id -> lease deadline (ms) of each reservation in flight."""
+        return self.base + ":res"
+
+    @property
+    def reserved(self) -> str:
+        """Hash: request id -> '<tokens> <YYYY-MM>' of each reservation in flight."""
+        return self.base + ":resv"
 
     def settled(self, request_id: str) -> str:
         return f"{self.base}:ev:{request_id}"

@@ -79,8 +79,15 @@ log = logging.getLogger("ai_saas_middleware")
 
 @functools.cache
 def load_script(name: str) -> str:
-    """The source of ``store/lua/<name>.lua`` (read once, when a store first needs it)."""
-    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+    """The source of ``store/lua/<name>.lua`` (read once, when a store first needs it).
+
+    A line ``--#include <file>`` is replaced by that file of the same folder: scripts
+    share Lua functions so (EVALSHA scripts cannot call each other).
+    """
+    folder = resources.files(__package__).joinpath("lua")
+    lines = folder.joinpath(f"{name}.lua").read_text("utf-8").splitlines(keepends=True)
+    return "".join(folder.joinpath(line.split()[1]).read_text("utf-8")
+                   if line.startswith("--#include ") else line for line in lines)
 
 
 def _retry_args(which: str, args: Sequence[Any]) -> Sequence[Any]:
@@ -291,6 +298,7 @@ class RedisStore:
         self._admit = self.client.register_script(load_script("admit"))
         self._settle = self.client.register_script(load_script("settle"))
         self._usage = self.client.register_script(load_script("usage"))
+        self._renew = self.client.register_script(load_script("renew"))
         self._loaded = False
         # A cluster client routes each script to its slot's node; without hiredis the
         # pooled client does the work (slower, same behaviour).
@@ -323,7 +331,7 @@ class RedisStore:
         return result
 
     def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run ``which`` (admit | settle | usage).lua; see each script's header."""
+        """Run ``which`` (admit | settle | usage | renew).lua; see each script's header."""
         return self._run(which, getattr(self, "_" + which), keys, args)
 
     def call(self, *command: Any) -> Any:
@@ -597,6 +605,7 @@ class AsyncRedisStore:
         self._admit: Any = None
         self._settle: Any = None
         self._usage: Any = None
+        self._renew: Any = None
         self._loading: asyncio.Future[None] | None = None
         self._lane: _Lane | None = None
 
@@ -613,6 +622,7 @@ class AsyncRedisStore:
         self._admit = client.register_script(load_script("admit"))
         self._settle = client.register_script(load_script("settle"))
         self._usage = client.register_script(load_script("usage"))
+        self._renew = client.register_script(load_script("renew"))
         self._loading = None
         self._lane = None
         # A cluster client routes each script to its slot's node; without hiredis the
@@ -641,12 +651,11 @@ class AsyncRedisStore:
         return self._client
 
     async def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run ``which`` (admit | settle | usage).lua; see each script's header."""
+        """Run ``which`` (admit | settle | usage | renew).lua; see each script's header."""
         self.health.check()
         if self._loop is not asyncio.get_running_loop():
             self._bind()
-        script = (self._admit if which == "admit" else
-                  self._settle if which == "settle" else self._usage)
+        script = getattr(self, "_" + which)  # admit | settle | usage | renew
         try:
             if self._loading is None or not self._loading.done():
                 await self._load_scripts()
