@@ -22,6 +22,7 @@ When it returns None, the API key decides.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -201,12 +202,16 @@ class AISaaSMiddleware:
         failed = False
         try:
             await self.app(scope, replay_receive, metered_send)
-        except BaseException:
+        except BaseException as exc:
+            # Cancelled (the client went away, a cancel scope, a shutdown): billed for what
+            # was produced, as a hang-up; anything else is the app failing.
+            disconnected = disconnected or isinstance(exc, asyncio.CancelledError)
             failed = not disconnected
             raise
         finally:
             outcome = meter.outcome(failed=failed or ctx.failed, disconnected=disconnected)
             try:
+                # Cancellation-safe: a settlement cut short is spooled, then replayed.
                 await self.gateway.settle(ticket, outcome, ctx)
             except Exception:
                 log.exception("settling request %s failed", ticket.request_id)

@@ -24,6 +24,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from typing import IO, Any
 
+from . import background
 from .context import RequestContext, Ticket
 from .gateway import AsyncGateway, Gateway
 from .types import Decision, Outcome
@@ -159,18 +160,10 @@ def read_request_body(stream: IO[bytes], headers: Mapping[str, str],
     return body
 
 
-_background: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak
-
-
 async def _settle_guarded(gateway: AsyncGateway, ticket: Ticket, outcome: Outcome,
                           ctx: RequestContext | None) -> None:
     try:
-        await gateway.settle(ticket, outcome, ctx)
-    except asyncio.CancelledError:
-        # The loop is shutting down half way through: keep the event in the spool. If the
-        # script did run, the replay is a no-op (settle.lua dedupes by request id).
-        gateway.spool_settlement(ticket, outcome, ctx)
-        raise
+        await gateway.settle(ticket, outcome, ctx)  # (a cancellation spools it: see settle)
     except Exception:  # accounting must never break the app
         log.exception("settling request %s failed", ticket.request_id)
 
@@ -184,11 +177,7 @@ def settle_in_background(gateway: AsyncGateway, ticket: Ticket, outcome: Outcome
     on it, and it does not depend on the server calling ``close()``. The task is held
     until it is done; failures are logged; :func:`wait_for_settlements` awaits them.
     """
-    task = asyncio.get_running_loop().create_task(_settle_guarded(gateway, ticket, outcome,
-                                                                  ctx))
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-    return task
+    return background.start(_settle_guarded(gateway, ticket, outcome, ctx))
 
 
 async def wait_for_settlements() -> None:
@@ -197,13 +186,7 @@ async def wait_for_settlements() -> None:
     Settlements scheduled from another thread (:meth:`AsyncMeteredBody.close`)
     are started first. For tests, and for a shutdown hook that must not lose events.
     """
-    loop = asyncio.get_running_loop()
-    await asyncio.sleep(0)
-    while True:
-        pending = [task for task in list(_background) if task.get_loop() is loop]
-        if not pending:
-            return
-        await asyncio.gather(*pending, return_exceptions=True)
+    await background.wait_for_all()
 
 
 class AsyncMeteredBody:

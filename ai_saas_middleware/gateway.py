@@ -36,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
+from . import background
 from .allowance import LocalAllowance
 from .config import Config, EndpointConfig, TenantConfig, TierConfig, load_config
 from .context import RequestContext, Ticket
@@ -537,16 +538,6 @@ class _Core:
                 [usage.total_tokens, self.config.redis.dedupe_ttl_s, QUOTA_TTL_S,
                  ticket.request_id, *event])
 
-    def spool_settlement(self, ticket: Ticket, outcome: Outcome,
-                         ctx: RequestContext | None = None) -> None:
-        """Put the settlement in the local spool instead of sending it now.
-
-        For a settlement that was cut short (its task cancelled as the event loop shut
-        down): it is replayed with the others, and counted once even if it did reach
-        Redis (settle.lua dedupes by request id).
-        """
-        self.spool.append(self._settle_call(ticket, outcome, ctx))
-
     # ---------------------------------------------------------------- background jobs
 
     def _job_info(self, tenant_id: str, endpoint: str | None, body: Mapping[str, Any] | None,
@@ -638,17 +629,23 @@ class Gateway(_Core):
         to disk and replayed, in order, when Redis is back.
         """
         call = self._settle_call(ticket, outcome, ctx)
-        if self.spool.pending and not self.store.health.is_down():
-            self.spool.replay(self._run)  # older events first, so the stream stays in order
-        if not self.spool.pending:
-            try:
-                self._run(call)
-                return
-            except StoreRefused as exc:  # can never succeed: set aside, loudly, not spooled
-                self.spool.set_aside(call, exc)
-                return
-            except StoreError as exc:
-                log.warning("usage event %s spooled: %s", ticket.request_id, exc)
+        try:
+            if self.spool.pending and not self.store.health.is_down():
+                self.spool.replay(self._run)  # older events first: the stream stays in order
+            if not self.spool.pending:
+                try:
+                    self._run(call)
+                    return
+                except StoreRefused as exc:  # can never succeed: set aside, loudly
+                    self.spool.set_aside(call, exc)
+                    return
+                except StoreError as exc:
+                    log.warning("usage event %s spooled: %s", ticket.request_id, exc)
+        except BaseException:
+            # Interrupted half way (a worker timeout's SystemExit, a KeyboardInterrupt):
+            # whether the script ran is unknown; spooled, it is counted once either way.
+            self.spool.append(call)
+            raise
         self.spool.append(call)
 
     @contextlib.contextmanager
@@ -730,20 +727,38 @@ class AsyncGateway(_Core):
 
     async def settle(self, ticket: Ticket, outcome: Outcome,
                      ctx: RequestContext | None = None) -> None:
-        """See :meth:`Gateway.settle`."""
+        """See :meth:`Gateway.settle`.
+
+        Whatever interrupts it, the settlement is written or spooled, exactly once: a
+        cancellation spools it before the ``CancelledError`` goes on.
+        """
         call = self._settle_call(ticket, outcome, ctx)
-        if self.spool.pending and not self.store.health.is_down():
-            await self.spool.areplay(self._run)
-        if not self.spool.pending:
-            try:
-                await self._run(call)
-                return
-            except StoreRefused as exc:  # can never succeed: set aside, loudly, not spooled
-                self.spool.set_aside(call, exc)
-                return
-            except StoreError as exc:
-                log.warning("usage event %s spooled: %s", ticket.request_id, exc)
+        try:
+            if self.spool.pending and not self.store.health.is_down():
+                await self.spool.areplay(self._run)
+            if not self.spool.pending:
+                try:
+                    await self._run(call)
+                    return
+                except StoreRefused as exc:  # can never succeed: set aside, loudly
+                    self.spool.set_aside(call, exc)
+                    return
+                except StoreError as exc:
+                    log.warning("usage event %s spooled: %s", ticket.request_id, exc)
+        except BaseException:
+            # Cancelled half way (a cancel scope around the request, a client hang-up, a
+            # server shutting down): whether the script ran is unknown, and a cancelled
+            # scope would cancel every further await. Spooled now, synchronously, it is
+            # durable and counted once either way (settle.lua's marker); a task of its own,
+            # outside the cancelled scope, replays it at once.
+            self.spool.append(call)
+            background.start(self._replay_spool())
+            raise
         self.spool.append(call)
+
+    async def _replay_spool(self) -> None:
+        if not self.store.health.is_down():
+            await self.spool.areplay(self._run)
 
     @contextlib.asynccontextmanager
     async def request(self, *, tenant_id: str, endpoint: str | None = None,
