@@ -3,7 +3,9 @@
 1. Redis: ``--redis-url`` or ``REDIS_URL`` when given, else a private embedded server.
 2. The local OpenAI-compatible provider (under uvicorn) and the demo app of the chosen
    framework (see ``DEMO_APPS``: ASGI apps under uvicorn, WSGI apps under Werkzeug's
-   threaded server), each on a free loopback port (real HTTP on both hops).
+   threaded server), each on a free loopback port (real HTTP on both hops). Each
+   server stops only once its requests in flight are settled (bounded), so the summary
+   read afterwards sees every event.
 3. A short burst of multi-tenant traffic: a free tenant over its 10 req/min, a pro and
    an enterprise tenant, a tenant stored in Redis with a fresh key, streamed answers
    (one of them abandoned half way by its client), an unknown key, non-AI pages.
@@ -16,18 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import socket
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import AISaaSError
 
-__all__ = ["DEMO_APPS", "run_demo", "serve_in_thread", "serve_wsgi_in_thread"]
+__all__ = ["DEMO_APPS", "InFlight", "run_demo", "serve_in_thread", "serve_wsgi_in_thread"]
+
+log = logging.getLogger("ai_saas_middleware")
 
 DEMO_KEYS = {"free-co": "demo-key-free", "pro-co": "demo-key-pro", "big-co": "demo-key-enterprise"}
 
@@ -47,16 +52,88 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class serve_in_thread:
-    """Serve an ASGI app with uvicorn on a free loopback port in a daemon thread."""
+class InFlight:
+    """The requests a server is in the middle of, and a bounded wait until there are none.
 
-    def __init__(self, app: Any, port: int | None = None):
+    A request counts from the moment the server calls the app until the app is done
+    with it: for WSGI when the body's ``close()`` returned (the middleware settles in
+    it), for ASGI when the app's coroutine returned.
+    """
+
+    __slots__ = ("_changed", "_count")
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    @property
+    def count(self) -> int:
+        """How many requests are in flight now."""
+        with self._changed:
+            return self._count
+
+    def enter(self) -> None:
+        """A request began."""
+        with self._changed:
+            self._count += 1
+
+    def leave(self) -> None:
+        """A request ended."""
+        with self._changed:
+            self._count -= 1
+            if not self._count:
+                self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for no request in flight; True if none is."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout)
+
+
+def _drained(in_flight: InFlight, timeout: float, port: int) -> bool:
+    if in_flight.wait_idle(timeout):
+        return True
+    log.warning("the server on port %d stops with %d request(s) still in flight after "
+                "%.1fs", port, in_flight.count, timeout)
+    return False
+
+
+class _TrackedASGI:
+    """An ASGI app counted in ``in_flight`` while it runs; remembers the server's loop."""
+
+    def __init__(self, app: Any, in_flight: InFlight):
+        self.app = app
+        self.in_flight = in_flight
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.in_flight.enter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight.leave()
+
+
+class serve_in_thread:
+    """Serve an ASGI app with uvicorn on a free loopback port in a daemon thread.
+
+    Leaving the block stops the server only once the requests in flight are done and
+    the settlements they started in the background (Django's ASGI adapter) are written,
+    at most ``drain_timeout`` seconds: a summary read afterwards sees every event.
+    """
+
+    def __init__(self, app: Any, port: int | None = None, drain_timeout: float = 10.0):
         import uvicorn
 
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="off"))
+        self.drain_timeout = drain_timeout
+        self.in_flight = InFlight()
+        self._app = _TrackedASGI(app, self.in_flight)
+        self.server = uvicorn.Server(uvicorn.Config(self._app, host="127.0.0.1",
+                                                    port=self.port, log_level="warning",
+                                                    lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> serve_in_thread:
@@ -69,22 +146,107 @@ class serve_in_thread:
         return self
 
     def __exit__(self, *_: object) -> None:
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        from .bodies import wait_for_settlements
+
+        deadline = time.monotonic() + self.drain_timeout
+        _drained(self.in_flight, self.drain_timeout, self.port)
+        loop = self._app.loop
+        if loop is not None and loop.is_running():
+            # Settlements started as tasks of the server's loop: asyncio.run() would
+            # cancel them when the server returns (they would be spooled, not written).
+            waited = asyncio.run_coroutine_threadsafe(wait_for_settlements(), loop)
+            try:
+                waited.result(max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                waited.cancel()
+                log.warning("the server on port %d stops with settlements pending",
+                            self.port)
         self.server.should_exit = True
         self.thread.join(5)
 
 
-class serve_wsgi_in_thread:
-    """Serve a WSGI app with Werkzeug's threaded server on a free loopback port."""
+_BODY_KEY = "ai_saas.demo.body"  # the environ key of a request's _TrackedBody
 
-    def __init__(self, app: Any, port: int | None = None):
+
+class _TrackedBody:
+    """A WSGI body whose request leaves ``in_flight`` when its ``close()`` returned."""
+
+    __slots__ = ("_body", "_in_flight", "_open")
+
+    def __init__(self, body: Iterable[bytes], in_flight: InFlight):
+        self._body = body
+        self._in_flight = in_flight
+        self._open = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        # Once: the handler calls it again in case the server skipped it. One request's
+        # body is closed by the one thread serving that request, so no lock.
+        if not self._open:
+            return
+        self._open = False
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._in_flight.leave()
+
+
+def _tracked_wsgi(app: Any, in_flight: InFlight) -> Any:
+    """``app`` counted in ``in_flight`` from its call until its body's ``close()``."""
+
+    def tracked(environ: dict[str, Any], start_response: Any) -> _TrackedBody:
+        in_flight.enter()
+        try:
+            body = app(environ, start_response)
+        except BaseException:
+            in_flight.leave()
+            raise
+        environ[_BODY_KEY] = tracked_body = _TrackedBody(body, in_flight)
+        return tracked_body
+
+    return tracked
+
+
+class serve_wsgi_in_thread:
+    """Serve a WSGI app with Werkzeug's threaded server on a free loopback port.
+
+    Leaving the block stops the server only once the requests in flight are done (their
+    bodies closed, so settled), at most ``drain_timeout`` seconds: Werkzeug serves each
+    request in a daemon thread that ``server_close()`` does not join.
+
+    Each body is closed, as PEP 3333 requires, even when Werkzeug skips it: its
+    ``run_wsgi`` calls ``close()`` in a ``finally`` only after draining the socket, and a
+    client that hung up with response bytes unread resets the connection, so that read
+    raises ``ConnectionResetError`` and the body (and the request's settlement) was left
+    to the garbage collector.
+    """
+
+    def __init__(self, app: Any, port: int | None = None, drain_timeout: float = 10.0):
         from werkzeug.serving import WSGIRequestHandler, make_server
 
-        class QuietHandler(WSGIRequestHandler):
+        class Handler(WSGIRequestHandler):
             def log_request(self, *args: Any) -> None:  # errors are still logged
                 pass
 
-        self.server = make_server("127.0.0.1", port or 0, app, threaded=True,
-                                  request_handler=QuietHandler)
+            def run_wsgi(self) -> None:
+                try:
+                    super().run_wsgi()
+                finally:
+                    environ = getattr(self, "environ", None)
+                    body = environ.pop(_BODY_KEY, None) if environ is not None else None
+                    if body is not None:
+                        body.close()  # a no-op when Werkzeug did close it
+
+        self.drain_timeout = drain_timeout
+        self.in_flight = InFlight()
+        self.server = make_server("127.0.0.1", port or 0, _tracked_wsgi(app, self.in_flight),
+                                  threaded=True, request_handler=Handler)
         self.port = self.server.port
         self.url = f"http://127.0.0.1:{self.port}"
         # Polled often, so that leaving the block (shutdown) does not wait half a second.
@@ -96,6 +258,7 @@ class serve_wsgi_in_thread:
         return self
 
     def __exit__(self, *_: object) -> None:
+        _drained(self.in_flight, self.drain_timeout, self.port)
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
@@ -155,7 +318,6 @@ async def _traffic(base: str, stored_key: str) -> tuple[Counter[tuple[str, int]]
 def run_demo(framework: str = "starlette", redis_url: str | None = None,
              out: Callable[[str], Any] = print) -> int:
     """Run the demo end to end; returns the exit status."""
-    import logging
     import os
 
     import yaml

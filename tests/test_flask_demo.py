@@ -2,6 +2,8 @@
 
 The demo app runs under Werkzeug's threaded server (``serve_wsgi_in_thread``, what
 ``ai-saas demo --framework flask`` uses) and calls the provider stand-in over real HTTP.
+Werkzeug settles a request in the thread serving it, possibly after the client read its
+last byte: the events and counters are read once no request is in flight.
 """
 
 from __future__ import annotations
@@ -27,14 +29,45 @@ from demo_projects.flask_app.app import CONFIG, create_app
 
 
 @pytest.fixture
-def demo(demo_provider_url: str, demo_config: Callable[[Path], dict[str, Any]]
-         ) -> Iterator[httpx.Client]:
+def server(demo_provider_url: str, demo_config: Callable[[Path], dict[str, Any]]
+           ) -> Iterator[serve_wsgi_in_thread]:
     """The Flask demo on the demo's own config (test Redis and prefix), over loopback."""
     app = create_app(demo_config(CONFIG), provider_url=demo_provider_url)
-    with serve_wsgi_in_thread(app) as server, \
-            httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
+    with serve_wsgi_in_thread(app) as server:
+        yield server
     app.extensions[EXTENSION_KEY].gateway.close()
+
+
+@pytest.fixture
+def demo(server: serve_wsgi_in_thread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def events(events: Callable[[], list[dict[str, str]]], server: serve_wsgi_in_thread
+           ) -> Callable[[], list[dict[str, str]]]:
+    """The stream's events once no request is in flight: Werkzeug settles a request in
+    its handler thread after the client may have read the last byte (a stream's in the
+    body's close(), after the final chunk)."""
+
+    def read() -> list[dict[str, str]]:
+        assert server.in_flight.wait_idle(10)
+        return events()
+
+    return read
+
+
+@pytest.fixture
+def quota_used(quota_used: Callable[[str], int], server: serve_wsgi_in_thread
+               ) -> Callable[[str], int]:
+    """The tenant's counter once no request is in flight (see ``events``)."""
+
+    def read(tenant: str) -> int:
+        assert server.in_flight.wait_idle(10)
+        return quota_used(tenant)
+
+    return read
 
 
 def test_flask_demo_is_registered_for_the_cli() -> None:
