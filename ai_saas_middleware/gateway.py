@@ -23,6 +23,7 @@ context and settlement.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import contextlib
 import hashlib
@@ -710,10 +711,25 @@ class AsyncGateway(_Core):
                 reply = await self._run(self._admit_call(plan))
             except StoreError as exc:
                 return self._admit_locally(plan, info, exc)
+            except asyncio.CancelledError:
+                # The client went away (or a scope was cancelled) with admit.lua's reply on
+                # its way: whatever it reserved is given back by a task of its own (the
+                # lease would release it too, only later).
+                background.start(self._release(plan))
+                raise
             decision = self._interpret(plan, info, reply)
             if decision is not None:
                 return decision
         raise StoreError("admission did not settle (the tier or the month kept moving)")
+
+    async def _release(self, plan: _Plan) -> None:
+        keys = self.keys.tenant(plan.tenant_id)
+        try:
+            await self._run(("release", [keys.reservations, keys.reserved,
+                                         keys.quota(plan.month)], [plan.request_id]))
+        except StoreError as exc:
+            log.warning("reservation of cancelled request %s left to its lease: %s",
+                        plan.request_id, exc)
 
     async def usage(self, info: RequestInfo) -> Decision:
         """See :meth:`Gateway.usage`."""

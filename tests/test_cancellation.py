@@ -168,3 +168,35 @@ async def test_a_replay_cancelled_half_way_puts_its_claim_back(
     assert quota_used("globex") == 3 * 5 + 30
     assert no_spool_left(tmp_path / "spool")
     await gateway.close()
+
+
+@pytest.mark.parametrize("after_running", [False, True], ids=["before-sent", "reply-lost"])
+async def test_an_admission_cancelled_on_its_way_gives_its_reservation_back(
+        make_config: Callable[..., dict[str, Any]], rclient: Any, events: Any,
+        quota_used: Any, after_running: bool) -> None:
+    gateway = AsyncGateway(make_config())
+    real: Callable[..., Awaitable[Any]] = gateway.store.run_script
+    parked = asyncio.Event()
+
+    async def run_script(which: str, keys: Any, args: Any) -> Any:
+        if which == "admit":
+            if after_running:
+                await real(which, keys, args)
+            parked.set()
+            await asyncio.Event().wait()
+        return await real(which, keys, args)
+
+    gateway.store.run_script = run_script  # type: ignore[method-assign]
+    admitting = asyncio.ensure_future(gateway.admit(ai_request()))
+    await parked.wait()
+    gateway.store.run_script = real  # type: ignore[method-assign]
+    admitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    await wait_for_settlements()
+
+    keys = KeySchema(gateway.config.redis.key_prefix, 16).tenant("globex")
+    assert rclient.hgetall(keys.reserved) == {}
+    assert quota_used("globex") == 0
+    assert events() == []  # never admitted as far as the client knows: no event
+    await gateway.close()

@@ -299,6 +299,7 @@ class RedisStore:
         self._settle = self.client.register_script(load_script("settle"))
         self._usage = self.client.register_script(load_script("usage"))
         self._renew = self.client.register_script(load_script("renew"))
+        self._release = self.client.register_script(load_script("release"))
         self._loaded = False
         # A cluster client routes each script to its slot's node; without hiredis the
         # pooled client does the work (slower, same behaviour).
@@ -331,7 +332,7 @@ class RedisStore:
         return result
 
     def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run ``which`` (admit | settle | usage | renew).lua; see each script's header."""
+        """Run ``which`` (admit | settle | usage | renew | release).lua; see each script's header."""
         return self._run(which, getattr(self, "_" + which), keys, args)
 
     def call(self, *command: Any) -> Any:
@@ -606,6 +607,7 @@ class AsyncRedisStore:
         self._settle: Any = None
         self._usage: Any = None
         self._renew: Any = None
+        self._release: Any = None
         self._loading: asyncio.Future[None] | None = None
         self._lane: _Lane | None = None
 
@@ -623,6 +625,7 @@ class AsyncRedisStore:
         self._settle = client.register_script(load_script("settle"))
         self._usage = client.register_script(load_script("usage"))
         self._renew = client.register_script(load_script("renew"))
+        self._release = client.register_script(load_script("release"))
         self._loading = None
         self._lane = None
         # A cluster client routes each script to its slot's node; without hiredis the
@@ -651,11 +654,11 @@ class AsyncRedisStore:
         return self._client
 
     async def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run ``which`` (admit | settle | usage | renew).lua; see each script's header."""
+        """Run ``which`` (admit | settle | usage | renew | release).lua; see each script's header."""
         self.health.check()
         if self._loop is not asyncio.get_running_loop():
             self._bind()
-        script = getattr(self, "_" + which)  # admit | settle | usage | renew
+        script = getattr(self, "_" + which)  # admit | settle | usage | renew | release
         try:
             if self._loading is None or not self._loading.done():
                 await self._load_scripts()
