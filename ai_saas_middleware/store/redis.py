@@ -332,7 +332,7 @@ class RedisStore:
         return result
 
     def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run ``which`` (admit | settle | usage | renew | release).lua; see each script's header."""
+        """Run ``which``.lua (admit, settle, usage, renew, release); see its header."""
         return self._run(which, getattr(self, "_" + which), keys, args)
 
     def call(self, *command: Any) -> Any:
@@ -654,7 +654,7 @@ class AsyncRedisStore:
         return self._client
 
     async def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run ``which`` (admit | settle | usage | renew | release).lua; see each script's header."""
+        """Run ``which``.lua (admit, settle, usage, renew, release); see its header."""
         self.health.check()
         if self._loop is not asyncio.get_running_loop():
             self._bind()
