@@ -39,6 +39,7 @@ from ai_saas_middleware import (
 )
 from ai_saas_middleware.cli import main
 from ai_saas_middleware.errors import AISaaSError
+from ai_saas_middleware.estimate import estimate_prompt_tokens, estimate_tokens
 from ai_saas_middleware.store.redis import RedisStore
 from ai_saas_middleware.tenants import TenantAdmin
 
@@ -54,6 +55,11 @@ def chat(text: str = "Summarise this contract.", max_tokens: int | None = 100,
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     return body
+
+
+def prompt_of(text: str = "Summarise this contract.") -> int:
+    """The prompt estimate admission reserves for ``chat(text)``."""
+    return estimate_prompt_tokens(chat(text))
 
 
 def request(tenant: str | None = "acme", body: Any = None, *, path: str = "/ai/chat",
@@ -165,8 +171,8 @@ async def test_admit_then_settle_writes_one_exact_event(
     assert header(decision, "x-ai-model") == "model-small"
     assert header(decision, "ratelimit-limit") == "100"
     assert header(decision, "ratelimit-remaining") == "99"
-    # Reserved: estimated prompt (3 + 4 + 40/4 = 17) + max_tokens.
-    assert quota_used("globex") == 17 + 600
+    # Reserved: the estimated prompt + max_tokens.
+    assert quota_used("globex") == prompt_of("x" * 40) + 600
 
     await twin.settle(decision, Outcome(status=200, provider_usage=(1234, 567)))
 
@@ -259,7 +265,7 @@ async def test_quota_refusal_says_when_the_next_utc_month_starts(
 async def test_reservation_uses_max_tokens_or_the_endpoint_default(
         make_twin: Callable[..., Twin], quota_used: Any) -> None:
     twin = make_twin()
-    prompt = 3 + 4 + 5  # 20 characters
+    prompt = prompt_of("y" * 20)
 
     await twin.admit(request("globex", chat("y" * 20, max_tokens=None)))
     assert quota_used("globex") == prompt + 256  # /ai/* defaultMaxOutputTokens
@@ -320,9 +326,10 @@ async def test_a_stream_cut_off_half_way_bills_what_was_produced(
 
     (event,) = events()
     assert event["usage_source"] == "estimate"
-    assert (event["prompt_tokens"], event["completion_tokens"]) == ("17", "11")
+    assert (event["prompt_tokens"], event["completion_tokens"]) == (
+        str(prompt_of("z" * 40)), str(estimate_tokens(41)))
     assert event["client_disconnected"] == "true"
-    assert quota_used("globex") == 17 + 11
+    assert quota_used("globex") == prompt_of("z" * 40) + estimate_tokens(41)
 
 
 async def test_usage_precedence_handler_then_provider_then_estimate(
@@ -341,9 +348,10 @@ async def test_usage_precedence_handler_then_provider_then_estimate(
     by_id = {e["request_id"]: e for e in events()}
     got = [by_id[d.context.request_id] for d in (handler, provider, estimate)]  # type: ignore[union-attr]
     assert [(e["usage_source"], e["prompt_tokens"], e["completion_tokens"]) for e in got] == [
-        ("handler", "11", "22"), ("provider", "333", "444"), ("estimate", str(3 + 4 + 20), "3")]
+        ("handler", "11", "22"), ("provider", "333", "444"),
+        ("estimate", str(prompt_of("q" * 80)), str(estimate_tokens(10)))]
     assert got[0]["outcome_value"] == "0.50"
-    assert quota_used("globex") == 33 + 777 + 27 + 3
+    assert quota_used("globex") == 33 + 777 + prompt_of("q" * 80) + estimate_tokens(10)
 
 
 async def test_settling_the_same_ticket_twice_counts_once(
@@ -559,7 +567,7 @@ async def test_set_tier_applies_to_the_next_request(
     assert after.context.tier == "pro"  # type: ignore[union-attr]
     assert header(after, "ratelimit-limit") == "100"
     assert after.context.model.id == "model-small"  # type: ignore[union-attr]
-    assert quota_used("newco") == 2 * (3 + 4 + 6 + 100)
+    assert quota_used("newco") == 2 * (prompt_of() + 100)
 
 
 async def test_a_resolver_may_name_a_stored_tenant(
