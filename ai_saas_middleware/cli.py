@@ -7,6 +7,8 @@
     ai-saas tenants list | set-tier ID T | add-key ID | revoke-key KEY --config FILE
     ai-saas usage [--tenant ID] [--month YYYY-MM] --config FILE
     ai-saas demo [--framework starlette|flask|django]  app + middleware + traffic + summary
+    ai-saas spool status [--dir DIR] --config FILE  spooled and set-aside usage events
+    ai-saas spool replay [--rejected] --config FILE  replay them now (exit 1 while some remain)
 
 Errors are one line on stderr and a non-zero exit, never a traceback: 2 for a bad
 configuration or bad arguments, 1 for anything else (Redis unreachable, unknown tenant).
@@ -18,6 +20,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .config import Config, describe, load_config
 from .errors import AISaaSError, ConfigError
@@ -89,6 +92,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(framework=args.framework, redis_url=args.redis_url)
 
 
+def _spool(config: Config, directory: str | None):  # type: ignore[no-untyped-def]
+    from .spool import Spool
+    from .store.keys import KeySchema
+
+    redis = config.redis
+    return Spool(directory or redis.spool_dir or Spool.default_dir(redis.key_prefix),
+                 KeySchema(redis.key_prefix, redis.shards))
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    spool = _spool(config, args.dir)
+    if args.action == "status":
+        status = spool.status()
+        print(f"spool directory {status.directory}")
+        print(f"pending: {sum(status.pending.values())} entries in {len(status.pending)} "
+              f"files; being replayed: {sum(status.claims.values())} entries in "
+              f"{len(status.claims)} files (*.replaying)")
+        for name, count in {**status.pending, **status.claims}.items():
+            print(f"  {name}: {count}")
+        print(f"set aside: {len(status.set_aside)} entries (rejected.jsonl)")
+        for request_id, tenant, error in status.set_aside:
+            print(f"  {request_id}  tenant {tenant}: {error}")
+        if status.per_tenant:
+            print(f"{'tenant':<24} {'pending':>8} {'set aside':>10}")
+            for tenant, (waiting, aside) in status.per_tenant.items():
+                print(f"{tenant:<24} {waiting:>8} {aside:>10}")
+        return 0
+    store = _store(config, args.redis_url)
+    try:
+        def run(call: tuple[str, list[str], list[Any]]) -> Any:
+            return store.run_script(*call)
+
+        spool.replay(run)
+        left = spool.status()
+        waiting = sum(left.pending.values()) + sum(left.claims.values())
+        print(f"replayed the spool: {waiting} entries still pending")
+        code = 0 if waiting == 0 else 1
+        if args.rejected:
+            written, kept = spool.retry_set_aside(run)
+            print(f"set-aside entries: {written} written, {kept} still set aside")
+            code = code or (0 if kept == 0 else 1)
+        elif left.set_aside:
+            print(f"{len(left.set_aside)} entries are set aside (retry them with --rejected)")
+        if waiting and store.health.is_down():
+            print(f"ai-saas: Redis is unavailable ({store.health.last_error}); "
+                  f"{waiting} entries kept for the next replay", file=sys.stderr)
+        return code
+    finally:
+        store.close()
+
+
 def cmd_later(args: argparse.Namespace) -> int:
     print(f"ai-saas {args.command}: not available yet in this version (it arrives with the "
           "billing worker).", file=sys.stderr)
@@ -144,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None,
                    help="a Redis to use (else REDIS_URL, else an embedded server)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("spool", help="usage events waiting for Redis, and those set aside")
+    ssub = p.add_subparsers(dest="action", required=True)
+    a = ssub.add_parser("status", help="pending, being replayed and set-aside entries")
+    a.add_argument("--dir", default=None, help="the spool directory (else redis.spoolDir)")
+    with_config(a)
+    a = ssub.add_parser("replay", help="replay pending entries now (exit 1 while some remain)")
+    a.add_argument("--dir", default=None, help="the spool directory (else redis.spoolDir)")
+    a.add_argument("--rejected", action="store_true",
+                   help="also retry the set-aside entries; those written leave rejected.jsonl")
+    with_config(a)
+    p.set_defaults(func=cmd_spool)
 
     for name in ("worker", "report", "dashboard"):
         p = sub.add_parser(name, help="(arrives with the billing worker)")
