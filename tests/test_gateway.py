@@ -936,3 +936,25 @@ def test_any_client_input_is_admitted_or_refused_with_a_4xx_never_an_error(
         assert 400 <= decision.status < 500, (decision.status, decision.body)
         error = json.loads(decision.body)["error"]
         assert error["code"] and error["message"]
+
+
+async def test_retry_after_a_lowered_rate_limit_names_a_time_the_request_passes(
+        make_twin: Callable[..., Twin], make_config: Callable[..., dict[str, Any]],
+        rclient: redis.Redis, key_prefix: str) -> None:
+    """Five admissions in the last minute (made under the old limit of 10), then the tier's
+    limit is lowered to 2: a request passes once only one admission is left in the window,
+    i.e. when the fourth oldest leaves it, not the oldest."""
+    from ai_saas_middleware.store.keys import KeySchema
+
+    tiers = make_config()["tenant"]["tiers"]
+    tiers[0]["rateLimit"] = 2  # free, acme's tier
+    twin = make_twin(tenant={"tiers": tiers})
+    seconds, micros = rclient.time()
+    now_us = seconds * 1_000_000 + micros
+    log_key = KeySchema(key_prefix, 16).tenant("acme").rate_limit
+    rclient.zadd(log_key, {f"old_{age}": now_us - age * 1_000_000 for age in (50, 40, 30, 20, 10)})
+
+    refused = await twin.admit(request("acme"))
+
+    assert refused.status == 429 and refused.error_code == "rate_limit_exceeded"
+    assert 39 <= int(header(refused, "retry-after")) <= 41  # the 20 s old one leaves in 40 s
