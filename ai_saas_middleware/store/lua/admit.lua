@@ -3,11 +3,18 @@
 -- only (one hash tag, one cluster slot). Time comes from the server (TIME), never from
 -- the app servers' clocks.
 --
+-- A reservation is held under a lease: it is recorded (res, resv) with a deadline of
+-- now + ARGV[13]; the process serving the request renews it while the request runs
+-- (renew.lua), settle.lua replaces it by the real usage, and a reservation whose lease
+-- ran out (its process was killed) is released by the tenant's next admit or settle.
+--
 -- KEYS[1]  rate-limit log, sorted set of request ids scored by admission time (us)
 -- KEYS[2]  monthly token counter of the month in ARGV[2]
 -- KEYS[3]  stored tenant record (hash: tier, status, ...)
 -- KEYS[4]  stored tenant's API keys (hash: sha256 hex -> 'active' | 'revoked')
--- ARGV[1]  request id (the member added to the rate-limit log)
+-- KEYS[5]  reservations in flight: sorted set, request id -> lease deadline (ms)
+-- KEYS[6]  reservations in flight: hash, request id -> '<tokens> <YYYY-MM>'
+-- ARGV[1]  request id (the member added to the rate-limit log and the reservations)
 -- ARGV[2]  month the caller expects, 'YYYY-MM' (UTC)
 -- ARGV[3]  auth mode: 'static' (tier known from config; KEYS[3], KEYS[4] unused),
 --          'key' (ARGV[4] must be an active key of the stored tenant),
@@ -18,14 +25,13 @@
 -- ARGV[7]  rate-limit window, ms
 -- ARGV[8]  monthly quota, tokens; -1 = unlimited
 -- ARGV[9]  tokens to reserve (estimated prompt + max output)
--- ARGV[10] TTL of a new monthly counter, seconds
+-- ARGV[10] TTL of a new monthly counter (and of the reservation keys), seconds
 -- ARGV[11] start of that month, seconds since the epoch (UTC)
 -- ARGV[12] start of the next month: the server's clock is checked against these bounds
--- ARGV[13] optional 'retry': the caller lost the reply of an earlier attempt of this
---          request id; if that attempt was admitted (it is in the rate-limit log), answer
---          admitted again without counting it twice (a tier without a rate limit keeps
---          no log: its retried attempt may reserve twice, which over-counts against the
---          tenant, never for it)
+-- ARGV[13] reservation lease, ms
+-- ARGV[14] optional 'retry': the caller lost the reply of an earlier attempt of this
+--          request id; if that attempt was admitted (its reservation is recorded), answer
+--          admitted again without counting it twice
 --
 -- Returns {code, now_ms, a, b}:
 --   {0, now_ms, remaining, reset_ms, used}   admitted; remaining requests in the window,
@@ -36,6 +42,7 @@
 --   {4, now_ms}                              no stored tenant / tenant suspended
 --   {5, now_ms, 'YYYY-MM'}                   the server's month differs; retry with it
 --   {6, now_ms, tier}                        the stored tier differs; retry with it
+--#include _reservations.lua
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
@@ -68,22 +75,27 @@ if now_s < tonumber(ARGV[11]) or now_s >= tonumber(ARGV[12]) then
   return {5, now_ms, string.format('%04d-%02d', year, month)}
 end
 
--- Sliding-window log: exact, at most `limit` admissions in any window.
 local limit = tonumber(ARGV[6])
 local window_us = tonumber(ARGV[7]) * 1000
+if ARGV[14] == 'retry' and redis.call('HEXISTS', KEYS[6], ARGV[1]) == 1 then
+  -- The earlier attempt ran: it is admitted, and counted once.
+  local count = limit > 0 and redis.call('ZCARD', KEYS[1]) or 0
+  return {0, now_ms, limit > 0 and math.max(limit - count, 0) or -1, tonumber(ARGV[7]),
+          tonumber(redis.call('GET', KEYS[2]) or '0')}
+end
+
+-- Sliding-window log: exact, at most `limit` admissions in any window.
 local remaining = -1
 local reset_ms = 0
 if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_us - window_us)
   local count = redis.call('ZCARD', KEYS[1])
-  if ARGV[13] == 'retry' and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-    return {0, now_ms, math.max(limit - count, 0), tonumber(ARGV[7]),
-            tonumber(redis.call('GET', KEYS[2]) or '0')}
-  end
   if count >= limit then
-    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-    local retry_ms = math.ceil((tonumber(oldest[2]) + window_us - now_us) / 1000)
-    return {1, now_ms, retry_ms}
+    -- A request passes once fewer than `limit` admissions are left in the window: when the
+    -- (count - limit + 1)-th oldest leaves it (more than the oldest, after a lowered limit).
+    local nth = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+    local retry_ms = math.ceil((tonumber(nth[2]) + window_us - now_us) / 1000)
+    return {1, now_ms, math.max(retry_ms, 1)}
   end
   remaining = limit - count - 1
   if count > 0 then
@@ -93,6 +105,11 @@ if limit > 0 then
     reset_ms = tonumber(ARGV[7])
   end
 end
+
+-- Reservations of requests that will never settle (a killed process) leave the counter
+-- before the quota is checked.
+local counter_base = string.sub(KEYS[2], 1, -8)
+reclaim_expired(KEYS[5], KEYS[6], counter_base, now_ms, 16)
 
 -- Quota: refuse a reservation the month cannot hold; never go over. (Counted first and
 -- taken back on refusal: refusals are the rare path.)
@@ -107,9 +124,14 @@ if quota >= 0 and used > quota then
   end
   return {2, now_ms, quota - used + reserve, used - reserve}
 end
+local ttl = tonumber(ARGV[10])
 if used == reserve then  -- a new counter
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[10]))
+  redis.call('EXPIRE', KEYS[2], ttl)
 end
+redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[13]), ARGV[1])
+redis.call('HSET', KEYS[6], ARGV[1], reserve .. ' ' .. ARGV[2])
+redis.call('EXPIRE', KEYS[5], ttl)
+redis.call('EXPIRE', KEYS[6], ttl)
 if limit > 0 then
   redis.call('ZADD', KEYS[1], now_us, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]) + 1000)
