@@ -120,21 +120,6 @@ def _text_chars(value: Any, node: Mapping[Any, Any]) -> int:
     return total
 
 
-def _string_chars(value: Any) -> int:
-    """Characters of every string value (not key) in a decoded JSON value."""
-    total = 0
-    todo = [value]
-    while todo:
-        value = todo.pop()
-        if isinstance(value, str):
-            total += len(value)
-        elif isinstance(value, Mapping):
-            todo.extend(value.values())
-        elif isinstance(value, list):
-            todo.extend(value)
-    return total
-
-
 _CONTINUATION = bytes(range(0x80, 0xC0))
 
 
@@ -239,10 +224,17 @@ def _escaped_chars(segment: bytes) -> int:
     """Characters a run of whole JSON string bytes decodes to (escapes each one, an
     escaped surrogate pair one, UTF-8 by its lead bytes)."""
     chars = _utf8_chars(segment)
-    if b"\\" in segment:
-        escapes = _ESCAPE.findall(segment)
-        chars -= sum(map(len, escapes)) - len(escapes)
-    return chars
+    backslashes = segment.count(b"\\")
+    if not backslashes:
+        return chars
+    if b"\\\\u" in segment or b"\\ud" in segment or b"\\uD" in segment:
+        # An escaped backslash before a "u", or maybe a surrogate pair: match escapes.
+        matched = _ESCAPE.findall(segment)
+        return chars - (sum(map(len, matched)) - len(matched))
+    # Otherwise by counts, at C speed: a run of backslashes pairs up from its start (a
+    # segment starts between escapes), each escape is one character, \uXXXX four more.
+    escapes = backslashes - segment.count(b"\\\\")
+    return chars - escapes - 4 * segment.count(b"\\u")
 
 
 class _JsonScanner:
@@ -336,7 +328,7 @@ class _JsonScanner:
                         self._capture = bytearray()
                         self._capture_from = pos - 1
                         self._skip_depth = 1
-                    elif node and any(key is not TEXT for key in node):
+                    elif node and len(node) > (TEXT in node):
                         is_object = byte == _LBRACE
                         stack.append([node, is_object, is_object, None])
                     else:
@@ -503,7 +495,7 @@ class ResponseMeter:
             self._buffer.append(chunk)
             self._size += len(chunk)
             if self._size > MAX_LINE_BYTES:
-                self._start_long_line(b"".join(self._buffer))
+                self._start_long_line(self._buffer)
             return
         lines = b"".join([*self._buffer, chunk[:last]]).split(b"\n") if self._buffer \
             else chunk[:last].split(b"\n")
@@ -513,16 +505,17 @@ class ResponseMeter:
         for line in lines:
             self._sse_line(line)
         if self._size > MAX_LINE_BYTES:
-            self._start_long_line(rest)
+            self._start_long_line(self._buffer)
 
-    def _start_long_line(self, head: bytes) -> None:
+    def _start_long_line(self, pieces: list[bytes]) -> None:
         """A line grew past ``MAX_LINE_BYTES``: count what it holds as text produced (if
-        it is a data line) as it passes, and keep none of it."""
+        it is a data line) as it passes, and keep none of it. (Its pieces are counted
+        one by one, not joined: that would hold the line twice.)"""
         self._buffer = []
         self._size = 0
-        if head.startswith(b"data:"):
+        if b"".join(piece[:5] for piece in pieces[:5])[:5] == b"data:":
             self._long_line = 1
-            self._chars += _utf8_chars(head[5:])
+            self._chars += sum(map(_utf8_chars, pieces)) - len(b"data:")
         else:
             self._long_line = 2
 
@@ -577,9 +570,9 @@ class ResponseMeter:
                     self._completion = completion
                 self._chars += chars
                 return
-        # No provider chunk: what it carries is text produced, and no usage.
-        self._chars += _string_chars(event) if isinstance(event, (Mapping, list, str)) \
-            else _utf8_chars(payload)
+        # No provider chunk: all of it counts as text produced (keys and numbers too,
+        # since relayed model text can take any JSON shape), and none of it as usage.
+        self._chars += _utf8_chars(payload)
 
     # -------------------------------------------------------------- the end
     def finish(self) -> None:
