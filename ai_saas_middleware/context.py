@@ -117,9 +117,11 @@ class RequestContext:
                 value = Decimal(str(outcome_value))
             except InvalidOperation:
                 raise ValueError(f"outcome_value must be a decimal number, found "
-                                 f"{outcome_value!r}") from None
-            if not value.is_finite():
-                raise ValueError(f"outcome_value must be finite, found {outcome_value!r}")
+                                 f"{str(outcome_value)[:64]!r}") from None
+            if not value.is_finite() or len(value.as_tuple().digits) > 40 \
+                    or not -18 <= value.adjusted() <= 18:
+                raise ValueError("outcome_value must be a finite USD amount of at most 40 "
+                                 f"digits, found {str(outcome_value)[:64]!r}")
             self.outcome_value = format(value, "f")
         self.usage = Usage(prompt_tokens, completion_tokens, "handler")
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from .pricing import format_usd
+from .pricing import MONEY, format_usd
 from .store.keys import KeySchema
 from .store.redis import RedisStore
 
@@ -73,7 +73,7 @@ def summarize(events: Iterable[Mapping[str, str]]) -> dict[str, TenantUsage]:
         row.prompt_tokens += int(event["prompt_tokens"])
         row.completion_tokens += int(event["completion_tokens"])
         row.estimated += event.get("usage_source") == "estimate"
-        row.cost += Decimal(event["cost"])
+        row.cost = MONEY.add(row.cost, Decimal(event["cost"]))
         model = event["model_id"]
         row.models[model] = row.models.get(model, 0) + 1
     return out
@@ -88,7 +88,7 @@ def format_table(rows: Mapping[str, TenantUsage], refused: Mapping[str, int] | N
     total_cost = Decimal(0)
     for tenant in sorted(set(rows) | set(refused or {})):
         row = rows.get(tenant, TenantUsage(tenant))
-        total_cost += row.cost
+        total_cost = MONEY.add(total_cost, row.cost)
         models = ", ".join(f"{m} x{n}" for m, n in sorted(row.models.items()))
         line = [tenant, row.tier or "-", str(row.requests)]
         if refused is not None:
