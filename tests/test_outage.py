@@ -114,10 +114,17 @@ async def make_twin(request: pytest.FixtureRequest, make_config: Callable[..., d
 
 
 def spooled_lines(spool_dir: Path) -> list[list[Any]]:
+    """The spooled calls in the order a replay takes them: files oldest first (by
+    modification time, as ``Spool`` claims them; a replay that failed puts what it did
+    not send back in a new file dated 0, under a random name)."""
     lines = []
-    for path in sorted(spool_dir.glob("spool-*.jsonl")):
+    for path in sorted(spool_dir.glob("spool-*.jsonl"), key=lambda p: p.stat().st_mtime_ns):
         lines += [json.loads(line) for line in path.read_text("utf-8").splitlines()]
     return lines
+
+
+def spooled_ids(spool_dir: Path) -> list[str]:
+    return [args[args.index("request_id") + 1] for _, _, args in spooled_lines(spool_dir)]
 
 
 def stream_of(client: redis.Redis, prefix: str) -> list[dict[str, str]]:
@@ -177,7 +184,10 @@ async def test_a_closed_tier_refuses_while_the_deployment_is_open(
 
 async def test_open_serves_within_the_per_process_allowance_and_spools_every_event(
         make_twin: Callable[..., Twin], tmp_path: Path) -> None:
-    twin = make_twin("open")
+    # No retry within the test: a settlement more than retryInterval after the outage was
+    # noticed tries to replay the spool, and whether one does depends on the machine's
+    # speed (see the next test for that path).
+    twin = make_twin("open", redis={"retryInterval": "60s"})
 
     served = [await twin.admit(ai_request("acme")) for _ in range(10)]
     eleventh = await twin.admit(ai_request("acme"))
@@ -189,10 +199,25 @@ async def test_open_serves_within_the_per_process_allowance_and_spools_every_eve
                for d in served)
     assert eleventh.status == 429 and code_of(eleventh) == "rate_limit_exceeded"
     assert 1 <= int(dict(eleventh.headers)["retry-after"]) <= 60
-    spooled = spooled_lines(tmp_path / "spool")
-    assert len(spooled) == 10
-    ids = [args[args.index("request_id") + 1] for _, _, args in spooled]
-    assert ids == [d.context.request_id for d in served]  # type: ignore[union-attr]
+    assert spooled_ids(tmp_path / "spool") == \
+        [d.context.request_id for d in served]  # type: ignore[union-attr]
+
+
+@pytest.mark.xfail(strict=True, reason="spool.py: a replay claims every file up front and, "
+                   "when Redis fails on the first, leaves the others claimed (*.replaying) "
+                   "for 60 s (see the report of issue 7 item 1)")
+async def test_open_replays_tried_while_redis_is_down_keep_every_event_in_order(
+        make_twin: Callable[..., Twin], tmp_path: Path) -> None:
+    twin = make_twin("open")
+    served = [await twin.admit(ai_request("globex")) for _ in range(9)]
+    for i, decision in enumerate(served):
+        if i in (3, 6):  # the next settlement tries a replay, which Redis refuses
+            wait_past_retry_interval()
+        await twin.settle(decision, Outcome(status=200, provider_usage=(9, 21)))
+
+    assert list((tmp_path / "spool").glob("*.replaying")) == []  # no claim left behind
+    assert spooled_ids(tmp_path / "spool") == \
+        [d.context.request_id for d in served]  # type: ignore[union-attr]
 
 
 async def test_open_holds_a_tenant_to_a_share_of_its_quota_while_redis_is_down(
