@@ -340,7 +340,7 @@ class Spool:
                 log.error("skipping a torn line in spool file %s", path)
         return entries
 
-    def _keep(self, path: Path, entries: list[Any], done: int) -> None:
+    def _keep(self, path: Path, entries: list[Any], done: int, order: int = 0) -> None:
         rest = entries[done:]
         if not rest:
             path.unlink(missing_ok=True)
@@ -348,8 +348,16 @@ class Spool:
         # Put what is left back where the next replay finds it, in order.
         back = path.with_name(f"spool-{os.getpid()}-{secrets.token_hex(4)}.jsonl")
         back.write_text("".join(json.dumps(list(e)) + "\n" for e in rest), "utf-8")
-        os.utime(back, (0, 0))  # oldest first next time
+        os.utime(back, (order, order))  # oldest first next time, in their order
         path.unlink(missing_ok=True)
+
+    def _give_back(self, path: Path, entries: list[Any], done: int,
+                   untouched: list[Path]) -> None:
+        """A replay that stops half way puts back the rest of the file in hand and every
+        file it claimed but did not reach, in the order they had, for the next replay."""
+        self._keep(path, entries, done, 0)
+        for order, other in enumerate(untouched, start=1):
+            self._keep(other, self._entries(other), 0, order)
 
     def set_aside(self, entry: Any, error: BaseException | str) -> None:
         """Put an entry that can never succeed in ``rejected.jsonl``, loudly (an ERROR
@@ -380,7 +388,8 @@ class Spool:
         """Replay as steps: yields each spooled call, is sent the error it met (or None)."""
         if not self._safe_to_replay():
             return
-        for path in self._claim():
+        claimed = self._claim()
+        for n, path in enumerate(claimed):
             entries = self._entries(path)
             done = 0
             for entry in entries:
@@ -389,11 +398,18 @@ class Spool:
                     self.set_aside(entry, f"malformed spool entry, not sent: {reason}")
                     done += 1
                     continue
-                error = yield (entry[0], entry[1], entry[2])
+                try:
+                    error = yield (entry[0], entry[1], entry[2])
+                except GeneratorExit:
+                    # The replayer was interrupted (a cancelled task) with this entry in
+                    # flight: it and the rest go back for the next replay, not left claimed
+                    # for a minute. Its script may have run: settle.lua dedupes the retry.
+                    self._give_back(path, entries, done, claimed[n + 1:])
+                    raise
                 if isinstance(error, StoreRefused):
                     self.set_aside(entry, error)
                 elif error is not None:  # Redis is gone again: keep the rest, in order
-                    self._keep(path, entries, done)
+                    self._give_back(path, entries, done, claimed[n + 1:])
                     return
                 done += 1
             self._keep(path, entries, done)
@@ -428,6 +444,7 @@ class Spool:
         except StopIteration:
             pass
         finally:
+            steps.close()  # interrupted half way: the claimed file is put back
             self._replaying = False
 
     # ---------------------------------------------------------------- set aside
@@ -530,3 +547,5 @@ def _drive(steps: Generator[SpoolEntry, StoreError | None, None],
             entry = steps.send(error)
     except StopIteration:
         pass
+    finally:
+        steps.close()
