@@ -176,7 +176,8 @@ class Spool:
         self.keys = keys
         self.path = self.dir / f"spool-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
         self._lock = threading.Lock()
-        self._replaying = False
+        self._replay_lock = threading.Lock()  # one sync replay at a time; others wait
+        self._areplay: asyncio.Future[None] | None = None  # the asyncio replay running
         self._alock: asyncio.Lock | None = None
         self._open_dir()
         self.pending = self._has_files()
@@ -416,21 +417,24 @@ class Spool:
         self.pending = self._has_files()
 
     def replay(self, run: Callable[[SpoolEntry], Any]) -> None:
-        """Replay every claimable spooled call with ``run``, oldest first."""
-        with self._lock:
-            if self._replaying:
-                return
-            self._replaying = True
-        try:
-            _drive(self._replay_steps(), run)
-        finally:
-            self._replaying = False
+        """Replay every claimable spooled call with ``run``, oldest first.
+
+        A replay already running in another thread is waited for, not skipped: what was
+        spooled meanwhile is then replayed too, before the caller's own event, so no
+        event waits for a later settlement (and the stream stays in order).
+        """
+        with self._replay_lock:
+            if self.pending:
+                _drive(self._replay_steps(), run)
 
     async def areplay(self, run: Callable[[SpoolEntry], Awaitable[Any]]) -> None:
-        """Asyncio twin of :meth:`replay`."""
-        if self._replaying:
+        """Asyncio twin of :meth:`replay` (a replay running on this loop is waited for)."""
+        loop = asyncio.get_running_loop()
+        while self._areplay is not None and self._areplay.get_loop() is loop:
+            await asyncio.shield(self._areplay)
+        if not self.pending:
             return
-        self._replaying = True
+        running = self._areplay = loop.create_future()
         steps = self._replay_steps()
         try:
             entry = next(steps)
@@ -445,7 +449,9 @@ class Spool:
             pass
         finally:
             steps.close()  # interrupted half way: the claimed file is put back
-            self._replaying = False
+            if self._areplay is running:
+                self._areplay = None
+            running.set_result(None)
 
     # ---------------------------------------------------------------- set aside
 

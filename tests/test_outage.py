@@ -203,9 +203,6 @@ async def test_open_serves_within_the_per_process_allowance_and_spools_every_eve
         [d.context.request_id for d in served]  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(strict=True, reason="spool.py: a replay claims every file up front and, "
-                   "when Redis fails on the first, leaves the others claimed (*.replaying) "
-                   "for 60 s (see the report of issue 7 item 1)")
 async def test_open_replays_tried_while_redis_is_down_keep_every_event_in_order(
         make_twin: Callable[..., Twin], tmp_path: Path) -> None:
     twin = make_twin("open")
