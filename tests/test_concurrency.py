@@ -24,7 +24,7 @@ from ai_saas_middleware import AsyncGateway, Decision, Gateway, Outcome, Request
 QUOTA = 5_000
 CLIENTS_PER_PROCESS = 8
 ATTEMPTS_PER_CLIENT = 12
-PROMPT = "p" * 40  # estimated at 3 + 4 + 10 = 17 tokens
+PROMPT = "p" * 40  # its estimate: estimate_prompt_tokens of the body
 MAX_TOKENS = 100
 
 
