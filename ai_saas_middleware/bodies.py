@@ -138,6 +138,13 @@ class MeteredBody:
         finally:
             self.settle(failed=False)
 
+    def __del__(self) -> None:
+        # A server that drops the body without close(): Werkzeug's does, when draining the
+        # socket after the last byte raises (a client that reset the connection). The
+        # request is settled when the body is let go, rather than never.
+        if not self._settlement.settled:
+            self.settle(failed=False)
+
 
 # --------------------------------------------------------------------------- appended for
 # adapters whose framework hands them a request stream and a response object (Django).

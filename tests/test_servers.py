@@ -164,9 +164,6 @@ def test_werkzeug_threaded_bills_a_request_whose_client_reset_after_the_stream(
         app.gateway.close()
 
 
-@pytest.mark.xfail(strict=True, reason="Werkzeug skips close() when draining the socket "
-                   "raises; MeteredBody settles only in close() (bodies.py; see the report "
-                   "of issue 7 item 1)")
 def test_plain_werkzeug_server_bills_a_request_whose_client_reset_after_the_stream(
         make_config: Callable[..., dict[str, Any]], events: Events,
         quota_used: Callable[[str], int], signals: Path) -> None:
