@@ -10,10 +10,10 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Any
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_py
