@@ -582,7 +582,8 @@ class Gateway(_Core):
                  redis_url: str | None = None):
         super().__init__(config, redis_url=redis_url)
         self.store = RedisStore(self.config.redis, self.redis_url)
-        self.leases = LeaseKeeper(self.config.quota.reservation_timeout_s, lambda: self.store)
+        self.leases = LeaseKeeper(self.config.quota.reservation_timeout_s, lambda: self.store,
+                                  spool=self.spool)
 
     def _run(self, call: ScriptCall) -> Any:
         return self.store.run_script(*call)
@@ -693,7 +694,7 @@ class AsyncGateway(_Core):
         # Renewals run in the keeper's thread, on a sync store of their own.
         self.leases = LeaseKeeper(self.config.quota.reservation_timeout_s,
                                   lambda: RedisStore(self.config.redis, self.redis_url),
-                                  owns_store=True)
+                                  owns_store=True, spool=self.spool)
 
     async def _run(self, call: ScriptCall) -> Any:
         return await self.store.run_script(*call)

@@ -26,6 +26,11 @@ Timeline of a long stream (lease 60 s)::
 
     kill -9 at t=50: the last renewal (t=40) holds it until 100; the tenant's first
     admission after t=100 releases the 1,000 tokens.
+
+The same thread replays a spool left waiting (events spooled during an outage) on each of
+its rounds once Redis answers, so spooled events do not wait for the process's next
+settlement: a process that gets no more traffic after an outage still delivers them,
+within a third of the lease of Redis's return.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import StoreError
+from .spool import Spool
 from .store.keys import TenantKeys
 
 __all__ = ["LeaseKeeper"]
@@ -56,13 +62,16 @@ class LeaseKeeper:
         store: a callable returning the sync store to renew with (called on first use:
             an asyncio gateway's keeper gets a sync store of its own, for its thread).
         owns_store: close that store with the keeper.
+        spool: the gateway's spool, replayed by the keeper's rounds while it waits.
     """
 
-    def __init__(self, lease_s: float, store: Callable[[], Store], owns_store: bool = False):
+    def __init__(self, lease_s: float, store: Callable[[], Store], owns_store: bool = False,
+                 spool: Spool | None = None):
         self.lease_ms = max(1, int(lease_s * 1000))
         self.period_s = lease_s / 3
         self._store_factory = store
         self._owns_store = owns_store
+        self._spool = spool
         self._store: Store | None = None
         self._held: dict[str, tuple[TenantKeys, float]] = {}  # request id -> keys, since
         self._thread: threading.Thread | None = None
@@ -95,16 +104,29 @@ class LeaseKeeper:
         renewed = 0
         for key, request_ids in due.items():
             try:
-                if self._store is None:
-                    self._store = self._store_factory()
-                renewed += int(self._store.run_script("renew", [key],
-                                                      [self.lease_ms, *request_ids]))
+                renewed += int(self._sync_store().run_script("renew", [key],
+                                                             [self.lease_ms, *request_ids]))
             except StoreError as exc:
                 # Redis is away: the leases may run out; the requests are still billed
                 # exactly at settlement (see the module docstring).
                 log.warning("reservation leases of %d request(s) not renewed: %s",
                             len(request_ids), exc)
         return renewed
+
+    def _sync_store(self) -> Store:
+        if self._store is None:
+            self._store = self._store_factory()
+        return self._store
+
+    def replay_spool(self) -> None:
+        """Replay what waits in the spool, if Redis answers (one of the keeper's rounds)."""
+        spool = self._spool
+        if spool is None or not spool.pending:
+            return
+        store = self._sync_store()
+        if store.health.is_down():
+            return
+        spool.replay(lambda call: store.run_script(*call))
 
     def _start(self) -> None:
         thread = threading.Thread(target=self._run, name="ai-saas-leases", daemon=True)
@@ -116,11 +138,12 @@ class LeaseKeeper:
             self._wake.wait(self.period_s)
             if self._closed:
                 return
-            if self._held:
-                try:
+            try:
+                if self._held:
                     self.renew_due()
-                except Exception:  # the keeper must outlive any surprise
-                    log.exception("renewing reservation leases failed")
+                self.replay_spool()
+            except Exception:  # the keeper must outlive any surprise
+                log.exception("the lease keeper's round failed")
 
     def close(self) -> None:
         """Stop the thread (the process's requests keep their current leases)."""

@@ -424,3 +424,32 @@ def test_a_spooled_call_redis_refuses_is_set_aside_not_blocking(make_config, eve
     assert len(rejected) == 1 and "refused" in _json.loads(rejected[0])["error"]
     assert not gateway.spool.pending
     gateway.close()
+
+
+async def test_a_spool_is_replayed_after_an_outage_without_further_traffic(
+        make_twin: Callable[..., Twin], servers: Callable[..., LocalServer], port: int,
+        key_prefix: str, tmp_path: Path) -> None:
+    """The gateway's background round (the lease keeper's thread) replays a spool left
+    waiting once Redis answers: the events of the outage's last requests do not wait for
+    a settlement that may never come."""
+    twin = make_twin("open", quota={"reservationTimeout": "1500ms"})
+    decisions = [await twin.admit(ai_request("globex")) for _ in range(3)]
+    for decision in decisions:
+        await twin.settle(decision, Outcome(status=200, provider_usage=(4, 6)))
+    assert len(spooled_lines(tmp_path / "spool")) == 3
+
+    server = servers(port)
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    deadline = time.monotonic() + 10
+    while len(stream_of(client, key_prefix)) < 3:  # no request is sent meanwhile
+        assert time.monotonic() < deadline, "the spool was not replayed"
+        time.sleep(0.05)
+
+    assert [e["request_id"] for e in stream_of(client, key_prefix)] == [
+        d.context.request_id for d in decisions]  # type: ignore[union-attr]
+    assert counter(client, key_prefix, "globex") == 30
+    deadline = time.monotonic() + 5
+    while spooled_lines(tmp_path / "spool"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client.close()
