@@ -10,7 +10,7 @@ that end sooner, the usual case, cost it nothing, and the hot path only adds and
 dict entry.
 
 A process that is killed (the OOM killer, ``kill -9``, a deploy) stops renewing; its
-reservations are released by the tenant's next admission or settlement once their lease
+reservations are released by the tenant's next admission once their lease
 ran out: at most ``reservationTimeout`` after the last renewal. A reservation is never
 released while its process still renews it; and should one be released anyway (Redis
 unreachable for longer than a lease, a process frozen for as long), its request is still

@@ -8,6 +8,7 @@ server that is frozen with SIGSTOP (a Redis that accepts connections and never a
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -443,7 +444,7 @@ async def test_a_spool_is_replayed_after_an_outage_without_further_traffic(
     deadline = time.monotonic() + 10
     while len(stream_of(client, key_prefix)) < 3:  # no request is sent meanwhile
         assert time.monotonic() < deadline, "the spool was not replayed"
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
 
     assert [e["request_id"] for e in stream_of(client, key_prefix)] == [
         d.context.request_id for d in decisions]  # type: ignore[union-attr]
@@ -451,5 +452,5 @@ async def test_a_spool_is_replayed_after_an_outage_without_further_traffic(
     deadline = time.monotonic() + 5
     while spooled_lines(tmp_path / "spool"):
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     client.close()

@@ -6,7 +6,7 @@
 -- A reservation is held under a lease: it is recorded (res, resv) with a deadline of
 -- now + ARGV[13]; the process serving the request renews it while the request runs
 -- (renew.lua), settle.lua replaces it by the real usage, and a reservation whose lease
--- ran out (its process was killed) is released by the tenant's next admit or settle.
+-- ran out (its process was killed) is released by the tenant's next admission.
 --
 -- KEYS[1]  rate-limit log, sorted set of request ids scored by admission time (us)
 -- KEYS[2]  monthly token counter of the month in ARGV[2]
@@ -25,7 +25,7 @@
 -- ARGV[7]  rate-limit window, ms
 -- ARGV[8]  monthly quota, tokens; -1 = unlimited
 -- ARGV[9]  tokens to reserve (estimated prompt + max output)
--- ARGV[10] TTL of a new monthly counter (and of the reservation keys), seconds
+-- ARGV[10] TTL of a new monthly counter, seconds
 -- ARGV[11] start of that month, seconds since the epoch (UTC)
 -- ARGV[12] start of the next month: the server's clock is checked against these bounds
 -- ARGV[13] reservation lease, ms
@@ -128,10 +128,10 @@ local ttl = tonumber(ARGV[10])
 if used == reserve then  -- a new counter
   redis.call('EXPIRE', KEYS[2], ttl)
 end
+-- (No TTL on the reservation keys: they empty themselves as requests settle, and what a
+-- killed process left is reclaimed here; a TTL could drop reservations still counted.)
 redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[13]), ARGV[1])
 redis.call('HSET', KEYS[6], ARGV[1], reserve .. ' ' .. ARGV[2])
-redis.call('EXPIRE', KEYS[5], ttl)
-redis.call('EXPIRE', KEYS[6], ttl)
 if limit > 0 then
   redis.call('ZADD', KEYS[1], now_us, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]) + 1000)

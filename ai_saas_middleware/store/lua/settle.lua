@@ -8,11 +8,13 @@
 -- still released exactly, and a reservation already released because its lease ran out
 -- is not released twice.
 --
--- All or none: Redis does not roll a script back, so every check that can fail comes
--- before the first write, and the first write is the XADD: an error reply that refuses
--- writes (OOM under maxmemory, READONLY on a replica, MISCONF) refuses it, before anything
--- changed, and reaches the caller with its own first word. After it no command can fail.
--- A retry or a replay of a request id already settled changes nothing (KEYS[3]).
+-- All or none: Redis does not roll a script back, so the writes are ordered and
+-- compensated. Every read that can fail comes first; the first write is the XADD, so an
+-- error reply that refuses writes (OOM under maxmemory, READONLY on a replica, MISCONF)
+-- refuses it before anything changed, and reaches the caller with its own first word;
+-- a counter that cannot move (a key of another type, not a number) takes the event back
+-- (XDEL) and answers WRONGTYPE. After that nothing can fail. A retry or a replay of a
+-- request id already settled changes nothing (KEYS[3]).
 --
 -- KEYS[1]  monthly token counter of the admission month (the real usage is added here)
 -- KEYS[2]  usage stream of the tenant's shard
@@ -26,60 +28,43 @@
 -- ARGV[5..] the event, as field, value, field, value ...
 --
 -- Returns the stream entry id, or false when this request id was already settled.
---#include _reservations.lua
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return false
 end
-local function expect(key, kinds)
-  local kind = redis.call('TYPE', key)['ok']
-  if not string.find(kinds, kind, 1, true) then
-    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a ' .. kinds)
-  end
-end
-local wrong = expect(KEYS[1], 'none string') or expect(KEYS[2], 'none stream')
-  or expect(KEYS[4], 'none zset') or expect(KEYS[5], 'none hash')
-if wrong then return wrong end
-local counted = redis.call('GET', KEYS[1])
-if counted and not string.match(counted, '^%-?%d+$') then
-  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' does not hold a whole number')
-end
 local actual = tonumber(ARGV[1])
-local marker_ttl = math.max(1, tonumber(ARGV[2]) or 1)
-local held = redis.call('HGET', KEYS[5], ARGV[4])
+local held = redis.call('HGET', KEYS[5], ARGV[4])  -- (WRONGTYPE here: before any write)
 local held_tokens, held_month = 0, nil
 if held then
   local tokens, month = string.match(held, '^(%d+) (%d%d%d%d%-%d%d)$')
   held_tokens, held_month = tonumber(tokens) or 0, month
 end
-
 local counter_base = string.sub(KEYS[1], 1, -8)
 local here = string.sub(KEYS[1], -7)
-local other = nil  -- reserved against another month's counter (across a month boundary)
-if held_month and held_month ~= here then
-  local key = counter_base .. held_month
-  local value = redis.call('GET', key)  -- (a WRONGTYPE error here comes before any write)
-  if value and string.match(value, '^%-?%d+$') then other = key end
-end
 
 local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 
 local delta = actual
 if held_month == here then
   delta = actual - held_tokens
-elseif other then
-  redis.call('DECRBY', other, held_tokens)
+elseif held_month then  -- reserved against another month's counter (a month boundary)
+  local other = counter_base .. held_month
+  if redis.call('EXISTS', other) == 1 then
+    redis.pcall('DECRBY', other, held_tokens)  -- (one no longer a number: skipped)
+  end
 end
 if delta ~= 0 then
-  redis.call('INCRBY', KEYS[1], delta)
+  local moved = redis.pcall('INCRBY', KEYS[1], delta)
+  if type(moved) == 'table' and moved.err then
+    redis.call('XDEL', KEYS[2], id)
+    return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' cannot count tokens: ' .. moved.err)
+  end
   if redis.call('TTL', KEYS[1]) < 0 then
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   end
 end
 if held then
   redis.call('HDEL', KEYS[5], ARGV[4])
-  redis.call('ZREM', KEYS[4], ARGV[4])
+  redis.pcall('ZREM', KEYS[4], ARGV[4])
 end
-redis.call('SET', KEYS[3], '1', 'EX', marker_ttl)
-local t = redis.call('TIME')
-reclaim_expired(KEYS[4], KEYS[5], counter_base, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 8)
+redis.call('SET', KEYS[3], '1', 'EX', math.max(1, tonumber(ARGV[2]) or 1))
 return id
