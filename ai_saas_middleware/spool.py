@@ -348,9 +348,14 @@ class Spool:
             return
         # Put what is left back where the next replay finds it, in order.
         back = path.with_name(f"spool-{os.getpid()}-{secrets.token_hex(4)}.jsonl")
-        back.write_text("".join(json.dumps(list(e)) + "\n" for e in rest), "utf-8")
+        if done == 0:
+            # Nothing of it was sent (the usual case: Redis failed on the first entry): the
+            # file itself goes back, atomically, so no moment shows its entries twice.
+            os.rename(path, back)
+        else:
+            back.write_text("".join(json.dumps(list(e)) + "\n" for e in rest), "utf-8")
+            path.unlink(missing_ok=True)
         os.utime(back, (order, order))  # oldest first next time, in their order
-        path.unlink(missing_ok=True)
 
     def _give_back(self, path: Path, entries: list[Any], done: int,
                    untouched: list[Path]) -> None:
