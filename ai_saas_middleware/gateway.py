@@ -189,6 +189,7 @@ class _Core:
     """Everything the twins share; no I/O."""
 
     leases: LeaseKeeper  # set by each twin, with the store its renewals use
+    store: Any  # the twin's RedisStore or AsyncRedisStore
 
     def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str], *,
                  redis_url: str | None = None):
@@ -388,8 +389,16 @@ class _Core:
 
     def _interpret(self, plan: _Plan, info: RequestInfo, reply: list[Any]) -> Decision | None:
         """What admit.lua's reply means; None when the script is to be sent again (with
-        the server's month, or the stored tenant's real tier)."""
-        code = int(reply[0])
+        the server's month, or the stored tenant's real tier).
+
+        Raises:
+            StoreError: a reply of no shape admit.lua gives (a connection out of step).
+        """
+        if not isinstance(reply, list) or not reply or not isinstance(reply[0], int):
+            self.store.out_of_step()
+            raise StoreError(f"admit.lua's reply was not its own ({str(reply)[:40]}): the "
+                             "connection is out of step")
+        code = reply[0]
         if code == 0:
             if self._degraded:  # Redis is back; the allowance is not renewed by it
                 self._degraded = False
@@ -607,9 +616,9 @@ class Gateway(_Core):
         for _attempt in range(ADMIT_ATTEMPTS):
             try:
                 reply = self._run(self._admit_call(plan))
+                decision = self._interpret(plan, info, reply)
             except StoreError as exc:
                 return self._admit_locally(plan, info, exc)
-            decision = self._interpret(plan, info, reply)
             if decision is not None:
                 return decision
         raise StoreError("admission did not settle (the tier or the month kept moving)")
@@ -710,6 +719,7 @@ class AsyncGateway(_Core):
         for _attempt in range(ADMIT_ATTEMPTS):
             try:
                 reply = await self._run(self._admit_call(plan))
+                decision = self._interpret(plan, info, reply)
             except StoreError as exc:
                 return self._admit_locally(plan, info, exc)
             except asyncio.CancelledError:
@@ -718,7 +728,6 @@ class AsyncGateway(_Core):
                 # lease would release it too, only later).
                 background.start(self._release(plan))
                 raise
-            decision = self._interpret(plan, info, reply)
             if decision is not None:
                 return decision
         raise StoreError("admission did not settle (the tier or the month kept moving)")

@@ -184,8 +184,14 @@ class Proxy:
         in order."""
         assert mode in MODES, mode
         with self._lock:
+            leaving_drop = self.mode == "drop" and mode != "drop"
             self.mode = mode
             pairs = list(self._pairs)
+        if leaving_drop:
+            # Bytes were lost: as on a real network, such a connection cannot go on (TCP
+            # never delivers later bytes after lost ones); its client reconnects.
+            self.cut()
+            return
         for pair in pairs:
             with pair.lock:
                 if pair.closed:

@@ -347,6 +347,12 @@ class RedisStore:
         self.health.ok()
         return result
 
+    def out_of_step(self) -> None:
+        """A reply was not the one its call expects: the lane's connections are dropped
+        (their replies cannot be matched to calls any more) and made afresh."""
+        if self._lane is not None:
+            self._lane.close()
+
     def close(self) -> None:
         if self._lane is not None:
             self._lane.close()
@@ -700,6 +706,11 @@ class AsyncRedisStore:
             raise self.health.failed(exc) from exc
         self.health.ok()
         return result
+
+    def out_of_step(self) -> None:
+        """See :meth:`RedisStore.out_of_step`: the lane's connection is dropped."""
+        if self._lane is not None:
+            self._lane._drop(RedisConnectionError("a reply out of step with its call"))
 
     async def close(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():
