@@ -284,3 +284,21 @@ def test_a_process_killed_mid_request_has_its_reservation_released(
     ledger_holds(rclient, key_prefix, "globex", events())
     assert {t: counter(rclient, key_prefix, t) for t in others} == others
     gateway.close()
+
+
+def test_an_admission_reply_out_of_step_is_an_outage_not_a_500(
+        make_config, rclient, key_prefix, events, monkeypatch) -> None:
+    """A reply that is not admit.lua's (a connection whose replies no longer match its
+    calls, e.g. behind a proxy that lost bytes) must not become an exception: the request
+    follows onUnavailable and the store starts over on fresh connections."""
+    gateway = Gateway(make_config())
+    dropped: list[bool] = []
+    monkeypatch.setattr(gateway.store, "run_script",
+                        lambda which, keys, args: b"1733000000000-0")  # a settle's reply
+    monkeypatch.setattr(gateway.store, "out_of_step", lambda: dropped.append(True))
+
+    decision = gateway.admit(ai_request())
+
+    assert decision.allowed and decision.ticket is not None and decision.ticket.local
+    assert dropped == [True]
+    gateway.close()
