@@ -323,8 +323,15 @@ class Spool:
                 claimed.append(target)
             finally:
                 os.close(fd)
-        claimed += [p for p in self.dir.glob("*.replaying") if p not in claimed
-                    and time.time() - p.stat().st_mtime > 60]  # a replayer that died
+        # A replayer that died left its claims: taken over after a minute. (A file may go
+        # between the listing and its stat: another replayer put it back or finished.)
+        for path in self.dir.glob("*.replaying"):
+            try:
+                stale = time.time() - path.stat().st_mtime > 60
+            except OSError:
+                continue
+            if stale and path not in claimed:
+                claimed.append(path)
         return claimed
 
     @staticmethod
@@ -439,6 +446,11 @@ class Spool:
             await asyncio.shield(self._areplay)
         if not self.pending:
             return
+        # One replayer per process: a sync one (another loop's thread, the lease keeper's
+        # round) is not waited for here, which would block the loop; what this caller
+        # spools meanwhile is replayed by that one's next round or the next settlement.
+        if not self._replay_lock.acquire(blocking=False):
+            return
         running = self._areplay = loop.create_future()
         steps = self._replay_steps()
         try:
@@ -454,6 +466,7 @@ class Spool:
             pass
         finally:
             steps.close()  # interrupted half way: the claimed file is put back
+            self._replay_lock.release()
             if self._areplay is running:
                 self._areplay = None
             running.set_result(None)

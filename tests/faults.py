@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import faulthandler
 import json
 import os
 import socket
@@ -57,6 +58,7 @@ def wait_until(condition: Callable[[], Any], timeout_s: float = 10.0,
         if value:
             return value
         if time.monotonic() > deadline:
+            faulthandler.dump_traceback(all_threads=True)  # where whatever it waits on is
             raise AssertionError(f"timed out after {timeout_s:g}s waiting for "
                                  f"{what() if callable(what) else what}")
         time.sleep(interval_s)
