@@ -250,3 +250,21 @@ def test_the_gateway_reserves_in_the_configured_mode(make_config: Any) -> None:
             gateway.close()
     assert reserved == {"estimate": estimate_prompt_tokens(body) + 10,
                         "upper": estimate_prompt_tokens(body, "upper") + 10}
+
+
+@given(st.lists(st.dictionaries(st.sampled_from(["role", "content", "name", "type", "input"]),
+                                st.text(max_size=40), max_size=3), max_size=6),
+       st.sampled_from(["estimate", "upper"]))
+def test_the_plain_chat_fast_path_counts_what_the_walk_counts(messages: list[Any],
+                                                              mode: str) -> None:
+    """Plain {key: text} messages are counted without the general walk; the figure must be
+    the walk's, and any other shape (a 'type' key, a part list) takes the walk."""
+    import ai_saas_middleware.estimate as estimate
+
+    body = {"messages": messages, "max_tokens": 5}
+    tally = estimate._Tally()
+    tally.walk(messages)
+    rates = estimate._RATES[mode]
+    walked = (rates.per_request + -(-tally.text_bytes // rates.bytes_per_token)
+              + tally.items * rates.per_item + tally.non_text * rates.non_text)
+    assert estimate_prompt_tokens(body, mode) == walked
