@@ -447,7 +447,11 @@ def spooled_ids(spool_dir: Path) -> list[str]:
     """Request ids of the settlements waiting in the spool, in file order."""
     ids = []
     for path in spool_files(spool_dir):
-        for line in path.read_text("utf-8").splitlines():
+        try:
+            text = path.read_text("utf-8")
+        except FileNotFoundError:  # a replay moved it since the listing: read again
+            return spooled_ids(spool_dir)
+        for line in text.splitlines():
             if not line.strip():
                 continue
             entry = json.loads(line)
