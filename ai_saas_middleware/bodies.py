@@ -142,7 +142,8 @@ class MeteredBody:
         # A server that drops the body without close(): Werkzeug's does, when draining the
         # socket after the last byte raises (a client that reset the connection). The
         # request is settled when the body is let go, rather than never.
-        if not self._settlement.settled:
+        settlement = getattr(self, "_settlement", None)  # (None: __init__ did not finish)
+        if settlement is not None and not settlement.settled:
             self.settle(failed=False)
 
 
