@@ -32,6 +32,7 @@ class Ticket:
     endpoint: EndpointConfig | None
     local: bool = False  # admitted by the per-process allowance while Redis was down
     model: ModelProfile | None = None  # the chosen model, for settle() without a context
+    reservation: str = ""  # its member of the tenant's reservations (keys.reservation_member)
 
 
 class RequestContext:

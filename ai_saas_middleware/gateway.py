@@ -57,7 +57,7 @@ from .pricing import cost_of, format_usd
 from .responses import refusal
 from .routing import Requirements, Selection, select_model
 from .spool import Spool
-from .store.keys import KeySchema, is_valid_tenant_id
+from .store.keys import KeySchema, is_valid_tenant_id, reservation_member
 from .store.redis import AsyncRedisStore, RedisStore
 from .types import Decision, Outcome, RequestInfo, Usage
 
@@ -310,7 +310,7 @@ class _Core:
         tier = plan.tier
         return ("admit",
                 [keys.rate_limit, keys.quota(plan.month), keys.record, keys.api_keys,
-                 keys.reservations, keys.reserved],
+                 keys.reservations],
                 [plan.request_id, plan.month, plan.mode, plan.key_hash, tier.name,
                  tier.rate_limit or 0, WINDOW_MS,
                  -1 if tier.monthly_quota is None else tier.monthly_quota,
@@ -323,12 +323,14 @@ class _Core:
         selection = plan.selection
         chosen = selection.candidates[0]
         reserve = plan.prompt_tokens + plan.max_output_tokens
+        member = reservation_member(plan.request_id, reserve, plan.month)
         ticket = Ticket(plan.request_id, plan.tenant_id, tier.name,
                         self.keys.tenant(plan.tenant_id), plan.month, 0 if local else reserve,
-                        plan.prompt_tokens, now_ms, time.monotonic(), plan.endpoint, local, chosen)
+                        plan.prompt_tokens, now_ms, time.monotonic(), plan.endpoint, local, chosen,
+                        member)
         # Held also when admitted locally: admit.lua may have run with its reply lost, and
         # then Redis holds a reservation that the renewals keep (renew.lua skips others).
-        self.leases.hold(plan.request_id, ticket.keys)
+        self.leases.hold(plan.request_id, ticket.keys, member)
         ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=chosen,
                              candidates=selection.candidates, request_id=plan.request_id,
                              max_output_tokens=plan.max_output_tokens, body=plan.body,
@@ -541,12 +543,12 @@ class _Core:
         ]
         keys = ticket.keys
         self.leases.drop(ticket.request_id)
-        # The real tokens, not a delta: settle.lua releases what Redis reserved for this
-        # request id, which a lost admission reply leaves unknown here.
+        # The real tokens, not a delta: settle.lua releases what Redis holds of this
+        # request's reservation, which a lost admission reply leaves unknown here.
         return ("settle", [keys.quota(ticket.month), keys.stream, keys.settled(ticket.request_id),
-                           keys.reservations, keys.reserved],
+                           keys.reservations],
                 [usage.total_tokens, self.config.redis.dedupe_ttl_s, QUOTA_TTL_S,
-                 ticket.request_id, *event])
+                 ticket.reservation, *event])
 
     # ---------------------------------------------------------------- background jobs
 
@@ -735,8 +737,9 @@ class AsyncGateway(_Core):
     async def _release(self, plan: _Plan) -> None:
         keys = self.keys.tenant(plan.tenant_id)
         try:
-            await self._run(("release", [keys.reservations, keys.reserved,
-                                         keys.quota(plan.month)], [plan.request_id]))
+            member = reservation_member(plan.request_id,
+                                        plan.prompt_tokens + plan.max_output_tokens, plan.month)
+            await self._run(("release", [keys.reservations, keys.quota(plan.month)], [member]))
         except StoreError as exc:
             log.warning("reservation of cancelled request %s left to its lease: %s",
                         plan.request_id, exc)

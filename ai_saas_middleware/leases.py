@@ -9,13 +9,14 @@ leases of this process's requests that have been in flight for longer than that.
 that end sooner, the usual case, cost it nothing, and the hot path only adds and removes a
 dict entry.
 
-A process that is killed (the OOM killer, ``kill -9``, a deploy) stops renewing; its
-reservations are released by the tenant's next admission once their lease
-ran out: at most ``reservationTimeout`` after the last renewal. A reservation is never
-released while its process still renews it; and should one be released anyway (Redis
-unreachable for longer than a lease, a process frozen for as long), its request is still
-billed exactly once at settlement, for its real usage (settle.lua releases only what Redis
-still holds).
+A process that is killed (the OOM killer, ``kill -9``, a deploy) stops renewing; once
+their lease ran out (``reservationTimeout`` after the last renewal) its reservations are
+released by a later admission of the tenant: the first the quota would otherwise refuse,
+or about one admission in 16 before that (admit.lua looks for expired ones that often).
+A reservation is never released while its process still renews it; and should one be
+released anyway (Redis unreachable for longer than a lease, a process frozen for as long),
+its request is still billed exactly once at settlement, for its real usage (settle.lua
+releases only what Redis still holds).
 
 Timeline of a long stream (lease 60 s)::
 
@@ -24,8 +25,9 @@ Timeline of a long stream (lease 60 s)::
     t=40   keeper: renew -> until 100;  t=60: renew -> until 120
     t=75   settle.lua: the event, counter += real - 1,000, reservation gone
 
-    kill -9 at t=50: the last renewal (t=40) holds it until 100; the tenant's first
-    admission after t=100 releases the 1,000 tokens.
+    kill -9 at t=50: the last renewal (t=40) holds it until 100; after t=100, the tenant's
+    first admission that would be refused for want of quota (or, sooner, about one
+    admission in 16) releases the 1,000 tokens.
 
 The same thread replays a spool left waiting (events spooled during an outage) on each of
 its rounds once Redis answers, so spooled events do not wait for the process's next
@@ -73,15 +75,18 @@ class LeaseKeeper:
         self._owns_store = owns_store
         self._spool = spool
         self._store: Store | None = None
-        self._held: dict[str, tuple[TenantKeys, float]] = {}  # request id -> keys, since
+        # request id -> its tenant's keys, its reservation member, since
+        self._held: dict[str, tuple[TenantKeys, str, float]] = {}
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
         _keepers.add(self)
 
-    def hold(self, request_id: str, keys: TenantKeys) -> None:
-        """A request was admitted: keep its lease alive until :meth:`drop`."""
-        self._held[request_id] = (keys, time.monotonic())
+    def hold(self, request_id: str, keys: TenantKeys, member: str) -> None:
+        """A request was admitted (``member``: its reservation, see
+        :func:`~ai_saas_middleware.store.keys.reservation_member`): keep its lease alive
+        until :meth:`drop`."""
+        self._held[request_id] = (keys, member, time.monotonic())
         if self._thread is None:
             self._start()
 
@@ -98,19 +103,19 @@ class LeaseKeeper:
         Returns how many Redis renewed (those it still held)."""
         now = time.monotonic()
         due: dict[str, list[str]] = {}
-        for request_id, (keys, since) in list(self._held.items()):
+        for keys, member, since in list(self._held.values()):
             if now - since >= self.period_s:
-                due.setdefault(keys.reservations, []).append(request_id)
+                due.setdefault(keys.reservations, []).append(member)
         renewed = 0
-        for key, request_ids in due.items():
+        for key, members in due.items():
             try:
                 renewed += int(self._sync_store().run_script("renew", [key],
-                                                             [self.lease_ms, *request_ids]))
+                                                             [self.lease_ms, *members]))
             except StoreError as exc:
                 # Redis is away: the leases may run out; the requests are still billed
                 # exactly at settlement (see the module docstring).
                 log.warning("reservation leases of %d request(s) not renewed: %s",
-                            len(request_ids), exc)
+                            len(members), exc)
         return renewed
 
     def _sync_store(self) -> Store:

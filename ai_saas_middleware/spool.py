@@ -68,8 +68,18 @@ EVENT_FIELDS = frozenset({
 _INTEGER_FIELDS = ("prompt_tokens", "completion_tokens", "latency_ms", "status")
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
 _COST = re.compile(r"[0-9]{1,20}(\.[0-9]{1,30})?")
+_RESERVATION = re.compile(r"[0-9]{1,19} [0-9]{4}-(0[1-9]|1[0-2])")  # after '<request id> '
 REJECTED = "rejected.jsonl"
 
+
+
+def _names_request(arg: str, request_id: str) -> bool:
+    """``arg`` is the request id, or its reservation member (``store.keys.reservation_member``:
+    a spool written before reservations were one member holds the bare id)."""
+    if arg == request_id:
+        return True
+    return (arg.startswith(request_id + " ")
+            and _RESERVATION.fullmatch(arg, len(request_id) + 1) is not None)
 
 class SpoolUnsafe(StoreError):
     """The spool directory is not private to this user (a symlink, another owner, or
@@ -238,7 +248,8 @@ class Spool:
         Checked: the shape ``["settle", [keys...], [args...]]``; the event's fields are
         from :data:`EVENT_FIELDS`, with a valid ``tenant_id``, a ``request_id`` and
         integer token counts, latency and status, and a decimal cost; the arguments
-        before the event are integers; every key is one of that tenant's keys in this
+        before the event are integers, or the request's own reservation member (its id,
+        or ``'<request id> <tokens> <YYYY-MM>'``); every key is one of that tenant's keys in this
         deployment's schema (its ``<prefix>:{s<shard>}:t:<tenant>:...`` keys or its
         shard's stream), so an entry can never touch another tenant's counter.
         """
@@ -260,8 +271,10 @@ class Spool:
             return "no usage event in the arguments"
         head = args[:args.index("request_id")]
         request_id = event["request_id"]
-        if not head or not all(_INTEGER.fullmatch(a) or a == request_id for a in head):
-            return "the script's leading arguments are not integers (or the request id)"
+        if not head or not all(_INTEGER.fullmatch(a) or _names_request(a, request_id)
+                               for a in head):
+            return ("the script's leading arguments are not integers (or the request's "
+                    "reservation)")
         unknown = set(event) - EVENT_FIELDS
         if unknown or len(event) * 2 != len(args) - len(head):
             return "the event has unknown or repeated fields"

@@ -149,6 +149,17 @@ def quota_used(rclient: redis.Redis, key_prefix: str) -> Callable[[str], int]:
     return read
 
 
+def reservations_held(client: redis.Redis, keys: Any) -> dict[str, str]:
+    """A tenant's reservations in flight, as Redis holds them: request id -> '<tokens>
+    <YYYY-MM>' (the members of its ``res`` sorted set; ``keys``: its TenantKeys)."""
+    held = {}
+    for member in client.zrange(keys.reservations, 0, -1):
+        text = member.decode() if isinstance(member, bytes) else member
+        request_id, tokens, month = text.rsplit(" ", 2)
+        held[request_id] = f"{tokens} {month}"
+    return held
+
+
 def bearer(tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEYS[tenant]}"}
 

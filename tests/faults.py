@@ -13,7 +13,7 @@ concurrent client load, and the ledger check every fault test ends with.
   served app, each result recorded (status, request id, latency).
 - :func:`check_ledger`: for every admitted request exactly one usage event, none for a
   refused one, and each tenant's monthly counter equal to its events' tokens plus the
-  reservations still in flight (``resv``), polled until true or a deadline.
+  reservations still in flight (``res``), polled until true or a deadline.
 """
 
 from __future__ import annotations
@@ -498,10 +498,10 @@ def read_ledger(client: redis.Redis, prefix: str) -> Ledger:
         tenant, month = key.split(":t:", 1)[1].split(":q:")
         counters[(tenant, month)] = int(client.get(key) or 0)
     in_flight: dict[tuple[str, str], dict[str, int]] = {}
-    for key in client.scan_iter(match=f"{prefix}:*:t:*:resv", count=1000):
+    for key in client.scan_iter(match=f"{prefix}:*:t:*:res", count=1000):
         tenant = key.split(":t:", 1)[1].rsplit(":", 1)[0]
-        for request_id, held in client.hgetall(key).items():
-            tokens, month = held.split(" ")
+        for member in client.zrange(key, 0, -1):
+            request_id, tokens, month = member.rsplit(" ", 2)
             in_flight.setdefault((tenant, month), {})[request_id] = int(tokens)
     return Ledger(events, counters, in_flight)
 

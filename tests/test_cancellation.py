@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import API_KEYS
+from conftest import API_KEYS, reservations_held
 
 from ai_saas_middleware import AsyncGateway, Outcome, RequestInfo
 from ai_saas_middleware.bodies import wait_for_settlements
@@ -63,7 +63,7 @@ def no_spool_left(spool_dir: Path) -> bool:
 @pytest.mark.parametrize("after_running", [False, True], ids=["before-sent", "reply-lost"])
 async def test_a_cancelled_settlement_is_spooled_and_written_once(
         make_config: Callable[..., dict[str, Any]], events: Any, quota_used: Any,
-        tmp_path: Path, after_running: bool) -> None:
+        tmp_path: Path, after_running: bool, rclient: Any) -> None:
     gateway = AsyncGateway(make_config())
     decision = await gateway.admit(ai_request())
     assert decision.ticket is not None
@@ -89,7 +89,7 @@ async def test_a_cancelled_settlement_is_spooled_and_written_once(
     assert later.ticket is not None
     await gateway.settle(later.ticket, Outcome(200, provider_usage=(1, 1)), later.context)
     assert len(events()) == 2 and no_spool_left(tmp_path / "spool")
-    assert keys.reserved  # (key names built for the tenant; nothing held in them now)
+    assert reservations_held(rclient, keys) == {}
     await gateway.close()
 
 
@@ -196,7 +196,7 @@ async def test_an_admission_cancelled_on_its_way_gives_its_reservation_back(
     await wait_for_settlements()
 
     keys = KeySchema(gateway.config.redis.key_prefix, 16).tenant("globex")
-    assert rclient.hgetall(keys.reserved) == {}
+    assert reservations_held(rclient, keys) == {}
     assert quota_used("globex") == 0
     assert events() == []  # never admitted as far as the client knows: no event
     await gateway.close()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis as redis_py
 import yaml
-from conftest import API_KEYS
+from conftest import API_KEYS, reservations_held
 
 from ai_saas_middleware import Gateway, RequestInfo
 from ai_saas_middleware.cli import main
@@ -94,11 +94,12 @@ def test_a_replay_at_run_time_refuses_a_directory_opened_up_since(
 
 def test_replay_runs_only_well_formed_settlements_of_this_deployment(
         make_config: Callable[..., dict[str, Any]], events: Callable[[], list[Any]],
-        quota_used: Callable[[str], int], key_prefix: str) -> None:
+        quota_used: Callable[[str], int], key_prefix: str, rclient: redis_py.Redis) -> None:
     gateway = Gateway(make_config())
     victim = gateway.admit(_info())  # globex's request, reserved
     good = gateway._settle_call(victim.ticket, Outcome(200, provider_usage=(4, 2)),
                                 victim.context)
+    bystander = gateway.admit(_info())  # another of globex's requests, in flight
     used = quota_used("globex")
     acme = KeySchema(key_prefix, 16).tenant("acme")
     other = KeySchema("someone-else", 16).tenant("globex")
@@ -113,6 +114,9 @@ def test_replay_runs_only_well_formed_settlements_of_this_deployment(
         ("settle", good[1], [a if a != 4 else "4e9" for a in good[2]]),
         # a field settle.lua would put in the event that the gateway never writes
         ("settle", good[1], [*good[2], "evil", "1"]),
+        # another request's reservation: would release what that request holds
+        ("settle", good[1], [bystander.ticket.reservation if a == victim.ticket.reservation
+                             else a for a in good[2]]),
     ]
     for entry in forged:
         gateway.spool.append(entry)
@@ -124,6 +128,7 @@ def test_replay_runs_only_well_formed_settlements_of_this_deployment(
                 (gateway.spool.dir / "rejected.jsonl").read_text().splitlines()]
     assert len(rejected) == len(forged)
     assert all("malformed" in r["error"] for r in rejected)
+    assert bystander.ticket.request_id in reservations_held(rclient, bystander.ticket.keys)
     gateway.close()
 
 

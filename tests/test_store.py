@@ -23,7 +23,7 @@ import ai_saas_middleware.store.redis as store_module
 from ai_saas_middleware.config import load_config
 from ai_saas_middleware.embedded import LocalServer, start_server
 from ai_saas_middleware.errors import StoreError, StoreRefused
-from ai_saas_middleware.store.keys import KeySchema
+from ai_saas_middleware.store.keys import KeySchema, reservation_member
 from ai_saas_middleware.store.redis import AsyncRedisStore, RedisStore
 
 
@@ -38,11 +38,11 @@ def _admit_args(request_id: str, month: str, reserve: int, *extra: str) -> list[
 
 
 def _admit_keys(k: Any, month: str) -> list[str]:
-    return [k.rate_limit, k.quota(month), k.record, k.api_keys, k.reservations, k.reserved]
+    return [k.rate_limit, k.quota(month), k.record, k.api_keys, k.reservations]
 
 
 def _settle_keys(k: Any, month: str, request_id: str) -> list[str]:
-    return [k.quota(month), k.stream, k.settled(request_id), k.reservations, k.reserved]
+    return [k.quota(month), k.stream, k.settled(request_id), k.reservations]
 
 
 def _usage_keys(prefix: str, tenant: str, month: str) -> list[str]:
@@ -115,22 +115,28 @@ def test_admission_in_another_month_asks_for_the_servers_month(make_config, key_
 
 
 def test_settle_writes_all_or_nothing(make_config, rclient, key_prefix) -> None:
-    """A counter that cannot move (wrong type) leaves no event and no settled marker."""
+    """A counter that cannot move (wrong type) leaves no event, no settled marker, and the
+    reservation in flight as it was."""
     config = load_config(make_config())
     store = RedisStore(config.redis)
     keys = KeySchema(key_prefix, 16).tenant("globex")
     rclient.hset(keys.quota("2026-01"), "oops", "1")  # a corrupted counter
+    member = reservation_member("req_x", 50, "2026-01")
+    rclient.zadd(keys.reservations, {member: 4_000_000_000_000})
     script_keys = _settle_keys(keys, "2026-01", "req_x")
-    event = [5, 60, 90, "req_x", "request_id", "req_x", "tenant_id", "globex"]
+    event = [5, 60, 90, member, "request_id", "req_x", "tenant_id", "globex"]
 
     with pytest.raises(StoreRefused, match="WRONGTYPE"):
         store.run_script("settle", script_keys, event)
     assert rclient.xlen(keys.stream) == 0
     assert not rclient.exists(keys.settled("req_x"))
     assert rclient.hgetall(keys.quota("2026-01")) == {"oops": "1"}  # left as it was
+    assert rclient.zrange(keys.reservations, 0, -1, withscores=True) == [
+        (member, 4_000_000_000_000)]
 
-    rclient.delete(keys.quota("2026-01"))
+    rclient.set(keys.quota("2026-01"), 50)  # repaired: it held the reservation
     entry_id = store.run_script("settle", script_keys, event)
+    assert rclient.get(keys.quota("2026-01")) == "5" and rclient.zcard(keys.reservations) == 0
     assert store.run_script("settle", script_keys, event) is None  # once
     # The reply names the one entry written, whose fields are the event as given.
     assert rclient.xrange(keys.stream) == [(entry_id.decode(),

@@ -9,8 +9,9 @@ same code runs on one Redis server or on a Redis Cluster::
     <prefix>:{s<shard>}:t:<tenant>:tenant         stored tenant record (hash)
     <prefix>:{s<shard>}:t:<tenant>:keys           stored tenant's API key hashes (hash)
     <prefix>:{s<shard>}:t:<tenant>:ev:<request>   settled-request marker (dedupe, expires)
-    <prefix>:{s<shard>}:t:<tenant>:res            reservations in flight: lease deadlines (zset)
-    <prefix>:{s<shard>}:t:<tenant>:resv           reservations in flight: tokens, month (hash)
+    <prefix>:{s<shard>}:t:<tenant>:res            reservations in flight (sorted set:
+                                                  '<request> <tokens> <YYYY-MM>' -> lease
+                                                  deadline, ms)
     <prefix>:{s<shard>}:usage                     usage stream of the shard
     <prefix>:{s<shard>}:tenants                   ids of stored tenants in the shard (set)
 
@@ -24,7 +25,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["KeySchema", "TenantKeys", "is_valid_tenant_id"]
+__all__ = ["KeySchema", "TenantKeys", "is_valid_tenant_id", "reservation_member"]
 
 # Matched whole (fullmatch): with match() and "$", "acme\n" would pass, as "$" also
 # matches before a string's final newline.
@@ -34,6 +35,13 @@ _TENANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 def is_valid_tenant_id(tenant_id: str) -> bool:
     """True when ``tenant_id`` may be put in a key: [A-Za-z0-9_.-], 1 to 64 characters."""
     return _TENANT_ID.fullmatch(tenant_id) is not None
+
+
+def reservation_member(request_id: str, tokens: int, month: str) -> str:
+    """The member of ``res`` that holds a request's reservation: its id, the tokens added
+    to the counter of ``month`` at admission, and that month. admit.lua builds the same
+    string from its arguments; settlement, renewal and release name the reservation by it."""
+    return f"{request_id} {tokens} {month}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +70,9 @@ class TenantKeys:
 
     @property
     def reservations(self) -> str:
-        """Sorted set: request id -> lease deadline (ms) of each reservation in flight."""
+        """Sorted set of the reservations in flight (:func:`reservation_member`), scored by
+        their lease deadlines (ms)."""
         return self.base + ":res"
-
-    @property
-    def reserved(self) -> str:
-        """Hash: request id -> '<tokens> <YYYY-MM>' of each reservation in flight."""
-        return self.base + ":resv"
 
     def settled(self, request_id: str) -> str:
         return f"{self.base}:ev:{request_id}"

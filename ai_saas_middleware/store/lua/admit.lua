@@ -3,18 +3,21 @@
 -- only (one hash tag, one cluster slot). Time comes from the server (TIME), never from
 -- the app servers' clocks.
 --
--- A reservation is held under a lease: it is recorded (res, resv) with a deadline of
--- now + ARGV[13]; the process serving the request renews it while the request runs
--- (renew.lua), settle.lua replaces it by the real usage, and a reservation whose lease
--- ran out (its process was killed) is released by the tenant's next admission.
+-- A reservation is held under a lease: it is recorded (res, one member
+-- '<request id> <tokens> <YYYY-MM>') with a deadline of now + ARGV[13]; the process serving
+-- the request renews it while the request runs (renew.lua), settle.lua replaces it by the
+-- real usage, and a reservation whose lease ran out (its process was killed) is released by
+-- a later admission of the tenant: one that the quota would otherwise refuse, and about one
+-- in 16 in any case, so the look costs the hot path little.
 --
 -- KEYS[1]  rate-limit log, sorted set of request ids scored by admission time (us)
 -- KEYS[2]  monthly token counter of the month in ARGV[2]
 -- KEYS[3]  stored tenant record (hash: tier, status, ...)
 -- KEYS[4]  stored tenant's API keys (hash: sha256 hex -> 'active' | 'revoked')
--- KEYS[5]  reservations in flight: sorted set, request id -> lease deadline (ms)
--- KEYS[6]  reservations in flight: hash, request id -> '<tokens> <YYYY-MM>'
--- ARGV[1]  request id (the member added to the rate-limit log and the reservations)
+-- KEYS[5]  reservations in flight: sorted set, '<request id> <tokens> <YYYY-MM>' -> lease
+--          deadline (ms)
+-- ARGV[1]  request id (the member added to the rate-limit log; with ARGV[9] and ARGV[2],
+--          the reservation's: '<request id> <tokens> <YYYY-MM>')
 -- ARGV[2]  month the caller expects, 'YYYY-MM' (UTC)
 -- ARGV[3]  auth mode: 'static' (tier known from config; KEYS[3], KEYS[4] unused),
 --          'key' (ARGV[4] must be an active key of the stored tenant),
@@ -30,7 +33,8 @@
 -- ARGV[12] start of the next month: the server's clock is checked against these bounds
 -- ARGV[13] reservation lease, ms
 -- ARGV[14] optional 'retry': the caller lost the reply of an earlier attempt of this
---          request id; if that attempt was admitted (its reservation is recorded), answer
+--          request id (same arguments); if that attempt was admitted (its reservation is
+--          recorded), answer
 --          admitted again without counting it twice
 --
 -- Returns {code, now_ms, a, b}:
@@ -77,7 +81,8 @@ end
 
 local limit = tonumber(ARGV[6])
 local window_us = tonumber(ARGV[7]) * 1000
-if ARGV[14] == 'retry' and redis.call('HEXISTS', KEYS[6], ARGV[1]) == 1 then
+local member = ARGV[1] .. ' ' .. ARGV[9] .. ' ' .. ARGV[2]
+if ARGV[14] == 'retry' and redis.call('ZSCORE', KEYS[5], member) then
   -- The earlier attempt ran: it is admitted, and counted once.
   local count = limit > 0 and redis.call('ZCARD', KEYS[1]) or 0
   return {0, now_ms, limit > 0 and math.max(limit - count, 0) or -1, tonumber(ARGV[7]),
@@ -106,16 +111,21 @@ if limit > 0 then
   end
 end
 
--- Reservations of requests that will never settle (a killed process) leave the counter
--- before the quota is checked.
-local counter_base = string.sub(KEYS[2], 1, -8)
-reclaim_expired(KEYS[5], KEYS[6], counter_base, now_ms, 16)
-
 -- Quota: refuse a reservation the month cannot hold; never go over. (Counted first and
--- taken back on refusal: refusals are the rare path.)
+-- taken back on refusal: refusals are the rare path.) Reservations of requests that will
+-- never settle (a killed process) leave the counter before a refusal, and at about one
+-- admission in 16, so a refusal is never due to them and they do not linger.
 local quota = tonumber(ARGV[8])
 local reserve = tonumber(ARGV[9])
+local counter_base = string.sub(KEYS[2], 1, -8)
+if tonumber(t[2]) % 16 == 0 then  -- (the clock's microseconds: about one in 16)
+  reclaim_expired(KEYS[5], counter_base, now_ms, 16)
+end
 local used = redis.call('INCRBY', KEYS[2], reserve)
+if quota >= 0 and used > quota and used > reserve then
+  reclaim_expired(KEYS[5], counter_base, now_ms, 64)
+  used = tonumber(redis.call('GET', KEYS[2]))
+end
 if quota >= 0 and used > quota then
   if used == reserve then
     redis.call('DEL', KEYS[2])  -- this call made the counter: leave none behind
@@ -128,10 +138,9 @@ local ttl = tonumber(ARGV[10])
 if used == reserve then  -- a new counter
   redis.call('EXPIRE', KEYS[2], ttl)
 end
--- (No TTL on the reservation keys: they empty themselves as requests settle, and what a
+-- (No TTL on the reservations: they empty themselves as requests settle, and what a
 -- killed process left is reclaimed here; a TTL could drop reservations still counted.)
-redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[13]), ARGV[1])
-redis.call('HSET', KEYS[6], ARGV[1], reserve .. ' ' .. ARGV[2])
+redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[13]), member)
 if limit > 0 then
   redis.call('ZADD', KEYS[1], now_us, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]) + 1000)

@@ -2,9 +2,10 @@
 -- stream keeps its reservation so). Only reservations still held are renewed (XX): one
 -- already settled, or released after its lease ran out, is not brought back. Server time.
 --
--- KEYS[1]  reservations in flight: sorted set, request id -> lease deadline (ms)
+-- KEYS[1]  reservations in flight: sorted set, '<request id> <tokens> <YYYY-MM>' -> lease
+--          deadline (ms)
 -- ARGV[1]  lease, ms, from now
--- ARGV[2..] request ids
+-- ARGV[2..] reservation members
 --
 -- Returns the number of reservations renewed.
 local t = redis.call('TIME')

@@ -3,10 +3,10 @@
 -- shard's stream, atomically, in one round trip. Touches one tenant's keys and its shard's
 -- stream (one hash tag, one cluster slot).
 --
--- What is released is what Redis holds for this request id (KEYS[5], KEYS[6]), not what the
--- caller believes: an admission whose reply was lost (served from the local allowance) is
--- still released exactly, and a reservation already released because its lease ran out
--- is not released twice.
+-- What is released is what Redis holds for this request (KEYS[4]), not what the caller
+-- believes: an admission whose reply was lost (served from the local allowance) is still
+-- released exactly, and a reservation already released because its lease ran out is not
+-- released twice.
 --
 -- All or none: Redis does not roll a script back, so the writes are ordered and
 -- compensated. Every read that can fail comes first; the first write is the XADD, so an
@@ -19,24 +19,26 @@
 -- KEYS[1]  monthly token counter of the admission month (the real usage is added here)
 -- KEYS[2]  usage stream of the tenant's shard
 -- KEYS[3]  settled marker of this request id (dedupes retries and spool replays)
--- KEYS[4]  reservations in flight: sorted set, request id -> lease deadline (ms)
--- KEYS[5]  reservations in flight: hash, request id -> '<tokens> <YYYY-MM>'
+-- KEYS[4]  reservations in flight: sorted set, '<request id> <tokens> <YYYY-MM>' -> lease
+--          deadline (ms)
 -- ARGV[1]  real tokens of the request (prompt + completion), >= 0
 -- ARGV[2]  TTL of the settled marker, seconds (>= 1)
 -- ARGV[3]  TTL of a new monthly counter, seconds (a replay may create it)
--- ARGV[4]  request id
+-- ARGV[4]  the request's reservation member, as admit.lua records it
 -- ARGV[5..] the event, as field, value, field, value ...
 --
 -- Returns the stream entry id, or false when this request id was already settled.
+--#include _reservations.lua
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return false
 end
 local actual = tonumber(ARGV[1])
-local held = redis.call('HGET', KEYS[5], ARGV[4])  -- (WRONGTYPE here: before any write)
+-- (WRONGTYPE here: before any write)
+local held = redis.call('ZSCORE', KEYS[4], ARGV[4])
 local held_tokens, held_month = 0, nil
 if held then
-  local tokens, month = string.match(held, '^(%d+) (%d%d%d%d%-%d%d)$')
-  held_tokens, held_month = tonumber(tokens) or 0, month
+  held_tokens, held_month = reservation_of(ARGV[4])
+  held_tokens = held_tokens or 0
 end
 local counter_base = string.sub(KEYS[1], 1, -8)
 local here = string.sub(KEYS[1], -7)
@@ -46,11 +48,6 @@ local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 local delta = actual
 if held_month == here then
   delta = actual - held_tokens
-elseif held_month then  -- reserved against another month's counter (a month boundary)
-  local other = counter_base .. held_month
-  if redis.call('EXISTS', other) == 1 then
-    redis.pcall('DECRBY', other, held_tokens)  -- (one no longer a number: skipped)
-  end
 end
 if delta ~= 0 then
   local moved = redis.pcall('INCRBY', KEYS[1], delta)
@@ -62,9 +59,15 @@ if delta ~= 0 then
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   end
 end
+if held_month and held_month ~= here then
+  -- Reserved against another month's counter (a month boundary): released there.
+  local other = counter_base .. held_month
+  if redis.call('EXISTS', other) == 1 then
+    redis.pcall('DECRBY', other, held_tokens)  -- (one no longer a number: skipped)
+  end
+end
 if held then
-  redis.call('HDEL', KEYS[5], ARGV[4])
-  redis.pcall('ZREM', KEYS[4], ARGV[4])
+  redis.call('ZREM', KEYS[4], ARGV[4])
 end
 redis.call('SET', KEYS[3], '1', 'EX', math.max(1, tonumber(ARGV[2]) or 1))
 return id
