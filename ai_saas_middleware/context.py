@@ -16,9 +16,10 @@ __all__ = ["RequestContext", "Ticket"]
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Ticket:
-    """What settlement needs to know of an admitted request."""
+    """What settlement needs to know of an admitted request. Read-only by convention (not
+    frozen: a frozen dataclass costs about 1.6 us more to build, on every AI request)."""
 
     request_id: str
     tenant_id: str

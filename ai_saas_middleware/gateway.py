@@ -324,13 +324,14 @@ class _Core:
         chosen = selection.candidates[0]
         reserve = plan.prompt_tokens + plan.max_output_tokens
         member = reservation_member(plan.request_id, reserve, plan.month)
+        started = time.monotonic()
         ticket = Ticket(plan.request_id, plan.tenant_id, tier.name,
                         self.keys.tenant(plan.tenant_id), plan.month, 0 if local else reserve,
-                        plan.prompt_tokens, now_ms, time.monotonic(), plan.endpoint, local, chosen,
+                        plan.prompt_tokens, now_ms, started, plan.endpoint, local, chosen,
                         member)
         # Held also when admitted locally: admit.lua may have run with its reply lost, and
         # then Redis holds a reservation that the renewals keep (renew.lua skips others).
-        self.leases.hold(plan.request_id, ticket.keys, member)
+        self.leases.hold(plan.request_id, ticket.keys, member, started)
         ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=chosen,
                              candidates=selection.candidates, request_id=plan.request_id,
                              max_output_tokens=plan.max_output_tokens, body=plan.body,

@@ -82,11 +82,12 @@ class LeaseKeeper:
         self._closed = False
         _keepers.add(self)
 
-    def hold(self, request_id: str, keys: TenantKeys, member: str) -> None:
+    def hold(self, request_id: str, keys: TenantKeys, member: str,
+             since: float | None = None) -> None:
         """A request was admitted (``member``: its reservation, see
-        :func:`~ai_saas_middleware.store.keys.reservation_member`): keep its lease alive
-        until :meth:`drop`."""
-        self._held[request_id] = (keys, member, time.monotonic())
+        :func:`~ai_saas_middleware.store.keys.reservation_member`; ``since``: when, by
+        ``time.monotonic()``): keep its lease alive until :meth:`drop`."""
+        self._held[request_id] = (keys, member, time.monotonic() if since is None else since)
         if self._thread is None:
             self._start()
 
