@@ -499,3 +499,27 @@ def test_the_store_without_hiredis_uses_the_pooled_client(
     assert reply[0] == 0
     store.close()
 
+
+
+def test_the_rate_limit_log_outlives_its_newest_admission_by_a_window(
+        make_config, rclient, key_prefix) -> None:
+    """Most admissions only read the log's TTL; whenever less than a window (+1 s) is left
+    it is renewed to two windows, so no admission can expire before it leaves the window."""
+    config = load_config(make_config())
+    store = RedisStore(config.redis)
+    keys = KeySchema(key_prefix, 16).tenant("globex")
+    month = time.strftime("%Y-%m", time.gmtime())
+    script_keys = _admit_keys(keys, month)
+
+    def admit(request_id: str) -> None:
+        assert store.run_script("admit", script_keys, _admit_args(request_id, month, 1))[0] == 0
+
+    admit("req_t1")
+    assert 61_000 < rclient.pttl(keys.rate_limit) <= 121_000  # a new log: two windows
+    rclient.pexpire(keys.rate_limit, 90_000)  # as if 30 s had passed
+    admit("req_t2")
+    assert 61_000 < rclient.pttl(keys.rate_limit) <= 90_000  # enough left: not written
+    rclient.pexpire(keys.rate_limit, 60_500)  # less than a window + 1 s left
+    admit("req_t3")
+    assert 61_000 < rclient.pttl(keys.rate_limit) <= 121_000  # renewed
+    store.close()

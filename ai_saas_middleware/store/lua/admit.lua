@@ -143,6 +143,10 @@ end
 redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[13]), member)
 if limit > 0 then
   redis.call('ZADD', KEYS[1], now_us, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]) + 1000)
+  -- The log lives at least a window past its newest admission. Renewed (to two windows)
+  -- only when less than that is left: most admissions read its TTL rather than write it.
+  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[7]) + 1000 then
+    redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[7]) + 1000)
+  end
 end
 return {0, now_ms, remaining, reset_ms, used}
