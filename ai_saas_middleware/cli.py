@@ -1,14 +1,21 @@
-"""The ``ai-saas`` command.
+"""The ``ai-saas`` command line.
 
 ::
 
-    ai-saas check-config FILE                 every problem with its path, or a summary
-    ai-saas tenants add ID --tier T [--stripe-customer cus_..] --config FILE
-    ai-saas tenants list | set-tier ID T | add-key ID | revoke-key KEY --config FILE
-    ai-saas usage [--tenant ID] [--month YYYY-MM] --config FILE
+    ai-saas check-config [FILE]              every problem with its path, or a summary
+    ai-saas tenants add ID --tier T [--stripe-customer cus_..]
+    ai-saas tenants list | set-tier ID T | add-key ID | revoke-key KEY
+    ai-saas usage [--tenant ID] [--month YYYY-MM]
+    ai-saas spool status [--dir DIR]         spooled and set-aside usage events
+    ai-saas spool replay [--rejected]        replay them now (exit 1 while some remain)
+    ai-saas redis [--port N]                 a local Redis (embedded Valkey) for development
     ai-saas demo [--framework starlette|flask|django]  app + middleware + traffic + summary
-    ai-saas spool status [--dir DIR] --config FILE  spooled and set-aside usage events
-    ai-saas spool replay [--rejected] --config FILE  replay them now (exit 1 while some remain)
+    ai-saas --version
+
+Every command that reads the configuration takes ``-c/--config FILE`` (default
+``$AI_SAAS_CONFIG``, else ``./ai-saas-config.yaml``). ``worker``, ``report`` and
+``dashboard`` are reserved for the billing worker and its reports (DESIGN.md); they are
+not listed in ``--help`` and say that they are not available in this version.
 
 Errors are one line on stderr and a non-zero exit, never a traceback: 2 for a bad
 configuration or bad arguments, 1 for anything else (Redis unreachable, unknown tenant).
@@ -18,14 +25,78 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
+import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from types import FrameType
+from typing import Any, NoReturn
 
 from .config import Config, describe, load_config
-from .errors import AISaaSError, ConfigError
+from .errors import AISaaSError, ConfigError, UnknownTenant
 
 __all__ = ["main"]
+
+DESCRIPTION = (
+    "Run and inspect the AI requests of a SaaS app with ai-saas-middleware: check a "
+    "configuration, manage tenants and their API keys in Redis, read usage back from "
+    "the usage streams, replay spooled usage events, run a local Redis for development, "
+    "or run the demo.")
+EPILOG = (
+    "Run 'ai-saas COMMAND --help' for the options of a command. Exit status: 0 on "
+    "success, 1 on an error (Redis unreachable, unknown tenant), 2 on a bad configuration "
+    "or bad arguments.")
+DEFAULT_CONFIG = "ai-saas-config.yaml"
+CONFIG_HELP = (f"the configuration file (default: $AI_SAAS_CONFIG if set, else "
+               f"./{DEFAULT_CONFIG})")
+REDIS_URL_HELP = ("the Redis to use; overrides the config's redis.url (default: redis.url, "
+                  "else $REDIS_URL, else redis://127.0.0.1:6379/0)")
+DEFAULT_REDIS_PORT = 6379
+
+# Names DESIGN.md gives to commands of pieces still to come: kept so that a script that
+# calls them gets a clear answer, but not listed in --help.
+RESERVED = {
+    "worker": "the billing worker",
+    "report": "the billing worker's reports",
+    "dashboard": "the billing worker's dashboard",
+}
+
+
+def installed_version() -> str:
+    """The installed distribution's version (``ai-saas --version``)."""
+    try:
+        return version("ai-saas-middleware")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with each usage error on one line that points at ``--help``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help with room for the longest command name (``check-config``) on its line."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=28)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        # argparse measures subcommand names without their own indent, so the longest
+        # name would push its summary to the next line.
+        if isinstance(action, argparse._SubParsersAction) and action.choices:
+            longest = max(len(name) for name in action.choices)
+            self._action_max_length = max(self._action_max_length,
+                                          self._current_indent + 2 + longest)
 
 
 def _config(path: str) -> Config:
@@ -38,8 +109,16 @@ def _store(config: Config, url: str | None):  # type: ignore[no-untyped-def]
     return RedisStore(config.redis, url or config.redis.url or os.environ.get("REDIS_URL"))
 
 
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as left-aligned columns two spaces apart (the first row the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
+                                                                       strict=True)).rstrip()
+                     for row in rows)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _config(args.file)
+    config = _config(args.file or args.config)
     print(describe(config))
     return 0
 
@@ -48,42 +127,106 @@ def cmd_tenants(args: argparse.Namespace) -> int:
     from .tenants import TenantAdmin
 
     config = _config(args.config)
-    admin = TenantAdmin(config, _store(config, args.redis_url))
-    if args.action == "add":
-        key = admin.add(args.id, args.tier, args.stripe_customer)
-        print(f"tenant {args.id} added on tier {args.tier}.")
-        print(f"API key (shown once, store it now): {key}")
-    elif args.action == "add-key":
-        print(f"API key (shown once, store it now): {admin.add_key(args.id)}")
-    elif args.action == "set-tier":
-        admin.set_tier(args.id, args.tier)
-        print(f"tenant {args.id} is now on tier {args.tier} (serving processes see it "
-              "within 5 minutes, at once on a tier mismatch).")
-    elif args.action == "revoke-key":
-        tenant = admin.revoke_key(args.key, args.tenant)
-        print(f"key revoked for tenant {tenant}.")
-    else:
-        stored = admin.list()
-        print(f"{'tenant':<24} {'tier':<12} {'status':<10} keys (active/revoked)  source")
-        for t in config.tenants.values():
-            print(f"{t.id:<24} {t.tier:<12} {'active':<10} "
-                  f"{len(t.api_key_hashes)}/0{'':<17} config")
-        for s in stored:
-            print(f"{s.id:<24} {s.tier:<12} {s.status:<10} "
-                  f"{s.active_keys}/{s.revoked_keys}{'':<17} redis")
-    return 0
+    store = _store(config, args.redis_url)
+    try:
+        admin = TenantAdmin(config, store)
+        if args.action == "add":
+            key = admin.add(args.id, args.tier, args.stripe_customer)
+            print(f"tenant {args.id} added on tier {args.tier}.")
+            print(f"API key (shown once, store it now): {key}")
+        elif args.action == "add-key":
+            print(f"API key (shown once, store it now): {admin.add_key(args.id)}")
+        elif args.action == "set-tier":
+            admin.set_tier(args.id, args.tier)
+            print(f"tenant {args.id} is now on tier {args.tier} (serving processes see it "
+                  "within 5 minutes, at once on a tier mismatch).")
+        elif args.action == "revoke-key":
+            tenant = admin.revoke_key(args.key, args.tenant)
+            print(f"key revoked for tenant {tenant}.")
+        else:
+            rows = [["tenant", "tier", "status", "keys (active/revoked)", "source"]]
+            rows += [[t.id, t.tier, "active", f"{len(t.api_key_hashes)}/0", "config"]
+                     for t in config.tenants.values()]
+            rows += [[s.id, s.tier, s.status, f"{s.active_keys}/{s.revoked_keys}", "redis"]
+                     for s in admin.list()]
+            print(_table(rows))
+            if len(rows) == 1:
+                print("no tenants: add some under tenants: in the configuration, or store "
+                      "one with 'ai-saas tenants add ID --tier TIER'")
+        return 0
+    finally:
+        store.close()
+
+
+_MONTH_RE = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
+
+
+def _month(text: str) -> str:
+    # [0-9], not \d: \d also matches other scripts' digits, which no event's ts holds.
+    if _MONTH_RE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"expected YYYY-MM, a year and a month 01 to 12 (e.g. 2026-03), found {text!r}")
+    return text
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0 to 65535 (0: any free "
+                                         f"port), found {text!r}")
+    return int(text)
+
+
+def _tenant_tier(config: Config, store: Any, keys: Any, tenant_id: str) -> str | None:
+    """The tier of a tenant of the config or stored in Redis; None when it is neither."""
+    from .store.keys import is_valid_tenant_id
+
+    if tenant_id in config.tenants:
+        return config.tenants[tenant_id].tier
+    if not is_valid_tenant_id(tenant_id):
+        return None
+    tier = store.call("HGET", keys.tenant(tenant_id).record, "tier")
+    if tier is None:
+        return None
+    return tier.decode() if isinstance(tier, bytes) else str(tier)
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from .report import format_table, read_events, summarize
+    from .report import TenantUsage, format_table, read_events, summarize
     from .store.keys import KeySchema
 
     config = _config(args.config)
     store = _store(config, args.redis_url)
-    keys = KeySchema(config.redis.key_prefix, config.redis.shards)
-    rows = summarize(read_events(store, keys, tenant_id=args.tenant, month=args.month))
-    print(format_table(rows))
-    return 0
+    try:
+        keys = KeySchema(config.redis.key_prefix, config.redis.shards)
+        tenant: str | None = args.tenant
+        tier = _tenant_tier(config, store, keys, tenant) if tenant is not None else None
+        if tenant is not None and tier is None:
+            # A tenant since removed from the config still has its usage shown.
+            rows = summarize(read_events(store, keys, tenant_id=tenant, month=args.month)) \
+                if _is_valid_id(tenant) else {}
+            if not rows:
+                raise UnknownTenant(f"no tenant {tenant!r}: it is neither in "
+                                    f"{config.source} nor stored in Redis")
+        else:
+            rows = summarize(read_events(store, keys, tenant_id=tenant, month=args.month))
+        when = f" in {args.month}" if args.month else ""
+        if tenant is not None and not rows:
+            rows = {tenant: TenantUsage(tenant, tier=tier or "")}
+            print(format_table(rows))
+            print(f"no usage recorded for tenant {tenant!r}{when}.")
+        else:
+            print(format_table(rows))
+            if not rows:
+                print(f"no usage recorded{when}.")
+        return 0
+    finally:
+        store.close()
+
+
+def _is_valid_id(tenant_id: str) -> bool:
+    from .store.keys import is_valid_tenant_id
+
+    return is_valid_tenant_id(tenant_id)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -144,82 +287,214 @@ def cmd_spool(args: argparse.Namespace) -> int:
         store.close()
 
 
-def cmd_later(args: argparse.Namespace) -> int:
-    print(f"ai-saas {args.command}: not available yet in this version (it arrives with the "
-          "billing worker).", file=sys.stderr)
+class _Stop(Exception):
+    """Raised by ``ai-saas redis``'s signal handler to leave the wait for the server."""
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the server will: a port left in TIME_WAIT is free; a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def cmd_redis(args: argparse.Namespace) -> int:
+    """A local Redis-compatible server in the foreground, until SIGINT or SIGTERM."""
+    from .embedded import start_server
+
+    port: int | None = args.port or None
+    # start_server's readiness check PINGs the port: another server already on it would
+    # answer for ours, so a taken port is refused before anything starts.
+    if port is not None and _port_in_use(port):
+        raise AISaaSError(f"port {port} on 127.0.0.1 is in use (another Redis?): choose "
+                          "another with --port N, or --port 0 for any free port")
+    received: list[int] = []
+    armed = [False]
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        # Raises only while main waits on the server: a signal during start-up or
+        # shutdown is remembered, so the server is never left running unstopped.
+        received.append(signum)
+        if armed[0]:
+            armed[0] = False
+            raise _Stop
+
+    previous = {signum: signal.signal(signum, on_signal)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            server = start_server(port=port, prefer="embedded")
+        except RuntimeError as exc:
+            raise AISaaSError(str(exc)) from None
+        exit_code: int | None = None
+        last_log = ""
+        try:
+            print(f"{server.name} is serving {server.url} for local development "
+                  "(no password; its data goes when it stops).", flush=True)
+            print(f"Use it:  export REDIS_URL={server.url}   (a redis.url in the "
+                  "configuration takes precedence)", flush=True)
+            print("Stop it: Ctrl-C", flush=True)
+            try:
+                armed[0] = True
+                if received:
+                    armed[0] = False
+                    raise _Stop
+                exit_code = server.process.wait()
+                armed[0] = False
+            except _Stop:
+                pass
+            if exit_code is not None:
+                last_log = _last_line(os.path.join(server.directory, "server.log"))
+        finally:
+            armed[0] = False
+            server.stop()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    # A Ctrl-C in a terminal reaches the server too (same process group): a server that
+    # stopped cleanly or on a signal is a normal end.
+    if exit_code in (None, 0, -signal.SIGINT, -signal.SIGTERM):
+        print("stopped.", flush=True)
+        return 0
+    raise AISaaSError(f"the server exited by itself (exit code {exit_code}): {last_log}")
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as log:
+            lines = [line.strip() for line in log if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "empty log"
+
+
+def cmd_reserved(name: str) -> int:
+    print(f"ai-saas: '{name}' is not available in this version "
+          f"(ai-saas-middleware {installed_version()}): it is reserved for "
+          f"{RESERVED[name]}, which has not landed yet.", file=sys.stderr)
     return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ai-saas", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The ``ai-saas`` argument parser (every argument and option with its help)."""
+    parser = _Parser(prog="ai-saas", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version",
+                        version=f"ai-saas (ai-saas-middleware) {installed_version()}",
+                        help="print the installed version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
+    default_config = os.environ.get("AI_SAAS_CONFIG") or DEFAULT_CONFIG
 
-    p = sub.add_parser("check-config", help="validate a configuration file")
-    p.add_argument("file")
+    def with_config(p: argparse.ArgumentParser, redis: bool = True) -> None:
+        p.add_argument("--config", "-c", default=default_config, metavar="FILE",
+                       help=CONFIG_HELP)
+        if redis:
+            p.add_argument("--redis-url", default=None, metavar="URL", help=REDIS_URL_HELP)
+
+    def command(subparsers: Any, name: str, summary: str, details: str = ""
+                ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = subparsers.add_parser(
+            name, help=summary, description=summary[0].upper() + summary[1:] + "."
+            + (" " + details if details else ""))
+        return p
+
+    p = command(sub, "check-config", "validate a configuration file",
+                "Lists every problem at once, each with its path, and exits 2; for a good "
+                "file prints the tiers, models and endpoints and what a serving "
+                "deployment still lacks.")
+    p.add_argument("file", nargs="?", default=None, metavar="FILE",
+                   help="the file to check (default: the --config file)")
+    with_config(p, redis=False)
     p.set_defaults(func=cmd_check_config)
 
-    def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", default=os.environ.get("AI_SAAS_CONFIG",
-                                                                "ai-saas-config.yaml"))
-        p.add_argument("--redis-url", default=None,
-                       help="overrides redis.url (else REDIS_URL, else localhost)")
-
-    p = sub.add_parser("tenants", help="manage tenants stored in Redis")
-    tsub = p.add_subparsers(dest="action", required=True)
-    a = tsub.add_parser("add", help="store a tenant and print its first API key")
-    a.add_argument("id")
-    a.add_argument("--tier", required=True)
-    a.add_argument("--stripe-customer", default=None)
+    p = command(sub, "tenants", "manage tenants stored in Redis and their API keys",
+                "Tenants of the configuration file are changed by editing it.")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    a = command(tsub, "add", "store a tenant and print its first API key")
+    a.add_argument("id", metavar="ID",
+                   help="the new tenant's id: 1 to 64 characters of A-Z a-z 0-9 _ . -")
+    a.add_argument("--tier", required=True, help="its tier: a name of tenant.tiers")
+    a.add_argument("--stripe-customer", default=None, metavar="CUS_ID",
+                   help="its Stripe customer id (cus_...), for billing")
     with_config(a)
-    a = tsub.add_parser("list", help="tenants in the config and in Redis")
+    a = command(tsub, "list", "list the tenants of the config and those stored in Redis")
     with_config(a)
-    a = tsub.add_parser("set-tier", help="move a stored tenant to another tier")
-    a.add_argument("id")
-    a.add_argument("tier")
+    a = command(tsub, "set-tier", "move a stored tenant to another tier")
+    a.add_argument("id", metavar="ID", help="the stored tenant's id")
+    a.add_argument("tier", metavar="TIER", help="its new tier: a name of tenant.tiers")
     with_config(a)
-    a = tsub.add_parser("add-key", help="print a new API key for a stored tenant")
-    a.add_argument("id")
+    a = command(tsub, "add-key", "print a new API key for a stored tenant")
+    a.add_argument("id", metavar="ID", help="the stored tenant's id")
     with_config(a)
-    a = tsub.add_parser("revoke-key", help="revoke a key (the key, or sha256:<hex> --tenant)")
-    a.add_argument("key")
-    a.add_argument("--tenant", default=None)
+    a = command(tsub, "revoke-key", "revoke an API key of a stored tenant",
+                "Refused at once by every serving process.")
+    a.add_argument("key", metavar="KEY",
+                   help="the key itself (ais_...), or sha256:<hex> of it with --tenant")
+    a.add_argument("--tenant", default=None, metavar="ID",
+                   help="the key's tenant (needed when KEY is a sha256: hash)")
     with_config(a)
     p.set_defaults(func=cmd_tenants)
 
-    p = sub.add_parser("usage", help="usage per tenant, read back from the streams")
-    p.add_argument("--tenant", default=None)
-    p.add_argument("--month", default=None, help="YYYY-MM")
+    p = command(sub, "usage", "show usage per tenant, read back from the usage streams")
+    p.add_argument("--tenant", default=None, metavar="ID",
+                   help="only this tenant (of the config, or stored in Redis)")
+    p.add_argument("--month", default=None, type=_month, metavar="YYYY-MM",
+                   help="only this month, UTC (default: every month)")
     with_config(p)
     p.set_defaults(func=cmd_usage)
 
-    p = sub.add_parser("demo", help="run the demo: app + middleware + traffic + summary")
-    from .demo import DEMO_APPS
-
-    p.add_argument("--framework", default="starlette", choices=sorted(DEMO_APPS))
-    p.add_argument("--redis-url", default=None,
-                   help="a Redis to use (else REDIS_URL, else an embedded server)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("spool", help="usage events waiting for Redis, and those set aside")
-    ssub = p.add_subparsers(dest="action", required=True)
-    a = ssub.add_parser("status", help="pending, being replayed and set-aside entries")
-    a.add_argument("--dir", default=None, help="the spool directory (else redis.spoolDir)")
-    with_config(a)
-    a = ssub.add_parser("replay", help="replay pending entries now (exit 1 while some remain)")
-    a.add_argument("--dir", default=None, help="the spool directory (else redis.spoolDir)")
+    p = command(sub, "spool", "show or replay usage events waiting for Redis",
+                "Events that could not be written while Redis was unreachable wait in the "
+                "spool directory; those Redis refused for good are set aside.")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    dir_help = "the spool directory (default: the config's redis.spoolDir)"
+    a = command(ssub, "status", "show pending, being replayed and set-aside entries")
+    a.add_argument("--dir", default=None, help=dir_help)
+    with_config(a, redis=False)
+    a = command(ssub, "replay", "replay pending entries now (exit 1 while some remain)")
+    a.add_argument("--dir", default=None, help=dir_help)
     a.add_argument("--rejected", action="store_true",
                    help="also retry the set-aside entries; those written leave rejected.jsonl")
     with_config(a)
     p.set_defaults(func=cmd_spool)
 
-    for name in ("worker", "report", "dashboard"):
-        p = sub.add_parser(name, help="(arrives with the billing worker)")
-        p.set_defaults(func=cmd_later)
+    p = command(sub, "redis", "run a local Redis for development, until Ctrl-C",
+                "Starts the embedded Valkey (else redis-server from PATH) on 127.0.0.1, "
+                "without persistence or password, prints its URL and how to use it, and "
+                "stops it on Ctrl-C or SIGTERM. Not for production.")
+    p.add_argument("--port", type=_port, default=DEFAULT_REDIS_PORT, metavar="N",
+                   help=f"the port to listen on (default: {DEFAULT_REDIS_PORT}, where "
+                        "redis.url points when it is not set; 0: any free port)")
+    p.set_defaults(func=cmd_redis)
+
+    p = command(sub, "demo", "run the demo: app + middleware + traffic + summary")
+    from .demo import DEMO_APPS
+
+    p.add_argument("--framework", default="starlette", choices=sorted(DEMO_APPS),
+                   help="the demo app's framework (default: starlette)")
+    p.add_argument("--redis-url", default=None, metavar="URL",
+                   help="a Redis to use (default: $REDIS_URL, else an embedded server)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``ai-saas`` with ``argv`` (default: the process's arguments); the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not args_list:
+        parser.print_help(sys.stderr)
+        return 2
+    if args_list[0] in RESERVED:  # before argparse, which would list it as a choice
+        return cmd_reserved(args_list[0])
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # --help, --version, a usage error: already printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.func(args))
     except ConfigError as exc:
