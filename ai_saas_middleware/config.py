@@ -72,6 +72,13 @@ TENANT_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _KEY_HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# The hint shows every unit of the parser's table, so it cannot leave one out.
+_DURATION_EXAMPLES = {"ms": 250, "s": 30, "m": 5}
+_DURATION_HINT = ("a duration with a unit (" + ", ".join(
+    f"{_DURATION_EXAMPLES.get(unit, 1)}{unit}" for unit in _DURATION_UNITS if unit)
+    + ") or plain seconds")
+_HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+_TOP_LEVEL = "(top level)"  # the path of a problem with the document itself
 _ON_UNAVAILABLE = ("open", "closed")
 _STRATEGIES = ("cost_optimized",)
 
@@ -280,7 +287,7 @@ class _Reader:
         if value is None:
             return {}
         if not isinstance(value, Mapping):
-            self.problem(path, "a mapping", _kind(value))
+            self.problem(path or _TOP_LEVEL, "a mapping" if path else _SECTIONS, _kind(value))
             return {}
         for key in value:
             if key not in known:
@@ -351,8 +358,7 @@ class _Reader:
             return default
         seconds = _to_seconds(value)
         if seconds is None:
-            self.problem(f"{path}.{key}", "a duration like 30s, 5m, 1h or plain seconds",
-                         _kind(value))
+            self.problem(f"{path}.{key}", _DURATION_HINT, _kind(value))
             return default
         return seconds
 
@@ -421,6 +427,7 @@ def _to_seconds(value: Any) -> float | None:
 
 _TOP = ("tenant", "routing", "cache", "billing", "models", "modelCatalog", "tenants",
         "endpoints", "redis", "http", "quota")
+_SECTIONS = "a mapping of configuration sections (" + ", ".join(_TOP) + ")"
 
 
 def _read_tiers(r: _Reader, tenant_section: Any) -> dict[str, TierConfig]:
@@ -556,6 +563,12 @@ def _read_endpoints(r: _Reader, value: Any) -> tuple[EndpointConfig, ...]:
         glob = r.string(m, "path", path, pattern=re.compile(r"^/"),
                         what="a path glob starting with '/'")
         methods = r.string_list(m, "methods", path)
+        listed = m.get("methods")
+        for j, method in enumerate(listed if isinstance(listed, (list, tuple)) else ()):
+            # Items that are not strings were reported by string_list.
+            if isinstance(method, str) and method and method.upper() not in _HTTP_METHODS:
+                r.problem(f"{path}.methods[{j}]",
+                          f"an HTTP method ({', '.join(_HTTP_METHODS)})", _kind(method))
         quality = r.decimal(m, "requiredQuality", path, default=None, maximum=Decimal(1))
         endpoints.append(EndpointConfig(
             path=glob or "/",
@@ -747,8 +760,9 @@ def load_config(source: Config | Mapping[str, Any] | str | os.PathLike[str]) -> 
             raise ConfigError([ConfigProblem(where, "valid YAML",
                                              str(getattr(exc, "problem", exc)))],
                               str(path)) from None
-        if data is None:
-            data = {}
+        if data is None:  # nothing, or only comments: surely not the file meant
+            raise ConfigError([ConfigProblem(_TOP_LEVEL, _SECTIONS,
+                                             "nothing: the file is empty")], str(path))
         return _build(data, str(path), path.parent)
     raise ConfigError([ConfigProblem("config", "a YAML path, a mapping or a Config",
                                      _kind(source))])
