@@ -211,17 +211,24 @@ def _in_request_context(app: Flask, resolver: RequestResolver) -> Resolver:
 # ---------------------------------------------------------------------- usage endpoint
 
 usage_blueprint = Blueprint("ai_saas", __name__)
-"""``GET /usage``: the caller's own usage this month, as JSON (``url_for("ai_saas.usage")``).
+"""``GET /usage`` (or ``/usage/``): the caller's own usage this month, as JSON
+(``url_for("ai_saas.usage")`` gives ``/usage``).
 
 Credentials as for AI requests: the API key, or the extension's resolver. Register it
 where the tenant's clients can reach it::
 
     app.register_blueprint(usage_blueprint, url_prefix="/ai-saas")
+
+Both forms of the path are answered directly, as on Django (whose ``urls`` answer both
+too): no redirect from one to the other, which a client sending its key in a header or
+a POST could lose.
 """
 
+_USAGE_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
-@usage_blueprint.route("/usage", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+
 def usage() -> Callable[[Environ, StartResponse], Iterable[bytes]]:
+    """The caller's own usage this month (JSON), or the core's refusal."""
     # Other methods than GET get the same JSON 405 as on the other frameworks.
     state = _state(current_app)
     user_resolver = state.resolver
@@ -231,3 +238,9 @@ def usage() -> Callable[[Environ, StartResponse], Iterable[bytes]]:
             return user_resolver(request._get_current_object())  # type: ignore[attr-defined]
 
     return UsageApp(state.gateway, resolver)  # a WSGI app: Flask runs it as the response
+
+
+# "/usage" first: url_for builds with the first rule of the endpoint. Each rule matches
+# its own form exactly, so Werkzeug redirects neither to the other.
+usage_blueprint.add_url_rule("/usage", view_func=usage, methods=_USAGE_METHODS)
+usage_blueprint.add_url_rule("/usage/", view_func=usage, methods=_USAGE_METHODS)

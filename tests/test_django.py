@@ -13,6 +13,7 @@ These cover the glue; the core's behaviour is tested once, in its own files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gc
 import json
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -824,3 +825,165 @@ def test_manage_py_check_passes_a_good_config(tmp_path: Path, redis_server_url: 
     result = manage_check(tmp_path, config)
     assert result.returncode == 0, result.stderr
     assert "System check identified no issues" in result.stdout
+
+
+# ------------------------------------------------------------------ Django's default MIDDLEWARE
+
+# What ``django-admin startproject`` writes, with ours after authentication (the README's).
+DEFAULT_MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "ai_saas_middleware.django.AISaaSMiddleware",
+]
+
+
+@pytest.fixture
+def make_default_via(make_via: Callable[..., Via]) -> Callable[..., Via]:
+    """``make_via`` under the default MIDDLEWARE, with test clients that enforce CSRF as
+    a browser's requests meet it (Django's test clients skip CSRF unless told)."""
+    def make(**kwargs: Any) -> Via:
+        with override_settings(MIDDLEWARE=DEFAULT_MIDDLEWARE):
+            return make_via(client_kwargs={"enforce_csrf_checks": True}, **kwargs)
+
+    return make
+
+
+def rate_limit_log(rclient: redis.Redis, key_prefix: str, tenant: str) -> int:
+    """How many admissions the tenant's rate-limit log holds."""
+    from ai_saas_middleware.store.keys import KeySchema
+
+    return int(rclient.zcard(KeySchema(key_prefix, 16).tenant(tenant).rate_limit))
+
+
+@pytest.mark.parametrize("resolver", [None, tenant_of_user], ids=["no-resolver", "resolver"])
+async def test_key_authenticated_post_passes_csrf_under_the_default_middleware(
+        resolver: Any, make_default_via: Callable[..., Via], events: Any) -> None:
+    via = make_default_via(resolver=resolver)
+    # CSRF is enforced in this app: a non-AI POST without a token is refused ...
+    assert (await via.post("/echo", tenant=None)).status_code == 403
+    # ... but an API key in a header is not something a cross-site form can send.
+    bearer_post = await via.post("/ai/chat", tenant="globex")
+    assert bearer_post.status_code == 200, bearer_post.content
+    assert bearer_post["x-ai-model"] == "model-small"
+    x_api_key = await via.post("/ai/chat", tenant=None,
+                               headers={"X-API-Key": API_KEYS["acme"]})
+    assert x_api_key.status_code == 200, x_api_key.content
+    await via.settled()
+    assert {e["request_id"]: e["tenant_id"] for e in events()} == {
+        bearer_post["x-request-id"]: "globex", x_api_key["x-request-id"]: "acme"}
+
+
+@pytest.mark.parametrize("resolver", [tenant_of_user,
+                                      pytest.param(atenant_of_user, marks=needs_django_5)],
+                         ids=["sync-resolver", "async-resolver"])
+async def test_session_request_needs_its_csrf_token_and_a_forged_one_costs_nothing(
+        resolver: Any, make_default_via: Callable[..., Via], events: Any, quota_used: Any,
+        rclient: redis.Redis, key_prefix: str) -> None:
+    from django.utils.crypto import get_random_string
+
+    via = make_default_via(resolver=resolver)
+    cookies = via.client.cookies
+    cookies.load(session_cookie(7))  # signed in as a user of initech
+    forged = await via.post("/ai/chat", tenant=None)
+    assert forged.status_code == 403 and b"CSRF" in forged.content
+    # A key beside the session does not exempt it: the session is what decides.
+    with_key = await via.post("/ai/chat", tenant="acme")
+    assert with_key.status_code == 403
+    await via.settled()
+    assert events() == []  # not in usage
+    assert rate_limit_log(rclient, key_prefix, "initech") == 0  # no slot taken
+    assert quota_used("initech") == 0 and quota_used("acme") == 0
+    assert "x-request-id" not in forged and "x-ai-model" not in forged  # never admitted
+
+    secret = get_random_string(32)  # the cookie a page of the app would have set
+    cookies.load({"csrftoken": secret})
+    signed = await via.post("/ai/chat", tenant=None, headers={"X-CSRFToken": secret})
+    assert signed.status_code == 200, signed.content
+    assert signed["x-ai-model"] == "model-small" and signed["ratelimit-limit"] == "1000"
+    await via.settled()
+    [event] = events()
+    assert event["request_id"] == signed["x-request-id"] and event["tenant_id"] == "initech"
+    assert rate_limit_log(rclient, key_prefix, "initech") == 1
+
+
+@contextlib.contextmanager
+def usage_view_setting(config: dict[str, Any], resolver: Any = None) -> Iterator[None]:
+    """The ``AI_SAAS`` setting the usage view reads at request time (it is a plain view:
+    it uses the process's gateway of the current setting), closed afterwards."""
+    with override_settings(AI_SAAS={"CONFIG": config, "RESOLVER": resolver}):
+        try:
+            yield
+        finally:
+            django_middleware.get_gateway(False).close()
+
+
+async def test_csrf_exempt_view_stays_exempt_for_session_requests(
+        make_default_via: Callable[..., Via], make_config: Callable[..., dict[str, Any]]
+        ) -> None:
+    endpoints = [*BASE_CONFIG["endpoints"], {"path": "/ai-saas/*"}]  # the view behind us
+    with usage_view_setting(make_config(endpoints=endpoints), tenant_of_user):
+        via = make_default_via(resolver=tenant_of_user, endpoints=endpoints)
+        via.client.cookies.load(session_cookie(7))
+        # The usage view is @csrf_exempt (and made an AI endpoint here): the check made
+        # before admission honours that, as Django's own at the view does, so the session's
+        # POST reaches the view (the core's JSON 405), not CSRF's 403.
+        posted = await via.post("/ai-saas/usage/", tenant=None)
+        await via.settled()
+    assert_error(posted, 405, "method_not_allowed")
+
+
+# ------------------------------------------------------------------ usage: both forms of the path
+
+
+@pytest.mark.parametrize("middleware", ["test-settings", "default"])
+async def test_usage_endpoint_answers_with_and_without_the_trailing_slash(
+        middleware: str, make_via: Callable[..., Via], make_default_via: Callable[..., Via],
+        make_config: Callable[..., dict[str, Any]]) -> None:
+    with usage_view_setting(make_config()):
+        via = make_via() if middleware == "test-settings" else make_default_via()
+        await check_both_usage_paths(via)
+
+
+async def check_both_usage_paths(via: Via) -> None:
+    assert (await via.post("/ai/chat", tenant="globex")).status_code == 200
+    await via.settled()
+    answers = [await via.get(path, headers=bearer("globex"))
+               for path in ("/ai-saas/usage/", "/ai-saas/usage")]
+    for answer in answers:  # directly: no redirect (CommonMiddleware's APPEND_SLASH)
+        assert answer.status_code == 200, (answer.status_code, answer.content)
+        usage = json.loads(answer.content)
+        assert usage["tenant_id"] == "globex" and usage["requests_last_minute"] == 1
+    assert answers[0].content == answers[1].content
+    for path in ("/ai-saas/usage/", "/ai-saas/usage"):  # a POST is not redirected either
+        assert_error(await via._call("post", path, headers=bearer("globex")), 405,
+                     "method_not_allowed")
+        assert_error(await via.get(path), 401, "missing_api_key")
+    assert reverse("ai_saas:usage") == "/ai-saas/usage/"
+
+
+# ------------------------------------------------------------------ every problem in one run
+
+
+def test_one_check_run_reports_the_settings_and_the_inline_configs_problems() -> None:
+    from django.core.checks import run_checks
+
+    setting = {"CONFIG": broken_config(), "RESOLVER": "no.such.thing", "REDIS_URL": 6379,
+               "EXTRA": True}
+    with override_settings(AI_SAAS=setting):
+        ours = [m for m in run_checks() if m.id and m.id.startswith("ai_saas.")]
+        with pytest.raises(ImproperlyConfigured) as refused:
+            AISaaSMiddleware(lambda request: None)  # type: ignore[arg-type,return-value]
+    assert sorted(m.id for m in ours) == ["ai_saas.E001"] * 3 + [
+        "ai_saas.E003", "ai_saas.E004", "ai_saas.E005"]
+    assert sorted(m.msg.split(":")[0] for m in ours if m.id == "ai_saas.E001") == [
+        "endpoints[0].requiredQuality", "models[0].costPerInputToken",
+        "tenant.tiers[1].rateLimit"]
+    message = str(refused.value)  # start-up names them all too
+    for part in ("EXTRA", "RESOLVER", "REDIS_URL", "tenant.tiers[1].rateLimit",
+                 "models[0].costPerInputToken", "endpoints[0].requiredQuality"):
+        assert part in message, message

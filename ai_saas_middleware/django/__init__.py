@@ -21,13 +21,11 @@ settings.py::
 urls.py::
 
     urlpatterns = [..., path("ai-saas/", include("ai_saas_middleware.django.urls"))]
-    # GET /ai-saas/usage/ : the calling tenant's usage this month, as JSON
+    # GET /ai-saas/usage/ (or /ai-saas/usage): the calling tenant's usage this month, as JSON
 
 A view on an AI endpoint (a path under ``endpoints:`` of the config)::
 
-    @csrf_exempt                 # API clients send keys, not CSRF tokens (async views:
-                                 # Django >= 5.0; or leave CsrfViewMiddleware out)
-    def chat(request):
+    def chat(request):           # no @csrf_exempt needed: see CSRF below
         ctx = request.ai         # tenant_id, tier, model, request_id, body, candidates ...
         reply = ctx.execute(lambda model: provider.chat(model.id, ctx.body,
                                                         max_tokens=ctx.max_output_tokens))
@@ -55,6 +53,15 @@ Sync and async: one middleware serves both. Under WSGI it uses the sync gateway;
 under ASGI it runs on the event loop, and every Redis call awaits ``redis.asyncio`` (no
 thread). Under ASGI, stream with an async iterator: Django consumes a sync iterator
 whole before sending it.
+
+CSRF (``CsrfViewMiddleware``, in Django's default ``MIDDLEWARE``): a request the
+middleware authenticated by a header (the API key, ``Authorization: Bearer`` or
+``X-API-Key``) is exempt from it, as Django REST framework exempts token authentication:
+a browser cannot attach such a header to a cross-site request unless the app's CORS
+policy lets it. A request whose tenant came from the ``RESOLVER`` (the session) is
+checked, before admission, as Django would check it at the view: without a valid CSRF
+token (``X-CSRFToken``) it gets Django's 403, takes no rate-limit slot and leaves no
+usage event. A view marked ``@csrf_exempt`` stays exempt for both.
 
 ``RESOLVER``: a callable (or its dotted path) taking the request and returning a tenant
 id or None (then the API key decides), for apps whose users are already signed in::

@@ -15,18 +15,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from django.apps import AppConfig
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 
-from ..config import Config, load_config
-from ..errors import ConfigError
+from ..config import load_config
+from ..errors import ConfigError, ConfigProblem
 from .conf import ai_saas
 
-__all__ = ["check_ai_saas"]
+__all__ = ["check_ai_saas", "config_problems"]
 
 MIDDLEWARE_PATHS = ("ai_saas_middleware.django.AISaaSMiddleware",
                     "ai_saas_middleware.django.middleware.AISaaSMiddleware")
@@ -42,6 +42,16 @@ def _source(config: Any) -> str:
     return "AI_SAAS['CONFIG']"
 
 
+def config_problems(config: str | os.PathLike[str] | Mapping[str, Any]
+                    ) -> list[ConfigProblem]:
+    """Every problem of the configuration ``config`` names (a YAML path or a dict)."""
+    try:
+        load_config(config)
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
 def check_ai_saas(app_configs: Sequence[AppConfig] | None = None,
                   **kwargs: Any) -> list[CheckMessage]:
     """Every problem of the ``AI_SAAS`` setting and of the configuration it names."""
@@ -51,15 +61,12 @@ def check_ai_saas(app_configs: Sequence[AppConfig] | None = None,
         Error(message, hint=SETTING_HINT if key in ("", "CONFIG") else None,
               id=_SHAPE_IDS[key])
         for key, message in ai_saas.problems()]
-    if not any(message.id == "ai_saas.E003" for message in messages):
-        config = ai_saas.CONFIG
-        try:
-            if not isinstance(config, Config):
-                load_config(config)
-        except ConfigError as exc:
-            # obj names the file (or the inline dict); the message starts with the path.
-            messages += [Error(str(problem), obj=_source(config), id="ai_saas.E001")
-                         for problem in exc.problems]
+    # The configuration is checked whenever CONFIG is one, whatever else is wrong with the
+    # setting (an unknown key, a bad RESOLVER): one run reports every problem.
+    config = ai_saas.CONFIG
+    if isinstance(config, (str, os.PathLike, Mapping)):
+        messages += [Error(str(problem), obj=_source(config), id="ai_saas.E001")
+                     for problem in config_problems(config)]
     middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
     ours = next((i for i, name in enumerate(middleware) if name in MIDDLEWARE_PATHS), None)
     if ai_saas._get("RESOLVER") is not None and ours is not None \

@@ -39,8 +39,17 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any, Literal, overload
 
 from asgiref.sync import (
@@ -49,9 +58,13 @@ from asgiref.sync import (
     markcoroutinefunction,
     sync_to_async,
 )
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.urls import Resolver404, resolve
+from django.utils.module_loading import import_string
 
 from ..bodies import (
     AsyncMeteredBody,
@@ -82,10 +95,20 @@ _config: Config | None = None
 _gateways: dict[bool, Gateway | AsyncGateway] = {}
 
 
-def _settings_or_raise() -> None:
-    problems = ai_saas.problems()
-    if problems:
-        raise ImproperlyConfigured("; ".join(message for _, message in problems))
+def _load_or_raise() -> Config:
+    """The configuration of ``AI_SAAS``, or ImproperlyConfigured naming every problem of
+    the setting and of the configuration together (as ``manage.py check`` does)."""
+    problems = [message for _, message in ai_saas.problems()]
+    source = ai_saas.CONFIG
+    config: Config | None = None
+    if isinstance(source, (str, os.PathLike, Mapping, Config)):
+        try:
+            config = load_config(source)
+        except ConfigError as exc:
+            problems.append(f"AI_SAAS['CONFIG']: {exc}")
+    if problems or config is None:
+        raise ImproperlyConfigured("; ".join(problems))
+    return config
 
 
 @overload
@@ -108,12 +131,8 @@ def get_gateway(asynchronous: bool) -> Gateway | AsyncGateway:
     with _lock:
         gateway = _gateways.get(asynchronous)
         if gateway is None:
-            _settings_or_raise()
             if _config is None:
-                try:
-                    _config = load_config(ai_saas.CONFIG)
-                except ConfigError as exc:
-                    raise ImproperlyConfigured(f"AI_SAAS['CONFIG']: {exc}") from exc
+                _config = _load_or_raise()
             kind = AsyncGateway if asynchronous else Gateway
             gateway = _gateways[asynchronous] = kind(_config, redis_url=ai_saas.REDIS_URL)
         return gateway
@@ -173,8 +192,16 @@ def _read_body(request: HttpRequest, headers: dict[str, str],
     return result
 
 
-def _admitted(request: HttpRequest, decision: Decision) -> None:
+def _admitted(request: HttpRequest, decision: Decision, by_header: bool) -> None:
     request.ai = decision.context
+    if by_header:
+        # Authenticated by a credential in a header (the API key; or a tenant header the
+        # deployment trusts), which a browser cannot attach to a cross-site request
+        # without a CORS preflight the app must consent to: not exposed to CSRF.
+        # CsrfViewMiddleware.process_view honours this flag (its test client sets it);
+        # Django REST framework exempts its token authentication alike. A tenant from
+        # the RESOLVER (the session) stays checked: see _resolve_checked.
+        request._dont_enforce_csrf_checks = True
 
 
 def _add_headers(response: HttpResponseBase, decision: Decision) -> None:
@@ -244,6 +271,22 @@ async def _async_chunks(body: Iterable[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def _csrf_middleware() -> CsrfViewMiddleware | None:
+    """The project's ``CsrfViewMiddleware`` (or subclass) from ``MIDDLEWARE``, or None.
+
+    An instance of its own class, so that a project's subclass (a custom origin check)
+    decides here as it would at the view; only its ``process_view`` is used.
+    """
+    for name in getattr(settings, "MIDDLEWARE", None) or ():
+        try:
+            cls = import_string(name)
+        except ImportError:  # Django itself reports it when it loads MIDDLEWARE
+            continue
+        if isinstance(cls, type) and issubclass(cls, CsrfViewMiddleware):
+            return cls(lambda request: None)
+    return None
+
+
 # ------------------------------------------------------------------ the middleware
 
 
@@ -270,6 +313,7 @@ class AISaaSMiddleware:
         self.resolver: Any = ai_saas.RESOLVER  # request -> tenant id | None, sync or async
         self.resolver_is_async = self.resolver is not None and iscoroutinefunction(
             self.resolver)
+        self.csrf = _csrf_middleware() if self.resolver is not None else None
 
     def __repr__(self) -> str:
         return f"<AISaaSMiddleware {'async' if self.async_mode else 'sync'}>"
@@ -291,14 +335,18 @@ class AISaaSMiddleware:
         body = _read_body(request, headers, gateway)
         if isinstance(body, Decision):
             return render(body)
-        tenant = None if self.resolver is None else resolve_tenant(self.resolver, request)
+        tenant = None
+        if self.resolver is not None:
+            tenant, forbidden = self._resolve_checked(request)
+            if forbidden is not None:
+                return forbidden
         decision = gateway.admit(RequestInfo(request.method or "GET", request.path_info,
                                              headers, body, tenant), endpoint)
         if not decision.allowed:
             return render(decision)
         ctx, ticket = decision.context, decision.ticket
         assert ctx is not None and ticket is not None
-        _admitted(request, decision)
+        _admitted(request, decision, tenant is None)
         try:
             response = self.get_response(request)
         except BaseException:
@@ -327,14 +375,52 @@ class AISaaSMiddleware:
             return response
         return await self._ai_request_async(request, endpoint)
 
-    async def _resolve_async(self, request: HttpRequest) -> str | None:
+    async def _resolve_async(self, request: HttpRequest
+                             ) -> tuple[str | None, HttpResponseBase | None]:
+        """The resolver's tenant, and CSRF's refusal of a session request (see
+        ``_resolve_checked``)."""
         assert self.resolver is not None
-        if self.resolver_is_async:
-            tenant: str | None = await self.resolver(request)
-            return tenant
-        # The app's own code, which may touch the ORM (request.user): not on the loop.
-        tenant = await sync_to_async(self.resolver)(request)
-        return tenant
+        if not self.resolver_is_async:
+            # The app's own code, which may touch the ORM (request.user): not on the loop;
+            # CSRF's check goes along in the same thread.
+            return await sync_to_async(self._resolve_checked)(request)
+        tenant: str | None = await self.resolver(request)
+        if tenant is None or self.csrf is None:
+            return tenant, None
+        # CSRF_USE_SESSIONS reads the session, and a CSRF_FAILURE_VIEW is the app's code.
+        return tenant, await sync_to_async(self._csrf_refusal)(request)
+
+    def _resolve_checked(self, request: HttpRequest
+                         ) -> tuple[str | None, HttpResponseBase | None]:
+        """The resolver's tenant, and CSRF's refusal when the resolver found one.
+
+        A tenant from the resolver comes from the session cookie, which a browser sends
+        cross-site on its own: such a request is checked for CSRF here, before admission,
+        so that a forged one takes no rate-limit slot and leaves no usage event. (Django
+        checks CSRF only after every middleware's ``__call__``, in ``process_view``.)
+        """
+        assert self.resolver is not None
+        tenant = resolve_tenant(self.resolver, request)
+        if tenant is None or self.csrf is None:
+            return tenant, None
+        return tenant, self._csrf_refusal(request)
+
+    def _csrf_refusal(self, request: HttpRequest) -> HttpResponseBase | None:
+        """``CsrfViewMiddleware``'s verdict for the view the request goes to: its 403
+        (the project's ``CSRF_FAILURE_VIEW``), or None.
+
+        It is the check Django would make at the view: a ``@csrf_exempt`` view is
+        exempt, safe methods pass; once passed it is not made again there
+        (``request.csrf_processing_done``).
+        """
+        assert self.csrf is not None
+        try:
+            match = resolve(request.path_info, getattr(request, "urlconf", None))
+        except Resolver404:
+            return None  # no view: Django answers 404 and never consults CSRF
+        refusal: HttpResponseBase | None = self.csrf.process_view(
+            request, match.func, match.args, match.kwargs)
+        return refusal
 
     async def _ai_request_async(self, request: HttpRequest, endpoint: EndpointConfig
                                 ) -> HttpResponseBase:
@@ -346,14 +432,18 @@ class AISaaSMiddleware:
         body = _read_body(request, headers, gateway)
         if isinstance(body, Decision):
             return render(body)
-        tenant = None if self.resolver is None else await self._resolve_async(request)
+        tenant = None
+        if self.resolver is not None:
+            tenant, forbidden = await self._resolve_async(request)
+            if forbidden is not None:
+                return forbidden
         decision = await gateway.admit(RequestInfo(request.method or "GET", request.path_info,
                                                    headers, body, tenant), endpoint)
         if not decision.allowed:
             return render(decision)
         ctx, ticket = decision.context, decision.ticket
         assert ctx is not None and ticket is not None
-        _admitted(request, decision)
+        _admitted(request, decision, tenant is None)
         try:
             response: HttpResponseBase = await self.get_response(request)
         except BaseException as exc:

@@ -4,8 +4,11 @@
 
     urlpatterns = [..., path("ai-saas/", include("ai_saas_middleware.django.urls"))]
 
-``GET ai-saas/usage/`` answers the caller's usage this month as JSON (tokens used and
-left, requests in the last minute, the tier's limits and models). Credentials as for
+``GET ai-saas/usage/`` (or ``ai-saas/usage``, answered directly, not redirected: a
+redirect would lose a POST or, for some clients, the key's header; Flask answers both
+forms too) answers the caller's usage this month as JSON (tokens used and left, requests
+in the last minute, the tier's limits and models); ``reverse("ai_saas:usage")`` gives the
+form with the slash. Credentials as for
 AI requests: the API key, or the ``RESOLVER`` of ``AI_SAAS``. It is a plain sync view
 (under ASGI Django runs it in its worker thread): it is not on the hot path.
 """
@@ -35,4 +38,4 @@ def usage(request: HttpRequest) -> HttpResponse:
     return render(get_gateway(False).usage(info))
 
 
-urlpatterns = [path("usage/", usage, name="usage")]
+urlpatterns = [path("usage/", usage, name="usage"), path("usage", usage)]
