@@ -452,6 +452,27 @@ def test_usage_blueprint_reports_the_callers_own_usage(make_app: Callable[..., F
     assert len(events()) == 1  # reading usage is not usage
 
 
+def test_usage_blueprint_answers_with_and_without_the_trailing_slash(
+        make_app: Callable[..., Flask]) -> None:
+    app = signed_in_app(make_app)
+    client = app.test_client()
+    assert client.post("/ai/chat", json=CHAT, headers=bearer("globex")).get_json()
+    answers = [client.get(path, headers=bearer("globex"))
+               for path in ("/ai-saas/usage", "/ai-saas/usage/")]
+    for answer in answers:  # directly, not a 308 to the other form
+        assert answer.status_code == 200, (answer.status_code, answer.data)
+        assert answer.get_json()["tenant_id"] == "globex"
+    assert answers[0].data == answers[1].data
+    client.post("/login/initech")  # the resolver answers on both forms too
+    assert client.get("/ai-saas/usage/").get_json()["tenant_id"] == "initech"
+    client.post("/logout")
+    for path in ("/ai-saas/usage", "/ai-saas/usage/"):  # a POST is not redirected either
+        error_of(client.post(path, headers=bearer("globex")), 405, "method_not_allowed")
+        error_of(client.get(path), 401, "missing_api_key")
+    with app.test_request_context():
+        assert flask.url_for("ai_saas.usage") == "/ai-saas/usage"
+
+
 def test_usage_blueprint_on_an_app_without_the_extension_says_so() -> None:
     app = Flask(__name__)
     app.config["PROPAGATE_EXCEPTIONS"] = True
