@@ -584,3 +584,101 @@ def test_check_config_piped_into_a_reader_that_leaves_early_prints_no_traceback(
     assert process.wait(timeout=60) == 0
     assert "Traceback" not in stderr
     assert first == b"Configurat"
+
+
+# ------------------------------------------------------------------- check-config: first files
+
+
+def check_config_errors(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """``ai-saas check-config PATH`` on a broken file: its problem lines (exit 2, nothing
+    on stdout, no traceback, one line per problem after the count)."""
+    code = main(["check-config", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert "Traceback" not in err
+    head, *lines = err.strip().splitlines()
+    assert head.endswith(f"in {path}:")
+    assert lines and all(line.startswith("  - ") for line in lines)
+    return [line[len("  - "):] for line in lines]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# ai-saas-config.yaml, to be written\n", "---\n"])
+def test_an_empty_file_is_an_error_not_a_valid_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> None:
+    [line] = check_config_errors(write(tmp_path, text), capsys)
+
+    assert line.startswith("(top level): expected a mapping of configuration sections (")
+    assert line.endswith("found nothing: the file is empty")
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("- tenant\n- models\n", "a list"),
+    ("tenant\n", "string 'tenant'"),
+    ("42\n", "number 42"),
+])
+def test_a_top_level_that_is_not_a_mapping_is_reported_at_the_top_level(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, found: str) -> None:
+    [line] = check_config_errors(write(tmp_path, text), capsys)
+
+    assert line.startswith("(top level): expected a mapping of configuration sections (tenant")
+    assert line.endswith(f"found {found}")
+
+
+def test_an_unknown_top_level_key_keeps_its_own_path() -> None:
+    config = base()
+    config["tenantz"] = {}
+
+    assert "unknown key 'tenantz'" in problems_of(config)["tenantz"].found
+
+
+def test_endpoint_methods_must_be_http_methods(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    text = SEED_TEXT + "endpoints:\n  - {path: /ai/*, methods: [POST, FETCH, 7]}\n"
+
+    lines = check_config_errors(write(tmp_path, text), capsys)
+
+    assert sorted(lines) == [
+        "endpoints[0].methods[1]: expected an HTTP method (GET, POST, PUT, PATCH, DELETE, "
+        "HEAD, OPTIONS), found string 'FETCH'",
+        "endpoints[0].methods[2]: expected a non-empty string, found number 7"]
+
+
+def test_endpoint_methods_are_read_in_any_case_and_kept_upper_case() -> None:
+    config = base()
+    config["endpoints"] = [{"path": "/ai/*", "methods": ["post", "Get", "OPTIONS", "head",
+                                                         "put", "patch", "delete"]}]
+
+    [endpoint] = load_config(config).endpoints
+
+    assert endpoint.methods == frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD",
+                                          "OPTIONS"})
+    assert endpoint.matches("POST", "/ai/chat") and not endpoint.matches("post", "/ai/chat")
+
+
+# Suffixes a user might try; the parser's own answer says which it accepts.
+_UNIT_CANDIDATES = ("ns", "us", "ms", "s", "sec", "m", "min", "h", "hr", "d", "w", "y")
+
+
+def test_the_duration_hint_shows_every_unit_the_parser_accepts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    accepted = []
+    for unit in _UNIT_CANDIDATES:
+        config = base()
+        config["redis"] = {"retryInterval": f"2{unit}"}
+        try:
+            load_config(config)
+        except ConfigError:
+            continue
+        accepted.append(unit)
+    assert {"ms", "s", "m", "h"} <= set(accepted)
+    [line] = check_config_errors(write(tmp_path, SEED_TEXT.replace("resetTimeout: 30s",
+                                                                   "resetTimeout: soon")),
+                                 capsys)
+
+    hint = line.split(": expected ", 1)[1]
+    shown = set(re.findall(r"\b\d+([a-z]+)\b", hint))
+    assert shown == set(accepted), hint
+    assert "plain seconds" in hint
