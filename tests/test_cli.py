@@ -280,6 +280,25 @@ def test_usage_shows_a_tenants_requests_of_the_month(
     assert "no usage recorded in 2000-01." in capsys.readouterr().out
 
 
+def test_usage_of_a_tenant_since_removed_from_the_config_is_still_shown(
+        tmp_path: Path, make_config: Callable[..., dict[str, Any]],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = make_config()
+    gateway = Gateway(config)
+    try:
+        with gateway.request(tenant_id="initech", endpoint="/ai/chat",
+                             body={"messages": [{"role": "user", "content": "hi"}]}) as ctx:
+            ctx.record_usage(7, 3)
+    finally:
+        gateway.close()
+    config["tenants"] = [t for t in config["tenants"] if t["id"] != "initech"]
+    path = tmp_path / "ai-saas-config.yaml"
+    path.write_text(yaml.safe_dump(config), "utf-8")
+
+    assert main(["usage", "--tenant", "initech", "-c", str(path)]) == 0
+    assert re.search(r"^initech\s+enterprise\s+1\s+10\s+", capsys.readouterr().out, re.M)
+
+
 # --------------------------------------------------------------------------- ai-saas redis
 
 
