@@ -57,6 +57,7 @@ from .pricing import cost_of, format_usd
 from .responses import refusal
 from .routing import Requirements, Selection, select_model
 from .spool import Spool
+from .startup import check_redis_at_startup
 from .store.keys import KeySchema, is_valid_tenant_id, reservation_member
 from .store.redis import AsyncRedisStore, RedisStore
 from .types import Decision, Outcome, RequestInfo, Usage
@@ -213,6 +214,9 @@ class _Core:
             t.name: (("ratelimit-limit", str(t.rate_limit)),
                      ("ratelimit-policy", f"{t.rate_limit};w=60"))
             for t in cfg.tiers.values() if t.rate_limit}
+        # One PING now, so that a wrong URL or a Redis not running shows at start-up (one
+        # WARNING), not at the first AI request; waits at most redis.connectTimeout.
+        self._startup_check = check_redis_at_startup(cfg, self.redis_url)
 
     # ---------------------------------------------------------------- matching
 
