@@ -80,6 +80,18 @@ class LocalAllowance:
                 if not times or times[-1] <= now - 60:
                     del self._times[tenant_id]
 
+    def requests_left(self, tenant_id: str, rate_limit: int, window_ms: int
+                      ) -> tuple[int, int]:
+        """What the rate limit has left for ``tenant_id`` in this process: (requests
+        that may still be admitted in the current window, ms until its oldest admission
+        leaves the window, or ``window_ms`` when it holds none). Read only."""
+        now = self._clock()
+        start = now - window_ms / 1000
+        with self._lock:
+            inside = [t for t in self._times.get(tenant_id, ()) if t > start]
+        reset_ms = int((inside[0] - start) * 1000) + 1 if inside else window_ms
+        return max(0, rate_limit - len(inside)), min(reset_ms, window_ms)
+
     def take(self, tenant_id: str, tier: TierConfig, tokens: int, window_ms: int
              ) -> list[Any] | None:
         """None when admitted; else a reply shaped like admit.lua's refusals."""

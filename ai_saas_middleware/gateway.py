@@ -505,7 +505,12 @@ class _Core:
         verdict = self.allowance.take(plan.tenant_id, tier, reserve, WINDOW_MS)
         if verdict is not None:
             return self._refused_by_limit(plan, verdict)
-        return self._admitted(plan, int(time.time() * 1000), -1, WINDOW_MS, local=True)
+        # The RateLimit headers tell what this process's allowance has left (the limit it
+        # holds the tenant to now), not the 0 a client would take as "back off".
+        remaining, reset_ms = (self.allowance.requests_left(plan.tenant_id, tier.rate_limit,
+                                                            WINDOW_MS)
+                               if tier.rate_limit else (0, WINDOW_MS))
+        return self._admitted(plan, int(time.time() * 1000), remaining, reset_ms, local=True)
 
     # ---------------------------------------------------------------- settlement
 

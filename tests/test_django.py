@@ -987,3 +987,25 @@ def test_one_check_run_reports_the_settings_and_the_inline_configs_problems() ->
     for part in ("EXTRA", "RESOLVER", "REDIS_URL", "tenant.tiers[1].rateLimit",
                  "models[0].costPerInputToken", "endpoints[0].requiredQuality"):
         assert part in message, message
+
+
+# ------------------------------------------------------------------ Redis down: local admission
+
+
+async def test_locally_admitted_requests_report_what_the_allowance_has_left(
+        make_via: Callable[..., Via]) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nobody listens on: Redis is down
+        sock.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    via = make_via(redis={"url": url, "onUnavailable": "open"})
+    remaining = []
+    for _ in range(3):
+        reply = await via.post("/ai/chat", tenant="acme")  # free tier: 10 a minute
+        assert reply.status_code == 200, reply.content
+        assert 1 <= int(reply["ratelimit-reset"]) <= 60
+        remaining.append(reply["ratelimit-remaining"])
+    await via.settled()
+    assert remaining == ["9", "8", "7"]  # not "0" (back off) for an admitted request
+

@@ -479,3 +479,29 @@ def test_usage_blueprint_on_an_app_without_the_extension_says_so() -> None:
     app.register_blueprint(usage_blueprint, url_prefix="/ai-saas")
     with pytest.raises(RuntimeError, match="AISaaS is not set up"):
         app.test_client().get("/ai-saas/usage")
+
+
+def test_locally_admitted_requests_report_what_the_allowance_has_left(
+        make_app: Callable[..., Flask]) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nobody listens on: Redis is down
+        sock.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    client = make_app(redis={"url": url, "onUnavailable": "open"}).test_client()
+    remaining = []
+    for _ in range(10):  # acme: free tier, 10 requests a minute
+        reply = client.post("/ai/chat", json=CHAT, headers=bearer("acme"))
+        assert reply.status_code == 200 and reply.get_json()  # served from the allowance
+        assert reply.headers["ratelimit-limit"] == "10"
+        assert 1 <= int(reply.headers["ratelimit-reset"]) <= 60
+        remaining.append(int(reply.headers["ratelimit-remaining"]))
+    # The first one admitted is not told "0 left" (which says back off): 9, then 8 ...
+    assert remaining == list(range(9, -1, -1))
+    refused = client.post("/ai/chat", json=CHAT, headers=bearer("acme"))
+    error_of(refused, 429, "rate_limit_exceeded")
+    assert refused.headers["ratelimit-remaining"] == "0"
+    # Another tenant's allowance is its own.
+    other = client.post("/ai/chat", json=CHAT, headers=bearer("globex"))
+    assert other.get_json() and other.headers["ratelimit-remaining"] == "99"
+
