@@ -2,6 +2,7 @@
 
 ::
 
+    ai-saas init [PATH] [--force]            a starter ai-saas-config.yaml; prints its keys once
     ai-saas check-config [FILE]              every problem with its path, or a summary
     ai-saas tenants add ID --tier T [--stripe-customer cus_..]
     ai-saas tenants list | set-tier ID T | add-key ID | revoke-key KEY
@@ -41,10 +42,10 @@ from .errors import AISaaSError, ConfigError, UnknownTenant
 __all__ = ["main"]
 
 DESCRIPTION = (
-    "Run and inspect the AI requests of a SaaS app with ai-saas-middleware: check a "
-    "configuration, manage tenants and their API keys in Redis, read usage back from "
-    "the usage streams, replay spooled usage events, run a local Redis for development, "
-    "or run the demo.")
+    "Run and inspect the AI requests of a SaaS app with ai-saas-middleware: write a "
+    "starter configuration and check one, manage tenants and their API keys in Redis, "
+    "read usage back from the usage streams, replay spooled usage events, run a local "
+    "Redis for development, or run the demo.")
 EPILOG = (
     "Run 'ai-saas COMMAND --help' for the options of a command. Exit status: 0 on "
     "success, 1 on an error (Redis unreachable, unknown tenant), 2 on a bad configuration "
@@ -124,6 +125,29 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
                                                                        strict=True)).rstrip()
                      for row in rows)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .starter import StarterExists, write_starter
+
+    try:
+        path, starter = write_starter(args.path, force=args.force)
+    except StarterExists as exc:  # a refusal to act on the arguments given: exit 2
+        print(f"ai-saas: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: the seed template's tiers ("
+          + ", ".join(k.tier for k in starter.keys) + "), routing, cache and billing, "
+          "plus 5 model profiles, a tenant per tier, an AI endpoint (/ai/*) and Redis "
+          "settings.")
+    print()
+    print("API keys of the new tenants (shown once, store it now; the file holds only "
+          "their sha256 digests):")
+    print(_table([["tenant", "tier", "API key"]]
+                 + [[k.tenant_id, k.tier, k.api_key] for k in starter.keys]))
+    print()
+    print(f"Next: review the model prices in it, then 'ai-saas check-config {path}'; "
+          "'ai-saas redis' runs a local Redis where it looks for one.")
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -410,6 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=summary, description=summary[0].upper() + summary[1:] + "."
             + (" " + details if details else ""))
         return p
+
+    p = command(sub, "init", "write a starter configuration file and print its API keys",
+                "The file is the seed template (tiers, routing, cache, billing) plus what "
+                "serving needs: model profiles at list prices, a tenant per tier, an AI "
+                "endpoint and Redis settings; it passes check-config as written. Each "
+                "tenant's new API key is printed once: the file holds only its sha256 "
+                "digest. An existing file is left alone (exit 2) unless --force.")
+    p.add_argument("path", nargs="?", default=default_config, metavar="PATH",
+                   help=f"where to write it (default: $AI_SAAS_CONFIG if set, else "
+                        f"./{DEFAULT_CONFIG}; a directory: {DEFAULT_CONFIG} in it)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file (the keys of its tenants stop working)")
+    p.set_defaults(func=cmd_init)
 
     p = command(sub, "check-config", "validate a configuration file",
                 "Lists every problem at once, each with its path, and exits 2; for a good "
