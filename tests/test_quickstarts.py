@@ -10,9 +10,10 @@ run in bash against it, and what they print is checked. The jobs run as scripts.
 
 What the test changes, and why: the port (``8000``/``8001`` -> a free one), the Redis
 (``REDIS_URL``: the test Redis) and the provider (``OPENAI_BASE_URL``), all through the
-environment the README names; and two lines appended to the config, a key prefix and a
-spool directory of this test's own, so that runs sharing the test Redis never see each
-other's rate limits or usage.
+environment the README names; the keys ``ai-saas init`` printed, as ``FREE_KEY`` and
+``PRO_KEY`` (the reader pastes them); and, in the file ``ai-saas init`` wrote, a key
+prefix and a spool directory of this test's own, so that runs sharing the test Redis
+never see each other's rate limits or usage.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from ai_saas_middleware.cli import main as ai_saas
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -169,25 +167,43 @@ def provider_url(start_server: object, tmp_path: Path) -> str:
 
 @dataclass
 class Place:
-    """Where the reader's app lives and the environment it runs in."""
+    """Where the reader's app lives, its config, the keys init printed, the environment."""
 
     directory: Path
     config: Path
+    keys: dict[str, str]  # tenant -> API key
     env: dict[str, str]
 
 
+KEY_LINE = re.compile(r"^(?P<tenant>\S+)\s+(?P<tier>\S+)\s+(?P<key>ais_\S+)$", re.M)
+
+
 def place_app(directory: Path, redis_server_url: str, provider_url: str, spool: Path) -> Place:
-    """The README's config in ``directory``, exactly as written plus this test's own key
-    prefix and spool; the environment the README describes, pointed at the test's parts."""
+    """Step 2 of the README in ``directory`` (``ai-saas init``, ``ai-saas check-config``,
+    run in bash as written), then this test's own key prefix and spool put in the file."""
     directory.mkdir(parents=True, exist_ok=True)
-    text = block("config ai-saas-config.yaml")
-    assert not re.search(r"^redis:", text, re.M), \
-        "the quick start config has a redis: section: the test adds its own key prefix"
+    env = app_env(redis_server_url, provider_url)
+    script = commands(block("init sh"))
+    assert [c.split("#")[0].strip() for c in script] == ["ai-saas init",
+                                                        "ai-saas check-config"], script
+    outputs = []
+    for command in script:
+        done = subprocess.run(["bash", "-c", command], cwd=directory, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
+        outputs.append(done.stdout)
+    keys = {m["tenant"]: m["key"] for m in KEY_LINE.finditer(outputs[0])}
+    assert set(keys) == {"example-free", "example-pro", "example-enterprise"}, outputs[0]
     config = directory / "ai-saas-config.yaml"
-    config.write_text(text + "redis:  # added by tests/test_quickstarts.py\n"
-                             f"  keyPrefix: qs{uuid.uuid4().hex[:12]}\n"
-                             f"  spoolDir: {spool}\n", encoding="utf-8")
-    return Place(directory, config, app_env(redis_server_url, provider_url))
+    text = config.read_text(encoding="utf-8")
+    assert "  keyPrefix: aisaas\n" in text and not re.search(r"^  url:", text, re.M), \
+        "ai-saas init's redis section changed: the test puts its own key prefix in it"
+    config.write_text(text.replace(
+        "  keyPrefix: aisaas\n",
+        f"  keyPrefix: qs{uuid.uuid4().hex[:12]}  # set by tests/test_quickstarts.py\n"
+        f"  spoolDir: {spool}\n"), encoding="utf-8")
+    env.update(FREE_KEY=keys["example-free"], PRO_KEY=keys["example-pro"])
+    return Place(directory, config, keys, env)
 
 
 def app_env(redis_server_url: str, provider_url: str) -> dict[str, str]:
@@ -232,7 +248,11 @@ def parse_curl_i(text: str) -> Reply:
     for line in lines:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    return Reply(status, headers, json.loads(body))
+    try:
+        parsed = json.loads(body)
+    except ValueError:  # e.g. Django's HTML 403 page: the status assertion says more
+        parsed = {"(not JSON)": body[:300]}
+    return Reply(status, headers, parsed)
 
 
 def usage_rows(text: str) -> dict[str, tuple[str, int, str]]:
@@ -268,6 +288,9 @@ def try_it(place: Place, port: int) -> None:
     output checked: 200 with the chosen model, routing by quality, 429 past the rate
     limit, 401 for a bad key, 400 for bad JSON, and ``ai-saas usage`` showing them."""
     script = commands(block("try sh"))
+    # The first command is the reader pasting init's keys: the test set them already.
+    assert script[0].startswith("export FREE_KEY=") and "PRO_KEY=" in script[0], script[0]
+    script = script[1:]
     assert sum("localhost:8000" in c for c in script) == 5, script
     lines = ["set -e"]
     for i, command in enumerate(script):
@@ -280,18 +303,18 @@ def try_it(place: Place, port: int) -> None:
     assert len(outputs) == len(script) == 7, done.stdout
     assert script[0].startswith("BODY=") and outputs[0] == ""
 
-    acme = parse_curl_i(outputs[1])
-    assert acme.status == 200, outputs[1]
-    assert acme.headers["x-ai-model"] == "gpt-4o-mini"  # the cheapest model of tier free
-    assert acme.body["model"] == "gpt-4o-mini"  # ... and the one the provider was sent
-    assert acme.headers["x-request-id"]
-    assert acme.body["usage"]
+    free = parse_curl_i(outputs[1])
+    assert free.status == 200, outputs[1]
+    assert free.headers["x-ai-model"] == "model-fast"  # the cheaper model of tier free
+    assert free.body["model"] == "model-fast"  # ... and the one the provider was sent
+    assert free.headers["x-request-id"]
+    assert free.body["usage"]
 
-    globex = parse_curl_i(outputs[2])
-    assert globex.status == 200, outputs[2]
-    assert globex.headers["x-ai-model"] == globex.body["model"] == "gpt-4o"
+    pro = parse_curl_i(outputs[2])
+    assert pro.status == 200, outputs[2]
+    assert pro.headers["x-ai-model"] == pro.body["model"] == "model-large"
 
-    assert outputs[3].split() == ["200", "200", "200", "200", "429"]
+    assert outputs[3].split() == ["200"] * 9 + ["429"]
 
     bad_key = parse_curl_i(outputs[4])
     assert bad_key.status == 401, outputs[4]
@@ -302,7 +325,8 @@ def try_it(place: Place, port: int) -> None:
     assert bad_json.body["error"]["code"] == "invalid_json"  # type: ignore[index]
 
     assert script[6] == "ai-saas usage"
-    expected = {"acme": ("free", 5, "gpt-4o-mini x5"), "globex": ("pro", 1, "gpt-4o x1")}
+    expected = {"example-free": ("free", 10, "model-fast x10"),
+                "example-pro": ("pro", 1, "model-large x1")}
     rows = usage_rows(outputs[6])
     # Each row shows once its last request settled (after the response went out).
     assert set(rows) <= set(expected), outputs[6]
@@ -313,7 +337,7 @@ def try_it(place: Place, port: int) -> None:
 
 
 def test_every_quick_start_is_marked_in_the_readme() -> None:
-    names = {"services sh", "config ai-saas-config.yaml", "try sh", "starlette app.py",
+    names = {"services sh", "init sh", "try sh", "starlette app.py",
              "starlette run sh", "django startproject sh", "django mysite/settings.py append",
              "django mysite/urls.py", "django mysite/views.py", "django run sh",
              "flask app.py", "flask run sh", "job job.py", "job run sh", "job ajob.py",
@@ -324,14 +348,6 @@ def test_every_quick_start_is_marked_in_the_readme() -> None:
     section = section.split("\n## ", 1)[0]
     assert section.count("<!-- quickstart:") == len(names)
     assert "ai-saas redis" in commands(block("services sh"))[0]  # run by tests/test_cli.py
-
-
-def test_the_quick_start_config_passes_check_config(tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "ai-saas-config.yaml"
-    path.write_text(block("config ai-saas-config.yaml"), encoding="utf-8")
-    assert ai_saas(["check-config", str(path)]) == 0, capsys.readouterr().err
-    assert "no redis.url" in capsys.readouterr().out  # REDIS_URL, else localhost
 
 
 def test_starlette_quick_start_under_uvicorn(place: Place, start_server: object) -> None:
@@ -358,6 +374,7 @@ def test_django_quick_start_with_the_default_middleware(tmp_path: Path, redis_se
                           env=app_env(redis_server_url, provider_url),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    # ai-saas init beside manage.py, where AI_SAAS["CONFIG"] looks
     project = place_app(tmp_path / "mysite", redis_server_url, provider_url,
                         tmp_path / "spool")
     settings = project.directory / "mysite" / "settings.py"
@@ -382,26 +399,25 @@ def run(place: Place, command: str) -> subprocess.CompletedProcess[str]:
 def test_background_job_quick_starts_as_scripts(place: Place) -> None:
     write_block("job job.py", place.directory)
     write_block("job ajob.py", place.directory)
-    job = only_command("job run sh", "python job.py acme")
-    assert len(shlex.split(job)) == 5  # two texts: acme (5 a minute) runs it twice in full
+    job = only_command("job run sh", "python job.py example-free")
+    done = run(place, job)
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["model-fast"] * 2
 
-    for _ in range(2):
-        done = run(place, job)
-        assert done.returncode == 0, done.stderr
-        assert [line.split()[0] for line in done.stdout.splitlines()] == ["gpt-4o-mini"] * 2
-    done = run(place, job)  # the 5th request is admitted, the 6th refused
+    # Nine texts more for tier free's 10 a minute: eight answered, then a refusal.
+    done = run(place, "python job.py example-free " + " ".join(f"text-{i}" for i in range(9)))
     assert done.returncode == 1
-    assert [line.split()[0] for line in done.stdout.splitlines()] == ["gpt-4o-mini"]
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["model-fast"] * 8
     assert re.fullmatch(r"rate limited: try again in [1-9][0-9]*s\n", done.stderr), done.stderr
 
-    done = run(place, job.replace("acme", "nobody"))
+    done = run(place, job.replace("example-free", "nobody"))
     assert done.returncode == 1
     assert done.stderr.startswith("refused: ") and "Traceback" not in done.stderr, done.stderr
 
-    done = run(place, only_command("job arun sh", "python ajob.py globex"))
+    done = run(place, only_command("job arun sh", "python ajob.py example-pro"))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[0] == "gpt-4o-mini"
+    assert done.stdout.split()[0] == "model-small"  # the cheapest of tier pro
 
     # A job settles before its block ends: the usage is there at once.
-    wait_for_usage(place, {"acme": ("free", 5, "gpt-4o-mini x5"),
-                           "globex": ("pro", 1, "gpt-4o-mini x1")})
+    wait_for_usage(place, {"example-free": ("free", 10, "model-fast x10"),
+                           "example-pro": ("pro", 1, "model-small x1")})
