@@ -4,6 +4,7 @@
 
     ai-saas init [PATH] [--force]            a starter ai-saas-config.yaml; prints its keys once
     ai-saas check-config [FILE]              every problem with its path, or a summary
+    ai-saas schema [--output FILE]           the config's JSON Schema, for editors
     ai-saas tenants add ID --tier T [--stripe-customer cus_..]
     ai-saas tenants list | set-tier ID T | add-key ID | revoke-key KEY
     ai-saas usage [--tenant ID] [--month YYYY-MM]
@@ -43,9 +44,9 @@ __all__ = ["main"]
 
 DESCRIPTION = (
     "Run and inspect the AI requests of a SaaS app with ai-saas-middleware: write a "
-    "starter configuration and check one, manage tenants and their API keys in Redis, "
-    "read usage back from the usage streams, replay spooled usage events, run a local "
-    "Redis for development, or run the demo.")
+    "starter configuration, check one or print its JSON Schema, manage tenants and their "
+    "API keys in Redis, read usage back from the usage streams, replay spooled usage "
+    "events, run a local Redis for development, or run the demo.")
 EPILOG = (
     "Run 'ai-saas COMMAND --help' for the options of a command. Exit status: 0 on "
     "success, 1 on an error (Redis unreachable, unknown tenant), 2 on a bad configuration "
@@ -154,6 +155,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args.file or args.config)
     print(describe(config))
     return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schema import render_schema
+
+    text = render_schema()
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise AISaaSError(f"cannot write {args.output}: {exc.strerror or type(exc).__name__}"
+                          ) from None
+    print(f"wrote {args.output}: the JSON Schema of the configuration. For editors with the "
+          "YAML language server, put this line at the top of ai-saas-config.yaml (the path "
+          f"is relative to it):\n# yaml-language-server: $schema={_relative(args.output)}")
+    return 0
+
+
+def _relative(path: str) -> str:
+    return path if os.path.isabs(path) or path.startswith(".") else f"./{path}"
 
 
 def cmd_tenants(args: argparse.Namespace) -> int:
@@ -456,6 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the file to check (default: the --config file)")
     with_config(p, redis=False)
     p.set_defaults(func=cmd_check_config)
+
+    p = command(sub, "schema", "print the JSON Schema of the configuration, for editors",
+                "A JSON Schema (draft 2020-12) of ai-saas-config.yaml, made from the "
+                "loader's own definitions, with which editors check and complete the file "
+                "as it is typed: with the YAML language server, write it next to the "
+                "config and put '# yaml-language-server: $schema=./ai-saas-config.schema"
+                ".json' on the config's first line. check-config still checks what needs "
+                "the whole file (tiers named, model profiles, ids used once).")
+    p.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="write it to FILE, replacing it (default: print it on stdout)")
+    p.set_defaults(func=cmd_schema)
 
     p = command(sub, "tenants", "manage tenants stored in Redis and their API keys",
                 "Tenants of the configuration file are changed by editing it.")

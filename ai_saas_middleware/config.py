@@ -283,6 +283,12 @@ class _Reader:
     def problem(self, path: str, expected: str, found: str) -> None:
         self.problems.append(ConfigProblem(path, expected, found))
 
+    def declare(self, path: str, kind: str, **facts: Any) -> None:
+        """State what a value the caller checks by hand must be (``kind``: ``string``
+        with ``pattern``/``what``, ``choice`` with ``options``/``case_insensitive``,
+        ``duration`` with ``minimum``). Loading ignores it; the JSON Schema's recorder
+        (:mod:`ai_saas_middleware.schema`) reads it, so the schema has no rule of its own."""
+
     def mapping(self, value: Any, path: str, known: tuple[str, ...]) -> Mapping[str, Any]:
         if value is None:
             return {}
@@ -456,10 +462,12 @@ def _read_tiers(r: _Reader, tenant_section: Any) -> dict[str, TierConfig]:
 
 
 def _read_catalog(r: _Reader, value: Any, base: Path | None) -> dict[str, Mapping[str, Any]]:
+    what = "a path to a LiteLLM-format JSON cost map"
+    r.declare("modelCatalog", "string", what=what)
     if value is None:
         return {}
     if not isinstance(value, str):
-        r.problem("modelCatalog", "a path to a LiteLLM-format JSON cost map", _kind(value))
+        r.problem("modelCatalog", what, _kind(value))
         return {}
     path = Path(value)
     if not path.is_absolute() and base is not None:
@@ -478,6 +486,16 @@ def _read_catalog(r: _Reader, value: Any, base: Path | None) -> dict[str, Mappin
     return {k: v for k, v in data.items() if isinstance(v, Mapping)}
 
 
+def _catalog_fields(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The profile keys a LiteLLM catalog entry fills (where the profile omits them)."""
+    return {
+        "provider": entry.get("litellm_provider"),
+        "costPerInputToken": entry.get("input_cost_per_token"),
+        "costPerOutputToken": entry.get("output_cost_per_token"),
+        "maxTokens": entry.get("max_input_tokens", entry.get("max_tokens")),
+    }
+
+
 def _read_models(r: _Reader, value: Any, catalog: Mapping[str, Mapping[str, Any]]
                  ) -> dict[str, ModelProfile]:
     models: dict[str, ModelProfile] = {}
@@ -489,14 +507,8 @@ def _read_models(r: _Reader, value: Any, catalog: Mapping[str, Mapping[str, Any]
             continue
         model_id = r.string(m, "id", path)
         # A LiteLLM catalog entry fills what the profile leaves out.
-        entry = catalog.get(model_id or "", {})
-        merged = {
-            "provider": entry.get("litellm_provider"),
-            "costPerInputToken": entry.get("input_cost_per_token"),
-            "costPerOutputToken": entry.get("output_cost_per_token"),
-            "maxTokens": entry.get("max_input_tokens", entry.get("max_tokens")),
-        }
-        merged = {k: v for k, v in merged.items() if v is not None}
+        merged = {k: v for k, v in _catalog_fields(catalog.get(model_id or "", {})).items()
+                  if v is not None}
         merged.update({k: v for k, v in m.items() if v is not None})
         profile = ModelProfile(
             id=model_id or "",
@@ -530,13 +542,15 @@ def _read_tenants(r: _Reader, value: Any, tiers: Mapping[str, TierConfig]
             r.problem(f"{path}.tier", "one of the tiers " + ", ".join(tiers) if tiers
                       else "a tier defined in tenant.tiers", repr(tier))
         hashes: list[str] = []
+        digest_hint = "'sha256:' and 64 lowercase hex digits"
+        r.declare(f"{path}.apiKeys[]", "string", pattern=_KEY_HASH_RE, what=digest_hint)
         for j, key in enumerate(r.items(m.get("apiKeys"), f"{path}.apiKeys")):
             match = _KEY_HASH_RE.match(key) if isinstance(key, str) else None
             if match is None:
                 # Never echo what might be a plaintext key back into a log.
                 found = ("a value that is not a sha256 digest" if isinstance(key, str)
                          else _kind(key))
-                r.problem(f"{path}.apiKeys[{j}]", "'sha256:' and 64 lowercase hex digits", found)
+                r.problem(f"{path}.apiKeys[{j}]", digest_hint, found)
                 continue
             digest = match.group(1)
             if digest in seen_keys and seen_keys[digest] != tenant_id:
@@ -563,6 +577,7 @@ def _read_endpoints(r: _Reader, value: Any) -> tuple[EndpointConfig, ...]:
         glob = r.string(m, "path", path, pattern=re.compile(r"^/"),
                         what="a path glob starting with '/'")
         methods = r.string_list(m, "methods", path)
+        r.declare(f"{path}.methods[]", "choice", options=_HTTP_METHODS, case_insensitive=True)
         listed = m.get("methods")
         for j, method in enumerate(listed if isinstance(listed, (list, tuple)) else ()):
             # Items that are not strings were reported by string_list.
@@ -610,6 +625,7 @@ def _dedupe_ttl(r: _Reader, m: Mapping[str, Any]) -> int:
     # EX 0, which Redis refuses after the event and the counter are written, and the
     # replay of the spooled settlement would write them again.
     seconds = r.duration(m, "dedupeTtl", "redis", 86400.0)
+    r.declare("redis.dedupeTtl", "duration", minimum=1)
     if seconds < 1:
         r.problem("redis.dedupeTtl", "a duration of at least 1s (a day or more is advised)",
                   _kind(m.get("dedupeTtl")))
@@ -672,6 +688,7 @@ def _read_http(r: _Reader, value: Any) -> HttpConfig:
 def _read_quota(r: _Reader, value: Any) -> QuotaConfig:
     m = r.mapping(value, "quota", ("promptEstimate", "reservationTimeout"))
     timeout = r.duration(m, "reservationTimeout", "quota", 60.0)
+    r.declare("quota.reservationTimeout", "duration", minimum=1)
     if timeout < 1:
         # Shorter than a provider call: reservations would lapse under requests still
         # running, and their tokens would be admitted twice.
@@ -702,8 +719,10 @@ def _check_references(r: _Reader, tiers: Mapping[str, TierConfig],
                       repr(model_id))
 
 
-def _build(data: Any, source: str, base: Path | None) -> Config:
-    r = _Reader()
+def _build(data: Any, source: str, base: Path | None, reader: _Reader | None = None
+           ) -> Config:
+    # ``reader``: the JSON Schema's recorder (ai_saas_middleware.schema) passes its own.
+    r = reader if reader is not None else _Reader()
     top = r.mapping(data, "", _TOP)
     tiers = _read_tiers(r, top.get("tenant"))
     catalog = _read_catalog(r, top.get("modelCatalog"), base)
