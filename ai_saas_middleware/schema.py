@@ -63,10 +63,12 @@ _NOT_ECMA = re.compile(r"\(\?P|\(\?[aiLmsux]|\\A|\\z|\(\?#")
 
 def _ecma(pattern: re.Pattern[str]) -> str:
     """A Python pattern used with ``.match`` as the ECMA-262 pattern that accepts the
-    same strings (``\\Z`` is ECMA's ``$``; ``match`` anchors at the start)."""
+    same strings (``match`` anchors at the start). ``\\Z`` becomes ``$(?!\\n)``: ECMA's
+    ``$`` is the end already, but validators in Python (jsonschema, check-jsonschema)
+    read ``$`` as Python does, where it also matches before a final newline."""
     if pattern.flags & ~re.UNICODE or _NOT_ECMA.search(pattern.pattern):
         raise ValueError(f"pattern {pattern.pattern!r} has no ECMA-262 equivalent here")
-    text = pattern.pattern.replace(r"\Z", "$")
+    text = pattern.pattern.replace(r"\Z", r"$(?!\n)")
     return text if text.startswith("^") else f"^(?:{text})"
 
 
@@ -136,7 +138,8 @@ class _Recorder(_Reader):
                 required.append(key)
         elif default is not None:
             fragment = {**fragment, "default": default}
-        self._note(f"{parent}.{key}", fragment, nullable=default is not _MISSING)
+        self._note(f"{parent}.{key}" if parent else key, fragment,
+                   nullable=default is not _MISSING)
 
     # -- the reader's methods: note, then read as the loader does
 
