@@ -6,10 +6,17 @@
    threaded server), each on a free loopback port (real HTTP on both hops). Each
    server stops only once its requests in flight are settled (bounded), so the summary
    read afterwards sees every event.
-3. A short burst of multi-tenant traffic: a free tenant over its 10 req/min, a pro and
-   an enterprise tenant, a tenant stored in Redis with a fresh key, streamed answers
-   (one of them abandoned half way by its client), an unknown key, non-AI pages.
-4. A per-tenant table read back from the usage stream, and what Redis was asked.
+3. Multi-tenant traffic in four steps, each measured once the app has settled all of
+   its requests: a stored tenant's first request (alone, so its tier is looked up in
+   Redis once); a burst (a free tenant over its 10 req/min, a pro and an enterprise
+   tenant, the stored tenant, streamed answers, an unknown key); a stream whose client
+   hangs up after a fixed number of chunks (the provider stand-in pauses there until
+   the hang-up, so the same text is billed in every run); non-AI pages.
+4. What the client got, the per-tenant table read back from the usage stream, and the
+   EVALSHA calls Redis counted in each step (``INFO commandstats`` deltas), beside the
+   hot path's budget. Every figure is measured; all but the elapsed time are the same
+   in every run and on every framework (``tests/test_*demo.py`` and README.md's copy
+   of the output check it).
 
 The demo apps live in ``demo_projects/`` of the source checkout (``pip install -e .``).
 """
@@ -18,13 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import socket
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,13 +154,18 @@ class serve_in_thread:
             time.sleep(0.01)
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def settled(self, timeout: float | None = None) -> bool:
+        """Wait until no request is in flight and the settlements they started in the
+        background are written, at most ``timeout`` seconds (``drain_timeout`` by
+        default); True if so, else False (and a warning is logged)."""
         from concurrent.futures import TimeoutError as FutureTimeout
 
         from .bodies import wait_for_settlements
 
-        deadline = time.monotonic() + self.drain_timeout
-        _drained(self.in_flight, self.drain_timeout, self.port)
+        timeout = self.drain_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if not _drained(self.in_flight, timeout, self.port):
+            return False
         loop = self._app.loop
         if loop is not None and loop.is_running():
             # Settlements started as tasks of the server's loop: asyncio.run() would
@@ -161,8 +175,13 @@ class serve_in_thread:
                 waited.result(max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 waited.cancel()
-                log.warning("the server on port %d stops with settlements pending",
-                            self.port)
+                log.warning("the server on port %d has settlements pending after %.1fs",
+                            self.port, timeout)
+                return False
+        return True
+
+    def __exit__(self, *_: object) -> None:
+        self.settled()
         self.server.should_exit = True
         self.thread.join(5)
 
@@ -257,8 +276,15 @@ class serve_wsgi_in_thread:
         self.thread.start()  # the socket listens already: no wait for a start-up
         return self
 
+    def settled(self, timeout: float | None = None) -> bool:
+        """Wait until no request is in flight (each settles in its body's ``close()``),
+        at most ``timeout`` seconds (``drain_timeout`` by default); True if so, else
+        False (and a warning is logged)."""
+        return _drained(self.in_flight, self.drain_timeout if timeout is None else timeout,
+                        self.port)
+
     def __exit__(self, *_: object) -> None:
-        _drained(self.in_flight, self.drain_timeout, self.port)
+        self.settled()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
@@ -273,52 +299,151 @@ DEMO_APPS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
-async def _traffic(base: str, stored_key: str) -> tuple[Counter[tuple[str, int]], int]:
-    """Send the burst; returns (tenant, status) counts and the number of AI requests."""
+MESSAGES = [{"role": "user", "content": "Summarize our quarterly numbers in one line."}]
+# The stream a client hangs up on stops after this many content chunks and waits for the
+# hang-up (the stand-in's "pause_after_chunks"; see demo_projects/provider.py): the client
+# reads exactly these, so the same text is billed in every run, whatever the timing.
+HANG_UP_AFTER_CHUNKS = 5
+CONCURRENCY = 8  # requests of the burst in flight at once
+PAGE = "(non-AI page)"
+# The hot path's budget of EVALSHA calls per reply to an AI request (DESIGN.md): admitted
+# (any status the app answered) 2, admission and settlement; refused by a limit 1; a key
+# refused before Redis (not a stored tenant's form) none.
+_ADMITTED, _REFUSED_BY_LIMIT, _REFUSED_LOCALLY = 2, 1, 0
+
+
+@dataclass
+class _Step:
+    """One step of the demo's traffic: the replies its client got, and the EVALSHA calls
+    the Redis server counted from before the step's first request until its last one was
+    settled (``INFO commandstats``)."""
+
+    title: str
+    replies: Counter[tuple[str, int]] = field(default_factory=Counter)  # (tenant, status)
+    round_trips: int = 0
+    tier_look_ups: int = 0  # first requests of stored tenants the step sends (the budget's)
+
+    @property
+    def budget(self) -> int:
+        """The EVALSHA calls the hot path's budget allows for these replies."""
+        total = self.tier_look_ups
+        for (tenant, status), n in self.replies.items():
+            if tenant == PAGE or status == 401:
+                total += n * _REFUSED_LOCALLY
+            elif status == 429:
+                total += n * _REFUSED_BY_LIMIT
+            else:
+                total += n * _ADMITTED
+        return total
+
+
+@dataclass
+class _HangUp:
+    """What the client that hung up mid-stream got before it did."""
+
+    status: int = 0
+    request_id: str = ""
+    chunks: int = 0
+    text: str = ""
+
+
+async def _traffic(base: str, stored_key: str, checkpoint: Callable[[], int]
+                   ) -> tuple[list[_Step], _HangUp]:
+    """Send the demo's traffic in steps, each measured on its own (``checkpoint()`` waits
+    until the app has settled every request so far and returns Redis's EVALSHA count)."""
     import httpx
 
-    statuses: Counter[tuple[str, int]] = Counter()
-    messages = [{"role": "user", "content": "Summarize our quarterly numbers in one line."}]
-    plan: list[tuple[str, str, str, dict[str, Any]]] = []
-    for tenant, key, n in (("free-co", DEMO_KEYS["free-co"], 14),
-                           ("pro-co", DEMO_KEYS["pro-co"], 12),
-                           ("big-co", DEMO_KEYS["big-co"], 8),
-                           ("startup-co", stored_key, 6)):
-        for i in range(n):
-            path = "/ai/chat/stream" if i % 4 == 3 else "/ai/chat"
-            plan.append((tenant, key, path, {"messages": messages, "max_tokens": 64}))
-    plan += [("big-co", DEMO_KEYS["big-co"], "/ai/premium/chat",
-              {"messages": messages, "max_tokens": 128})] * 2
-    plan.append(("(unknown key)", "not-a-real-key", "/ai/chat", {"messages": messages}))
-    limit = asyncio.Semaphore(8)
+    keys = {**DEMO_KEYS, "startup-co": stored_key, "(unknown key)": "not-a-real-key"}
+
+    def auth(tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[tenant]}"}
+
+    chat = {"messages": MESSAGES, "max_tokens": 64}
+    burst: list[tuple[str, str, dict[str, Any]]] = []
+    for tenant, n in (("free-co", 14), ("pro-co", 12), ("big-co", 8), ("startup-co", 6)):
+        # startup-co's first request is step 1: alone, so its tier is looked up once,
+        # not by as many of its requests as happen to be admitted before the first reply.
+        for i in range(1 if tenant == "startup-co" else 0, n):
+            burst.append((tenant, "/ai/chat/stream" if i % 4 == 3 else "/ai/chat", chat))
+    burst += [("big-co", "/ai/premium/chat", {"messages": MESSAGES, "max_tokens": 128})] * 2
+    burst.append(("(unknown key)", "/ai/chat", {"messages": MESSAGES}))
+    first, crowd, hang_up_step, pages = steps = [
+        _Step("1. startup-co's first request", tier_look_ups=1),
+        _Step(f"2. the burst: 4 tenants, {CONCURRENCY} at a time"),
+        _Step(f"3. pro-co's stream, hung up after {HANG_UP_AFTER_CHUNKS} chunks"),
+        _Step("4. non-AI pages"),
+    ]
+    hung = _HangUp()
+    limit = asyncio.Semaphore(CONCURRENCY)
 
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-        async def one(tenant: str, key: str, path: str, body: dict[str, Any]) -> None:
+        async def post(step: _Step, tenant: str, path: str, body: dict[str, Any]) -> None:
             async with limit:
-                reply = await client.post(path, json=body,
-                                          headers={"Authorization": f"Bearer {key}"})
-                statuses[(tenant, reply.status_code)] += 1
+                reply = await client.post(path, json=body, headers=auth(tenant))
+            step.replies[(tenant, reply.status_code)] += 1
 
-        await asyncio.gather(*(one(*p) for p in plan))
+        async def hang_up() -> None:
+            body = {"messages": MESSAGES, "max_tokens": 40,
+                    "pause_after_chunks": HANG_UP_AFTER_CHUNKS}
+            async with client.stream("POST", "/ai/chat/stream", json=body,
+                                     headers=auth("pro-co")) as reply:
+                hung.status, hung.request_id = reply.status_code, \
+                    reply.headers.get("x-request-id", "")
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue  # keep-alives, blank lines
+                    for choice in json.loads(line[len("data: "):]).get("choices") or []:
+                        hung.text += (choice.get("delta") or {}).get("content") or ""
+                    hung.chunks += 1
+                    if hung.chunks == HANG_UP_AFTER_CHUNKS:
+                        break  # leaving the block closes the connection: the hang-up
+            hang_up_step.replies[("pro-co", reply.status_code)] += 1
 
-        # A client that reads a little of a stream, then hangs up.
-        async with client.stream("POST", "/ai/chat/stream",
-                                 json={"messages": messages, "max_tokens": 40},
-                                 headers={"Authorization": f"Bearer {DEMO_KEYS['pro-co']}"}
-                                 ) as reply:
-            async for _chunk in reply.aiter_raw():
-                break
-        statuses[("pro-co", reply.status_code)] += 1
-        for _ in range(5):
-            page = await client.get("/")
-            statuses[("(non-AI page)", page.status_code)] += 1
-    return statuses, len(plan) + 1
+        async def pages_of_the_site() -> None:
+            for _ in range(5):
+                page = await client.get("/")
+                pages.replies[(PAGE, page.status_code)] += 1
+
+        async def measured(step: _Step, traffic: Awaitable[Any]) -> None:
+            before = await asyncio.to_thread(checkpoint)
+            await traffic
+            step.round_trips = await asyncio.to_thread(checkpoint) - before
+
+        await measured(first, post(first, "startup-co", "/ai/chat", chat))
+        await measured(crowd, asyncio.gather(*(post(crowd, *p) for p in burst)))
+        await measured(hang_up_step, hang_up())
+        await measured(pages, pages_of_the_site())
+    return steps, hung
+
+
+def _columns(lines: list[list[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return text
+
+
+def _replies(replies: Mapping[tuple[str, int], int]) -> str:
+    by_status: Counter[int] = Counter()
+    for (_tenant, status), n in replies.items():
+        by_status[status] += n
+    return ", ".join(f"{status} x{n}" for status, n in sorted(by_status.items()))
 
 
 def run_demo(framework: str = "starlette", redis_url: str | None = None,
-             out: Callable[[str], Any] = print) -> int:
-    """Run the demo end to end; returns the exit status."""
+             out: Callable[[str], Any] = print, key_prefix: str | None = None) -> int:
+    """Run the demo end to end; returns the exit status.
+
+    Args:
+        framework: the demo app's framework, a key of ``DEMO_APPS``.
+        redis_url: the Redis to use (else ``REDIS_URL``, else an embedded server).
+        out: where each line of the report goes.
+        key_prefix: the prefix of the run's Redis keys; a fresh one by default, so that
+            runs never see each other's data.
+    """
     import os
+    import secrets
 
     import yaml
 
@@ -354,42 +479,83 @@ def run_demo(framework: str = "starlette", redis_url: str | None = None,
         out(f"Redis: {url.split('@')[-1]}")
     try:
         raw = yaml.load(CONFIG.read_text(), Loader=_DecimalLoader)
-        prefix = f"demo{int(time.time() * 1000) % 10**10}"
+        prefix = key_prefix or f"demo{secrets.token_hex(5)}"
         raw["redis"] = {**raw.get("redis", {}), "url": url, "keyPrefix": prefix}
         config = load_config(raw)
         store = RedisStore(config.redis, url)
         stored_key = TenantAdmin(config, store).add("startup-co", "pro")
         out(f"Stored tenant startup-co (tier pro) in Redis; its key: {stored_key[:12]}...")
-        before = _evalsha_calls(store)
         with serve_in_thread(provider.app) as upstream, \
                 serve(create_app(config, provider_url=upstream.url)) as app:
             out(f"Provider stand-in on {upstream.url}; demo app ({framework}) on {app.url}")
+
+            def checkpoint() -> int:
+                app.settled()
+                return _evalsha_calls(store)
+
             started = time.monotonic()
-            statuses, _ai_requests = asyncio.run(_traffic(app.url, stored_key))
+            steps, hung = asyncio.run(_traffic(app.url, stored_key, checkpoint))
+            # Measured, so not the same in every run: on a line of its own.
             elapsed = time.monotonic() - started
-        round_trips = _evalsha_calls(store) - before
-        out(f"\nSent {sum(statuses.values())} requests in {elapsed:.2f}s. Statuses by tenant:")
+        statuses: Counter[tuple[str, int]] = Counter()
+        for step in steps:
+            statuses.update(step.replies)
+        out(f"\nSent {sum(statuses.values())} requests in {elapsed:.2f}s. "
+            "Statuses by tenant:")
         for tenant in sorted({t for t, _ in statuses}):
             parts = ", ".join(f"{status} x{n}" for (t, status), n in sorted(statuses.items())
                               if t == tenant)
             out(f"  {tenant:<16} {parts}")
+
         keys = KeySchema(prefix, config.redis.shards)
-        rows = summarize(read_events(store, keys))
+        events = list(read_events(store, keys))
+        out("")
+        for line in _hang_up_line(hung, [e for e in events
+                                         if e["request_id"] == hung.request_id]):
+            out(line)
+        rows = summarize(events)
         refused = {t: n for (t, status), n in statuses.items() if status == 429}
         out("\nUsage read back from the Redis stream (one event per admitted AI request):")
         out(format_table(rows, refused))
-        admitted = sum(r.requests for r in rows.values())
-        limited = sum(refused.values())
-        extra = round_trips - 2 * admitted - limited
-        out(f"\nRedis round trips (EVALSHA): {round_trips} = {admitted} admitted x 2 (admission "
-            f"+ settlement) + {limited} refused at admission + {extra} tier look-up(s) of a "
-            f"stored tenant seen for the first time. Non-AI pages: "
-            f"{statuses[('(non-AI page)', 200)]}, no Redis call.")
+        for line in _round_trips(steps, shared=server is None):
+            out(line)
         store.close()
         return 0
     finally:
         if server is not None:
             server.stop()
+
+
+def _hang_up_line(hung: _HangUp, events: list[dict[str, str]]) -> list[str]:
+    said = (f"pro-co's client read {hung.chunks} chunks of a stream ({len(hung.text)} "
+            "characters of text) and hung up:")
+    if len(events) != 1:
+        return [said, f"  the stream holds {len(events)} events of that request."]
+    [event] = events
+    return [said, f"  billed {event['prompt_tokens']} prompt + {event['completion_tokens']} "
+                  f"completion tokens (usage_source={event['usage_source']}, "
+                  f"client_disconnected={event['client_disconnected']})."]
+
+
+def _round_trips(steps: list[_Step], *, shared: bool) -> list[str]:
+    lines = [["step", "replies", "EVALSHA"]]
+    lines += [[s.title, _replies(s.replies), str(s.round_trips)] for s in steps]
+    requests = sum(sum(s.replies.values()) for s in steps)
+    lines.append(["total", f"{requests} requests", str(sum(s.round_trips for s in steps))])
+    text = ["", "Redis round trips by step (EVALSHA calls, counted by Redis: INFO commandstats):",
+            *_columns(lines),
+            "The hot path's budget: an admitted AI request costs 2 (admission before the",
+            "handler, settlement after), a refusal by a limit (429) 1, a key refused before",
+            "Redis (401) and a non-AI page none; a stored tenant's first request 1 more (its",
+            "tier, looked up in Redis)."]
+    off = [s for s in steps if s.round_trips != s.budget]
+    if not off:
+        text.append("Each step's count is the budget's.")
+    for step in off:
+        why = " (Redis counts every client's calls)" if shared else ""
+        text.append(f"Step {step.title.split('.')[0]} counted {step.round_trips}, the budget "
+                    f"is {step.budget}{why}.")
+    return text
 
 
 def _evalsha_calls(store: Any) -> int:

@@ -5,6 +5,14 @@
 (as with ``stream_options.include_usage``) and ``data: [DONE]``. Token counts are
 deterministic (words of the prompt and of the reply), so the demo's figures can be
 checked. ``"model": "model-broken"`` answers 503, to show fallbacks.
+
+``"pause_after_chunks": N`` (a field of the stand-in's own, passed on by the demo apps with
+the rest of the body) makes a stream stop after its first N content chunks and send only
+SSE comments (keep-alives, no text) until its client hangs up, for at most ``PAUSE_S``
+seconds (then the rest follows as usual). A client that hangs up once it has read those N
+chunks is then billed for exactly them, however fast each hop notices the hang-up: an
+ASGI server sees the closed socket at once, a WSGI server (Werkzeug) only when it writes,
+and the keep-alives give it something to write.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 LATENCY_S = 0.002
+PAUSE_S = 10.0  # how long a paused stream waits for its client to hang up
+KEEPALIVE_S = 0.02  # between the keep-alives of a paused stream
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
@@ -57,8 +67,17 @@ async def chat_completions(request: Request) -> Any:
             "usage": usage,
         })
 
+    pause_after = body.get("pause_after_chunks")
+
     async def events() -> Any:
         for i, word in enumerate(words):
+            if i == pause_after:
+                # Cancelled here when the client hangs up (Starlette stops the stream on
+                # http.disconnect, or the write of a keep-alive fails).
+                deadline = time.monotonic() + PAUSE_S
+                while time.monotonic() < deadline:
+                    yield ": keep-alive\n\n"
+                    await asyncio.sleep(KEEPALIVE_S)
             chunk = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "model": model,
                      "choices": [{"index": 0, "delta": {"content": (" " if i else "") + word}}]}
             yield f"data: {json.dumps(chunk)}\n\n"

@@ -16,9 +16,9 @@ import pytest
 from conftest import (
     DEMO_MESSAGES,
     check_demo_stream,
-    check_demo_summary,
     demo_auth,
 )
+from demo_report import check_demo_run
 from starlette.testclient import TestClient
 
 from ai_saas_middleware.cli import main
@@ -82,13 +82,23 @@ def test_demo_premium_endpoint_requires_quality(demo: TestClient, events: Any) -
     assert sorted(e["model_id"] for e in events()) == ["model-custom", "model-medium"]
 
 
-def test_run_demo_end_to_end(redis_server_url: str) -> None:
-    lines: list[str] = []
-    assert run_demo(redis_url=redis_server_url, out=lines.append) == 0
-    check_demo_summary("\n".join(lines), "starlette")
+def test_run_demo_prints_the_same_figures_every_run(redis_server_url: str, key_prefix: str,
+                                                    rclient: Any) -> None:
+    # Two runs on the test Redis, each under a prefix of its own: every figure of the
+    # table is what Redis holds for that run, and both print the same report.
+    reports = []
+    for run in "ab":
+        lines: list[str] = []
+        assert run_demo(redis_url=redis_server_url, out=lines.append,
+                        key_prefix=key_prefix + run) == 0
+        reports.append(check_demo_run("\n".join(lines), "starlette", rclient, key_prefix + run))
+    assert reports[0] == reports[1]
 
 
-def test_cli_demo_exits_zero(redis_server_url: str, capsys: pytest.CaptureFixture[str]
-                             ) -> None:
-    assert main(["demo", "--redis-url", redis_server_url]) == 0
-    check_demo_summary(capsys.readouterr().out, "starlette")
+def test_cli_demo_on_its_own_redis_prints_readmes_report(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # As a user runs it: no Redis URL, so the demo starts its own server, and its EVALSHA
+    # counts are its own: each step's is the hot path's budget, as README.md shows.
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert main(["demo"]) == 0
+    check_demo_run(capsys.readouterr().out, "starlette", private_redis=True)

@@ -19,7 +19,8 @@ from typing import Any
 
 import django_app  # noqa: F401 - configures Django for this process
 import pytest
-from conftest import DEMO_MESSAGES, ROOT, check_demo_summary, demo_auth, read_demo_stream
+from conftest import DEMO_MESSAGES, ROOT, demo_auth, read_demo_stream
+from demo_report import check_demo_run
 from django.test import AsyncClient, override_settings
 
 from ai_saas_middleware.bodies import wait_for_settlements
@@ -37,10 +38,12 @@ def demo_overrides(**extra: Any) -> override_settings:
 
 @pytest.fixture
 async def demo(demo_provider_url: str, demo_config: Callable[[Path], dict[str, Any]]) -> Any:
-    """Django's AsyncClient on the demo (its settings, its urls, its views)."""
+    """Django's AsyncClient on the demo (its settings, its urls, its views), checking CSRF
+    as a browser's request is checked: the demo keeps CsrfViewMiddleware, and its AI
+    views, which have no @csrf_exempt, answer requests authenticated by key."""
     with demo_overrides(AI_SAAS={"CONFIG": demo_config(CONFIG)},
                         PROVIDER_URL=demo_provider_url):
-        yield AsyncClient()
+        yield AsyncClient(enforce_csrf_checks=True)
         await wait_for_settlements()
         await get_gateway(True).close()
         await views.provider().aclose()
@@ -106,11 +109,16 @@ async def test_demo_premium_endpoint_and_usage_page(demo: AsyncClient, events: A
     get_gateway(False).close()
 
 
-def test_run_demo_django_end_to_end(redis_server_url: str) -> None:
-    lines: list[str] = []
-    with demo_overrides():
-        assert run_demo(framework="django", redis_url=redis_server_url, out=lines.append) == 0
-    check_demo_summary("\n".join(lines), "django")
+def test_run_demo_django_prints_the_same_figures_every_run(
+        redis_server_url: str, key_prefix: str, rclient: Any) -> None:
+    reports = []
+    for run in "ab":
+        lines: list[str] = []
+        with demo_overrides():
+            assert run_demo(framework="django", redis_url=redis_server_url,
+                            out=lines.append, key_prefix=key_prefix + run) == 0
+        reports.append(check_demo_run("\n".join(lines), "django", rclient, key_prefix + run))
+    assert reports[0] == reports[1]
 
 
 def test_create_app_refuses_foreign_settings() -> None:
@@ -120,10 +128,13 @@ def test_create_app_refuses_foreign_settings() -> None:
         create_app()
 
 
-def test_cli_demo_django_in_a_fresh_process(redis_server_url: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+def test_cli_demo_django_in_a_fresh_process_prints_readmes_report() -> None:
+    # The one command, as a user runs it: Django configured by the demo, and its own
+    # Redis (no URL), so that its EVALSHA counts are its own.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DJANGO_SETTINGS_MODULE", "REDIS_URL")}
     result = subprocess.run([sys.executable, "-m", "ai_saas_middleware.cli", "demo",
-                             "--framework", "django", "--redis-url", redis_server_url],
+                             "--framework", "django"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    check_demo_summary(result.stdout, "django")
+    check_demo_run(result.stdout, "django", private_redis=True)

@@ -17,9 +17,9 @@ import pytest
 from conftest import (
     DEMO_MESSAGES,
     check_demo_stream,
-    check_demo_summary,
     demo_auth,
 )
+from demo_report import check_demo_run
 
 from ai_saas_middleware.cli import main
 from ai_saas_middleware.demo import DEMO_APPS, run_demo, serve_wsgi_in_thread
@@ -121,13 +121,19 @@ def test_flask_demo_premium_endpoint_and_usage_blueprint(demo: httpx.Client,
         int(event["prompt_tokens"]) + int(event["completion_tokens"]) > 0
 
 
-def test_run_demo_flask_end_to_end(redis_server_url: str) -> None:
-    lines: list[str] = []
-    assert run_demo(framework="flask", redis_url=redis_server_url, out=lines.append) == 0
-    check_demo_summary("\n".join(lines), "flask")
+def test_run_demo_flask_prints_the_same_figures_every_run(
+        redis_server_url: str, key_prefix: str, rclient: Any) -> None:
+    reports = []
+    for run in "ab":
+        lines: list[str] = []
+        assert run_demo(framework="flask", redis_url=redis_server_url, out=lines.append,
+                        key_prefix=key_prefix + run) == 0
+        reports.append(check_demo_run("\n".join(lines), "flask", rclient, key_prefix + run))
+    assert reports[0] == reports[1]
 
 
-def test_cli_demo_flask_exits_zero(redis_server_url: str,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--framework", "flask", "--redis-url", redis_server_url]) == 0
-    check_demo_summary(capsys.readouterr().out, "flask")
+def test_cli_demo_flask_on_its_own_redis_prints_readmes_report(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert main(["demo", "--framework", "flask"]) == 0
+    check_demo_run(capsys.readouterr().out, "flask", private_redis=True)

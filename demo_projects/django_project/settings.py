@@ -23,6 +23,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # As in Django's default MIDDLEWARE: the AI views need no @csrf_exempt, requests
+    # authenticated by API key are exempt (see views.py).
+    "django.middleware.csrf.CsrfViewMiddleware",
     "ai_saas_middleware.django.AISaaSMiddleware",
 ]
 ROOT_URLCONF = "demo_projects.django_project.urls"

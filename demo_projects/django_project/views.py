@@ -1,8 +1,11 @@
 """The demo's views. Async: served under ASGI they run on the event loop, as the
 middleware does, and the SSE relay streams chunk by chunk.
 
-The demo has no ``CsrfViewMiddleware``: its AI endpoints authenticate API clients by key.
-An app that has it marks such views ``@csrf_exempt`` (on async views: Django >= 5.0).
+The AI views need no ``@csrf_exempt``, though the demo keeps Django's
+``CsrfViewMiddleware``: a request the middleware authenticated by its API key (a header a
+browser cannot add to a cross-site request) is exempt from CSRF, as Django REST framework
+exempts token authentication, while one whose tenant a ``RESOLVER`` found in the session
+is checked (see ``ai_saas_middleware/django/middleware.py``).
 
 The views never count tokens: the middleware reads the provider's ``usage`` from the
 JSON body or the final SSE chunk, prices it exactly and writes the event.
