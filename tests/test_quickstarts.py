@@ -208,9 +208,13 @@ def place_app(directory: Path, redis_server_url: str, provider_url: str, spool: 
 
 def app_env(redis_server_url: str, provider_url: str) -> dict[str, str]:
     """The reader's environment: the virtualenv active, ``REDIS_URL`` and
-    ``OPENAI_BASE_URL`` set (to the test's Redis and provider), no real provider key."""
+    ``OPENAI_BASE_URL`` set (to the test's Redis and provider), no real provider key, and
+    nothing the test run itself set that a reader's shell would not have (pytest-django
+    sets ``DJANGO_SETTINGS_MODULE`` once a Django test has run, and ``manage.py`` only
+    sets its own when none is set)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENAI_API_KEY", "AI_SAAS_CONFIG", "REDIS_URL")}
+           if k not in ("OPENAI_API_KEY", "AI_SAAS_CONFIG", "REDIS_URL",
+                        "DJANGO_SETTINGS_MODULE")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", REDIS_URL=redis_server_url,
                OPENAI_BASE_URL=provider_url, PYTHONUNBUFFERED="1")
     return env
