@@ -100,7 +100,12 @@ class AISaaSMiddleware:
             if config is None:
                 raise TypeError("AISaaSMiddleware needs config= (a YAML path, a dict or a "
                                 "Config) or gateway=")
-            gateway = AsyncGateway(config, redis_url=redis_url)
+            # Checked at the lifespan's start-up, not here: Starlette builds its middleware
+            # on a server's first request, which may be a plain page (no Redis call).
+            gateway = AsyncGateway(config, redis_url=redis_url, startup_check=False)
+            self._check_at_startup = True
+        else:
+            self._check_at_startup = False  # the caller built it, and checked then
         self.app = app
         self.gateway = gateway
         self.resolver = resolver
@@ -108,6 +113,10 @@ class AISaaSMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and self._check_at_startup:
+                self._check_at_startup = False
+                # One PING off the loop (at most redis.connectTimeout), as the server starts.
+                await asyncio.to_thread(self.gateway.check_redis)
             await self.app(scope, receive, send)
             return
         endpoint = self.gateway.endpoint_for(scope["method"], scope["path"])

@@ -193,7 +193,7 @@ class _Core:
     store: Any  # the twin's RedisStore or AsyncRedisStore
 
     def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str], *,
-                 redis_url: str | None = None):
+                 redis_url: str | None = None, startup_check: bool = True):
         self.config = load_config(config)
         cfg = self.config
         self.redis_url = redis_url or cfg.redis.url or os.environ.get("REDIS_URL") or None
@@ -215,8 +215,16 @@ class _Core:
                      ("ratelimit-policy", f"{t.rate_limit};w=60"))
             for t in cfg.tiers.values() if t.rate_limit}
         # One PING now, so that a wrong URL or a Redis not running shows at start-up (one
-        # WARNING), not at the first AI request; waits at most redis.connectTimeout.
-        self._startup_check = check_redis_at_startup(cfg, self.redis_url)
+        # WARNING), not at the first AI request; waits at most redis.connectTimeout. (The
+        # ASGI middleware, built on a server's first request, checks at its lifespan
+        # start-up instead: a gateway built for a plain page must not call Redis.)
+        self._startup_check = (check_redis_at_startup(cfg, self.redis_url) if startup_check
+                               else None)
+
+    def check_redis(self) -> None:
+        """The start-up check (see :mod:`~ai_saas_middleware.startup`), now: one PING, one
+        WARNING when Redis does not answer. Blocks for at most ``redis.connectTimeout``."""
+        self._startup_check = check_redis_at_startup(self.config, self.redis_url)
 
     # ---------------------------------------------------------------- matching
 
@@ -709,8 +717,8 @@ class AsyncGateway(_Core):
     """Asyncio twin of :class:`Gateway` (ASGI apps); every Redis call awaits."""
 
     def __init__(self, config: Config | Mapping[str, Any] | str | os.PathLike[str], *,
-                 redis_url: str | None = None):
-        super().__init__(config, redis_url=redis_url)
+                 redis_url: str | None = None, startup_check: bool = True):
+        super().__init__(config, redis_url=redis_url, startup_check=startup_check)
         self.store = AsyncRedisStore(self.config.redis, self.redis_url)
         # Renewals run in the keeper's thread, on a sync store of their own.
         self.leases = LeaseKeeper(self.config.quota.reservation_timeout_s,

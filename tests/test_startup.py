@@ -120,3 +120,36 @@ def test_django_middleware_starts_with_redis_down_and_warns_once_per_gateway(
     assert len(warnings) == 2 and all(url in w and "closed" in w for w in warnings)
     apps.gateway.close()
     asyncio.run(apps.agateway.close())
+
+
+def _starlette_app(config: dict[str, Any]) -> Any:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from ai_saas_middleware.starlette import AISaaSMiddleware
+
+    async def page(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("a page")
+
+    return Starlette(routes=[Route("/page", page)],
+                     middleware=[Middleware(AISaaSMiddleware, config=config)])
+
+
+def test_starlette_checks_at_its_lifespan_start_up_not_on_a_plain_page(
+        make_config: Callable[..., dict[str, Any]], caplog: pytest.LogCaptureFixture) -> None:
+    """Starlette builds its middleware (and so the gateway) on the first request: a plain
+    page must not cause a Redis call, so the check waits for the server's start-up."""
+    from starlette.testclient import TestClient
+
+    url = closed_port_url()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        client = TestClient(_starlette_app(make_config(redis={"url": url})))
+        assert client.get("/page").text == "a page"  # no lifespan: no start-up, no check
+        assert startup_warnings(caplog) == []
+        with TestClient(_starlette_app(make_config(redis={"url": url}))) as started:
+            [warning] = startup_warnings(caplog)  # the lifespan's start-up
+            assert url in warning
+            assert started.get("/page").text == "a page"
+        assert len(startup_warnings(caplog)) == 1
