@@ -17,7 +17,7 @@ Measured, per variant, the median over every request of its blocks (us):
 
 Reproduce::
 
-    python benchmarks/paired.py --before 07dbcb4            # about 2 minutes
+    python benchmarks/paired.py --before 07dbcb4            # about a minute
     python benchmarks/paired.py --before 07dbcb4 --rounds 5 --blocks 40
 
 The script and the private redis-server it starts are pinned to CPUs 0 and 1 (``--cpu``,
