@@ -249,7 +249,7 @@ def _tenant_tier(config: Config, store: Any, keys: Any, tenant_id: str) -> str |
 
 def cmd_usage(args: argparse.Namespace) -> int:
     from .report import TenantUsage, format_table, read_events, summarize
-    from .store.keys import KeySchema
+    from .store.keys import KeySchema, is_valid_tenant_id
 
     config = _config(args.config)
     store = _store(config, args.redis_url)
@@ -260,7 +260,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         if tenant is not None and tier is None:
             # A tenant since removed from the config still has its usage shown.
             rows = summarize(read_events(store, keys, tenant_id=tenant, month=args.month)) \
-                if _is_valid_id(tenant) else {}
+                if is_valid_tenant_id(tenant) else {}
             if not rows:
                 raise UnknownTenant(f"no tenant {tenant!r}: it is neither in "
                                     f"{config.source} nor stored in Redis")
@@ -278,12 +278,6 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
-
-
-def _is_valid_id(tenant_id: str) -> bool:
-    from .store.keys import is_valid_tenant_id
-
-    return is_valid_tenant_id(tenant_id)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
