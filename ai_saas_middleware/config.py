@@ -80,7 +80,7 @@ _DURATION_HINT = ("a duration with a unit (" + ", ".join(
 _HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 _TOP_LEVEL = "(top level)"  # the path of a problem with the document itself
 _ON_UNAVAILABLE = ("open", "closed")
-_STRATEGIES = ("cost_optimized",)
+_STRATEGIES = ("cost_optimized", "quality_first", "latency_first")
 
 
 # --------------------------------------------------------------------------- objects
@@ -158,8 +158,12 @@ class RedisConfig:
 
 @dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
+    """A model's breaker opens after ``error_threshold`` failures within ``window_s``, for
+    ``reset_timeout_s``; then one probe call decides (see :mod:`.breakers`)."""
+
     error_threshold: int = 5
     reset_timeout_s: float = 30.0
+    window_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +171,9 @@ class RoutingConfig:
     strategy: str = "cost_optimized"
     fallback_chain: tuple[str, ...] = ()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    downgrade_at: Decimal | None = None  # share of quota or budget used; then the cheapest
+    default_response: str | None = None  # answered when every model failed or is open
+    use_observed_latency: bool = False  # rank and filter by the p99 seen in settled events
 
 
 @dataclass(frozen=True, slots=True)
@@ -634,18 +641,41 @@ def _dedupe_ttl(r: _Reader, m: Mapping[str, Any]) -> int:
 
 
 def _read_routing(r: _Reader, value: Any) -> RoutingConfig:
-    m = r.mapping(value, "routing", ("strategy", "fallbackChain", "circuitBreaker"))
+    m = r.mapping(value, "routing", ("strategy", "fallbackChain", "circuitBreaker",
+                                     "downgradeAt", "defaultResponse", "useObservedLatency"))
     cb = r.mapping(m.get("circuitBreaker"), "routing.circuitBreaker",
-                   ("errorThreshold", "resetTimeout"))
+                   ("errorThreshold", "resetTimeout", "window"))
+    reset = _positive_duration(r, cb, "resetTimeout", "routing.circuitBreaker", 30.0)
+    window = _positive_duration(r, cb, "window", "routing.circuitBreaker", 60.0)
+    downgrade = r.decimal(m, "downgradeAt", "routing", default=None, maximum=Decimal(1))
+    if downgrade is not None and downgrade <= 0:
+        r.problem("routing.downgradeAt", "a share of the period's quota or budget, > 0 and "
+                  "<= 1 (e.g. 0.8)", _kind(m.get("downgradeAt")))
+        downgrade = None
+    default = r.string(m, "defaultResponse", "routing", default=None,
+                       what="a string (the text answered when no model can)")
     return RoutingConfig(
         strategy=r.choice(m, "strategy", "routing", _STRATEGIES, "cost_optimized"),
         fallback_chain=r.string_list(m, "fallbackChain", "routing"),
         circuit_breaker=CircuitBreakerConfig(
             error_threshold=r.integer(cb, "errorThreshold", "routing.circuitBreaker",
                                       default=5, minimum=1),
-            reset_timeout_s=r.duration(cb, "resetTimeout", "routing.circuitBreaker", 30.0),
+            reset_timeout_s=reset,
+            window_s=window,
         ),
+        downgrade_at=downgrade,
+        default_response=default,
+        use_observed_latency=r.boolean(m, "useObservedLatency", "routing", False),
     )
+
+
+def _positive_duration(r: _Reader, m: Mapping[str, Any], key: str, path: str,
+                       default: float) -> float:
+    seconds = r.duration(m, key, path, default)
+    if seconds <= 0:
+        r.problem(f"{path}.{key}", "a duration > 0 (e.g. 30s)", _kind(m.get(key)))
+        return default
+    return seconds
 
 
 def _read_cache(r: _Reader, value: Any) -> CacheConfig:

@@ -236,13 +236,14 @@ def test_any_decimal_literal_in_yaml_reads_back_exactly(tmp_path_factory: Any,
 ])
 def test_durations(written: Any, seconds: float) -> None:
     config = base()
-    config["routing"] = {"circuitBreaker": {"resetTimeout": written}}
+    config["routing"] = {"circuitBreaker": {"window": written}} if seconds else {}
     config["redis"] = {"retryInterval": written}
     config["cache"] = {"ttl": written}
 
     loaded = load_config(config)
 
-    assert loaded.routing.circuit_breaker.reset_timeout_s == seconds
+    if seconds:  # a breaker's window (and reset time) of 0 is refused
+        assert loaded.routing.circuit_breaker.window_s == seconds
     assert loaded.redis.retry_interval_s == seconds
     assert loaded.cache.ttl_s == seconds
 
@@ -682,3 +683,36 @@ def test_the_duration_hint_shows_every_unit_the_parser_accepts(
     shown = set(re.findall(r"\b\d+([a-z]+)\b", hint))
     assert shown == set(accepted), hint
     assert "plain seconds" in hint
+
+
+@pytest.mark.parametrize(("routing", "path"), [
+    ({"circuitBreaker": {"resetTimeout": 0}}, "routing.circuitBreaker.resetTimeout"),
+    ({"circuitBreaker": {"window": "0s"}}, "routing.circuitBreaker.window"),
+    ({"circuitBreaker": {"errorThreshold": 0}}, "routing.circuitBreaker.errorThreshold"),
+    ({"downgradeAt": 0}, "routing.downgradeAt"),
+    ({"downgradeAt": "1.5"}, "routing.downgradeAt"),
+    ({"defaultResponse": {"text": "busy"}}, "routing.defaultResponse"),
+    ({"useObservedLatency": "yes"}, "routing.useObservedLatency"),
+    ({"strategy": "fastest"}, "routing.strategy"),
+])
+def test_routing_values_that_cannot_work_are_refused_naming_their_path(routing, path) -> None:
+    config = base()
+    config["routing"] = routing
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+
+    assert [p.path for p in caught.value.problems] == [path]
+
+
+def test_the_routing_keys_are_read() -> None:
+    config = base()
+    config["routing"] = {"strategy": "latency_first", "downgradeAt": "0.8",
+                         "defaultResponse": "busy", "useObservedLatency": True,
+                         "circuitBreaker": {"window": "10s"}}
+
+    routing = load_config(config).routing
+
+    assert (routing.strategy, routing.downgrade_at, routing.default_response,
+            routing.use_observed_latency, routing.circuit_breaker.window_s) == (
+        "latency_first", Decimal("0.8"), "busy", True, 10.0)

@@ -15,6 +15,13 @@ same code runs on one Redis server or on a Redis Cluster::
     <prefix>:{s<shard>}:usage                     usage stream of the shard
     <prefix>:{s<shard>}:tenants                   ids of stored tenants in the shard (set)
 
+The circuit breakers are the deployment's, not a tenant's: a model's breaker is shared by
+every tenant, shard and process. Their keys share the hash tag ``{breakers}`` (one slot,
+read by each process's breaker thread, never by a request)::
+
+    <prefix>:{breakers}:state                     open breakers (hash: model -> state)
+    <prefix>:{breakers}:fails:<model>             a model's recent failures (sorted set)
+
 ``shard = crc32(tenant) mod shards``: stable across processes, machines and Python
 versions (``hash()`` is salted per process and would not be).
 """
@@ -99,6 +106,13 @@ class KeySchema:
 
     def streams(self) -> list[str]:
         return [self.stream(s) for s in range(self.shards)]
+
+    @property
+    def breakers(self) -> str:
+        return f"{self.prefix}:{{breakers}}:state"
+
+    def breaker_failures(self, model_id: str) -> str:
+        return f"{self.prefix}:{{breakers}}:fails:{model_id}"
 
     def tenant_index(self, shard: int) -> str:
         return self.tag(shard) + ":tenants"

@@ -300,6 +300,7 @@ class RedisStore:
         self._usage = self.client.register_script(load_script("usage"))
         self._renew = self.client.register_script(load_script("renew"))
         self._release = self.client.register_script(load_script("release"))
+        self._breaker = self.client.register_script(load_script("breaker"))
         self._loaded = False
         # A cluster client routes each script to its slot's node; without hiredis the
         # pooled client does the work (slower, same behaviour).
@@ -332,7 +333,8 @@ class RedisStore:
         return result
 
     def run_script(self, which: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run ``which``.lua (admit, settle, usage, renew, release); see its header."""
+        """Run ``which``.lua (admit, settle, usage, renew, release, breaker); see its
+        header."""
         return self._run(which, getattr(self, "_" + which), keys, args)
 
     def call(self, *command: Any) -> Any:
