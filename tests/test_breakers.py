@@ -11,13 +11,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from faults import wait_until
 
 from ai_saas_middleware.breakers import BreakerBoard
 from ai_saas_middleware.config import CircuitBreakerConfig, RedisConfig
 from ai_saas_middleware.store.keys import KeySchema
 from ai_saas_middleware.store.redis import RedisStore
-
-from faults import wait_until
 
 CFG = CircuitBreakerConfig(error_threshold=3, reset_timeout_s=0.4, window_s=30.0)
 
