@@ -11,7 +11,8 @@ scenario a test needs:
 ==================  ===========================================================
 anything else       200, ``"Hello from <model>"``; usage: prompt tokens = words of
                     the messages (system included), completion tokens = 4
-``status-NNN``      status NNN with the API's error JSON body
+``status-NNN``      status NNN with the API's error JSON body (401: its message quotes
+                    the key received, as OpenAI's does, so redaction can be tested)
 ``malformed``       200 with a body that is not JSON (a stream: a ``data:`` line
                     that is not JSON)
 ``hang``            reads the request, never answers (until the server stops)
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DELTAS = ("Hello", " from", " ", "{model}")
-SLOW_GAP_S = 0.05
+SLOW_GAP_S = 0.15
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 429: "Too Many Requests",
             500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
@@ -132,7 +133,7 @@ class StandIn:
                     body = None
                 with self._lock:
                     self.requests.append(Received(path, headers, body))
-                if not await self._answer(path, body, writer):
+                if not await self._answer(path, headers, body, writer):
                     return
         except (ConnectionError, asyncio.CancelledError):
             return
@@ -140,7 +141,8 @@ class StandIn:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _answer(self, path: str, body: Any, writer: asyncio.StreamWriter) -> bool:
+    async def _answer(self, path: str, headers: dict[str, str], body: Any,
+                      writer: asyncio.StreamWriter) -> bool:
         """Write one reply; False when the connection must end."""
         anthropic = path.endswith("/v1/messages")
         if not isinstance(body, dict) or not (anthropic or path.endswith("/chat/completions")):
@@ -150,9 +152,13 @@ class StandIn:
         model = str(body.get("model", ""))
         if model.startswith("status-"):
             status = int(model[len("status-"):])
-            error = ({"type": "error", "error": {"type": "api_error", "message": "boom"}}
-                     if anthropic else {"error": {"message": "boom", "type": "server_error"}})
-            self._whole(writer, status, error)
+            message = "boom"
+            if status == 401:
+                key = headers.get("x-api-key") or headers.get("authorization", "")
+                message = f"Incorrect API key provided: {key.removeprefix('Bearer ')}"
+            error = ({"type": "error", "error": {"type": "api_error", "message": message}}
+                     if anthropic else {"error": {"message": message, "type": "server_error"}})
+            self._whole(writer, status, error, {"Retry-After": "7"} if status == 429 else None)
         elif model == "hang":
             self._hanging.add(writer)
             await asyncio.Event().wait()  # until the server stops (cancelled)
@@ -167,13 +173,16 @@ class StandIn:
         await writer.drain()
         return True
 
-    def _whole(self, writer: asyncio.StreamWriter, status: int, payload: Any) -> None:
-        self._raw(writer, status, json.dumps(payload).encode(), "application/json")
+    def _whole(self, writer: asyncio.StreamWriter, status: int, payload: Any,
+               extra: dict[str, str] | None = None) -> None:
+        self._raw(writer, status, json.dumps(payload).encode(), "application/json", extra)
 
     @staticmethod
-    def _raw(writer: asyncio.StreamWriter, status: int, data: bytes, ctype: str) -> None:
+    def _raw(writer: asyncio.StreamWriter, status: int, data: bytes, ctype: str,
+             extra: dict[str, str] | None = None) -> None:
+        more = "".join(f"{k}: {v}\r\n" for k, v in (extra or {}).items())
         writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
-                     f"Content-Type: {ctype}\r\nContent-Length: {len(data)}\r\n\r\n"
+                     f"Content-Type: {ctype}\r\nContent-Length: {len(data)}\r\n{more}\r\n"
                      .encode() + data)
 
     async def _stream(self, writer: asyncio.StreamWriter, body: dict[str, Any],
