@@ -27,6 +27,9 @@ The sections, all optional except that a serving deployment needs ``models``,
     http                maxBodyBytes, tenantHeader (trusted header; off by default)
     quota               promptEstimate (estimate | upper; see ai_saas_middleware.estimate),
                         reservationTimeout (how long a reservation is held unsettled)
+    providers[]         id, kind (openai | anthropic), baseUrl, apiKeyEnv (the name of an
+                        environment variable, never a key), connectTimeout, readTimeout,
+                        maxConnections; when present, every model's provider names one
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ __all__ = [
     "HttpConfig",
     "ModelProfile",
     "PricingRule",
+    "ProviderConfig",
     "QuotaConfig",
     "RedisConfig",
     "RoutingConfig",
@@ -81,6 +85,12 @@ _HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 _TOP_LEVEL = "(top level)"  # the path of a problem with the document itself
 _ON_UNAVAILABLE = ("open", "closed")
 _STRATEGIES = ("cost_optimized", "quality_first", "latency_first")
+PROVIDER_KINDS = ("openai", "anthropic")
+# Where a provider of each kind is when its entry names no baseUrl.
+_PROVIDER_BASE_URLS = {"openai": "https://api.openai.com/v1",
+                       "anthropic": "https://api.anthropic.com"}
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+_BASE_URL_RE = re.compile(r"^https?://[^\s/?#]+[^\s?#]*\Z")
 
 
 # --------------------------------------------------------------------------- objects
@@ -217,6 +227,26 @@ class QuotaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """A model provider the provider layer calls (:mod:`ai_saas_middleware.providers`).
+
+    ``api_key_env`` is the *name* of the environment variable that holds the API key
+    (``None``: the provider takes no key, e.g. a local Ollama); the key itself is read
+    when the provider is built and is never part of the configuration. ``base_url`` has
+    no trailing slash: ``{base_url}/chat/completions`` (openai) or
+    ``{base_url}/v1/messages`` (anthropic). ``read_timeout_s`` bounds each wait for the
+    provider's next bytes (the reply's head, each chunk of a stream), not the whole call."""
+
+    id: str
+    kind: str
+    base_url: str
+    api_key_env: str | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    max_connections: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole, validated configuration. Immutable; share it freely."""
 
@@ -230,6 +260,8 @@ class Config:
     billing: BillingConfig
     http: HttpConfig
     quota: QuotaConfig = QuotaConfig()
+    providers: Mapping[str, ProviderConfig] = field(
+        default_factory=lambda: MappingProxyType({}))
     source: str = ""
 
     def tier(self, name: str) -> TierConfig:
@@ -439,7 +471,7 @@ def _to_seconds(value: Any) -> float | None:
 
 
 _TOP = ("tenant", "routing", "cache", "billing", "models", "modelCatalog", "tenants",
-        "endpoints", "redis", "http", "quota")
+        "endpoints", "redis", "http", "quota", "providers")
 _SECTIONS = "a mapping of configuration sections (" + ", ".join(_TOP) + ")"
 
 
@@ -732,6 +764,71 @@ def _read_quota(r: _Reader, value: Any) -> QuotaConfig:
     )
 
 
+def _read_providers(r: _Reader, value: Any) -> dict[str, ProviderConfig]:
+    providers: dict[str, ProviderConfig] = {}
+    env_hint = "the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*), not a key"
+    r.declare("providers[].apiKeyEnv", "string", pattern=_ENV_NAME_RE, what=env_hint)
+    for i, raw in enumerate(r.items(value, "providers")):
+        path = f"providers[{i}]"
+        m = r.mapping(raw, path, ("id", "kind", "baseUrl", "apiKeyEnv", "connectTimeout",
+                                  "readTimeout", "maxConnections"))
+        if not m:
+            continue
+        provider_id = r.string(m, "id", path, pattern=TENANT_ID_RE,
+                               what="a provider id of [A-Za-z0-9_.-], 1 to 64 characters")
+        kind = r.choice(m, "kind", path, PROVIDER_KINDS, _MISSING)
+        if kind is _MISSING:
+            if m.get("kind") is None:  # a wrong kind was reported by choice
+                r.problem(f"{path}.kind", "one of " + ", ".join(PROVIDER_KINDS), "nothing")
+            kind = None
+        base_url = r.string(m, "baseUrl", path, default=None, pattern=_BASE_URL_RE,
+                            what="an http:// or https:// URL")
+        env = m.get("apiKeyEnv")
+        if env is not None and not (isinstance(env, str) and _ENV_NAME_RE.match(env)):
+            # Never echo the value: someone may have pasted the key itself here.
+            r.problem(f"{path}.apiKeyEnv", env_hint,
+                      "a value that is not an environment variable name"
+                      if isinstance(env, str) else _kind(env))
+            env = None
+        connect = r.duration(m, "connectTimeout", path, 5.0)
+        read = r.duration(m, "readTimeout", path, 60.0)
+        for key, seconds in (("connectTimeout", connect), ("readTimeout", read)):
+            r.declare(f"{path}.{key}", "duration", minimum=0.001)
+            if seconds <= 0:  # zero would fail every call, or mean "no timeout" to a client
+                r.problem(f"{path}.{key}", "a duration above 0", _kind(m.get(key)))
+        config = ProviderConfig(
+            id=provider_id or "",
+            kind=kind or "openai",
+            base_url=(base_url or _PROVIDER_BASE_URLS[kind or "openai"]).rstrip("/"),
+            api_key_env=env,
+            connect_timeout_s=connect if connect > 0 else 5.0,
+            read_timeout_s=read if read > 0 else 60.0,
+            max_connections=r.integer(m, "maxConnections", path, default=100, minimum=1),
+        )
+        if provider_id and provider_id in providers:
+            r.problem(f"{path}.id", "a provider id used once", f"duplicate {provider_id!r}")
+        elif provider_id:
+            providers[provider_id] = config
+    return providers
+
+
+def _check_providers(r: _Reader, section: Any, providers: Mapping[str, ProviderConfig],
+                     models: Mapping[str, ModelProfile], models_raw: Any) -> None:
+    # Without a providers section the provider layer is not used and a model's provider
+    # is only a label in its usage events (as before providers existed).
+    if section is None:
+        return
+    index: dict[Any, int] = {}  # model id -> its place in the file, for the problem's path
+    for i, raw in enumerate(models_raw if isinstance(models_raw, (list, tuple)) else ()):
+        if isinstance(raw, Mapping) and isinstance(raw.get("id"), str):
+            index.setdefault(raw["id"], i)
+    for profile in models.values():
+        if profile.provider and profile.provider not in providers:
+            r.problem(f"models[{index.get(profile.id, 0)}].provider", "one of the providers' ids "
+                      + ", ".join(providers) if providers else "a provider id in providers",
+                      repr(profile.provider))
+
+
 def _check_references(r: _Reader, tiers: Mapping[str, TierConfig],
                       models: Mapping[str, ModelProfile], routing: RoutingConfig) -> None:
     # Models named without a profile are allowed (the seed template has none); but a
@@ -760,6 +857,8 @@ def _build(data: Any, source: str, base: Path | None, reader: _Reader | None = N
     tenants = _read_tenants(r, top.get("tenants"), tiers)
     routing = _read_routing(r, top.get("routing"))
     _check_references(r, tiers, models, routing)
+    providers = _read_providers(r, top.get("providers"))
+    _check_providers(r, top.get("providers"), providers, models, top.get("models"))
     config = Config(
         tiers=MappingProxyType(tiers),
         models=MappingProxyType(models),
@@ -771,6 +870,7 @@ def _build(data: Any, source: str, base: Path | None, reader: _Reader | None = N
         billing=_read_billing(r, top.get("billing")),
         http=_read_http(r, top.get("http")),
         quota=_read_quota(r, top.get("quota")),
+        providers=MappingProxyType(providers),
         source=source,
     )
     if r.problems:

@@ -254,7 +254,12 @@ def accepted_keys(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
         return original(self, value, path, known)
 
     monkeypatch.setattr(config_module._Reader, "mapping", recording)
-    for data in (starter(), copy.deepcopy(BASE_CONFIG)):
+    with_providers = {**copy.deepcopy(BASE_CONFIG), "providers": [
+        {"id": "openai", "kind": "openai", "baseUrl": "https://api.openai.com/v1",
+         "apiKeyEnv": "OPENAI_API_KEY", "connectTimeout": "5s", "readTimeout": "60s",
+         "maxConnections": 100},
+        {"id": "anthropic", "kind": "anthropic"}]}
+    for data in (starter(), copy.deepcopy(BASE_CONFIG), with_providers):
         load_config(data)
     tree = ast.parse(inspect.getsource(config_module))
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
