@@ -138,6 +138,7 @@ class Admission:
         self.store = store
         self.allowance = LocalAllowance()
         self._degraded = False
+        self._keys_of: dict[str, tuple[str, list[str]]] = {}  # tenant -> (month, KEYS)
         self._rate_headers = {  # the fixed RateLimit headers of each tier, made once
             t.name: (("ratelimit-limit", str(t.rate_limit)),
                      ("ratelimit-policy", f"{t.rate_limit};w=60"))
@@ -191,16 +192,25 @@ class Admission:
 
     def call(self, plan: Plan) -> ScriptCall:
         """The admit.lua call: rate limit, quota reservation and its lease (see its header)."""
-        keys = self.keys.tenant(plan.tenant_id)
         tier = plan.tier
-        return ("admit",
-                [keys.rate_limit, keys.quota(plan.month), keys.record, keys.api_keys,
-                 keys.reservations],
+        return ("admit", self._admit_keys(plan.tenant_id, plan.month),
                 [plan.request_id, plan.month, plan.mode, plan.key_hash, tier.name,
                  tier.rate_limit or 0, WINDOW_MS,
                  -1 if tier.monthly_quota is None else tier.monthly_quota,
                  plan.prompt_tokens + plan.max_output_tokens, QUOTA_TTL_S,
                  plan.month_start, plan.month_end, self.leases.lease_ms])
+
+    def _admit_keys(self, tenant_id: str, month: str) -> list[str]:
+        """admit.lua's KEYS for a tenant and month, built once each (five key names on
+        every admission otherwise); the list is shared, and no caller changes it."""
+        known = self._keys_of.get(tenant_id)
+        if known is None or known[0] != month:
+            k = self.keys.tenant(tenant_id)
+            known = (month, [k.rate_limit, k.quota(month), k.record, k.api_keys,
+                             k.reservations])
+            if len(self._keys_of) < 100_000:  # bounded: ids come from verified credentials
+                self._keys_of[tenant_id] = known
+        return known[1]
 
     def release_call(self, plan: Plan) -> ScriptCall:
         """The release.lua call giving back what an admission whose reply was never read
