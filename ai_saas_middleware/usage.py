@@ -552,7 +552,7 @@ class ResponseMeter:
 
     def _sse_data(self, payload: bytes) -> None:
         try:
-            event = json.loads(payload)
+            event = jsonbytes.loads(payload)
         except (ValueError, RecursionError):  # not JSON (or too deeply nested): text
             self._chars += _utf8_chars(payload)
             return
