@@ -1,4 +1,5 @@
-"""The request context handed to the app, and the ticket that settlement needs."""
+"""The request context handed to the app, the ticket that settlement needs, and the
+usage a handler records on its context."""
 
 from __future__ import annotations
 
@@ -9,11 +10,23 @@ from typing import TypeVar
 
 from .config import EndpointConfig, ModelProfile
 from .store.keys import TenantKeys
-from .types import Usage
 
-__all__ = ["RequestContext", "Ticket"]
+__all__ = ["RequestContext", "Ticket", "Usage"]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one request and where they came from."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    source: str  # handler | provider | estimate
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(slots=True, eq=False)

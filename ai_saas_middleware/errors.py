@@ -21,10 +21,7 @@ response to write, e.g. by ``gateway.request(...)`` in a background job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .types import Decision
+from typing import Protocol
 
 __all__ = [
     "AISaaSError",
@@ -34,6 +31,7 @@ __all__ = [
     "NoEligibleModel",
     "QuotaExceeded",
     "RateLimited",
+    "Refusal",
     "RequestRefused",
     "StoreError",
     "StoreRefused",
@@ -82,10 +80,32 @@ class UnknownTenant(AISaaSError):
     """No tenant with that id exists (in the config or in Redis)."""
 
 
-class RequestRefused(AISaaSError):
-    """The gateway refused a request; ``decision`` holds status, code and message."""
+class Refusal(Protocol):
+    """What a refusal's exception holds of it: a refused
+    :class:`~ai_saas_middleware.types.Decision` is one. (A protocol, so that the exception
+    tree, which config.py needs, does not import the request types.)"""
 
-    def __init__(self, decision: Decision):
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]: ...
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def error_code(self) -> str | None: ...
+    @property
+    def error_message(self) -> str | None: ...
+    @property
+    def retry_after_s(self) -> int | None: ...
+
+
+class RequestRefused(AISaaSError):
+    """The gateway refused a request; ``decision`` (the refused
+    :class:`~ai_saas_middleware.types.Decision`) holds status, code and message."""
+
+    def __init__(self, decision: Refusal):
         self.decision = decision
         super().__init__(f"{decision.status} {decision.error_code}: {decision.error_message}")
 

@@ -20,12 +20,12 @@ message echoes of the client's text (content type, model name) is cut to
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from . import jsonbytes
 from .config import EndpointConfig
 from .estimate import estimate_prompt_tokens
 from .responses import refusal
@@ -96,7 +96,7 @@ def parse_body(info: RequestInfo, endpoint: EndpointConfig, prompt_estimate: str
                            f"this endpoint takes application/json, not "
                            f"{_echo(content_type) or 'a body without a content type'}")
         try:
-            body = json.loads(info.body)
+            body = jsonbytes.loads(info.body)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             return refusal("invalid_json", f"request body is not valid JSON: {exc}")
         if not isinstance(body, dict):

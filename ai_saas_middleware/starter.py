@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from .credentials import hash_api_key, new_stored_key
 from .errors import AISaaSError
-from .gateway import hash_api_key, new_stored_key
 
 __all__ = [
     "DEFAULT_FILENAME",

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
+from .credentials import hash_api_key, new_stored_key, stored_key_tenant
 from .errors import AISaaSError, UnknownTenant
-from .gateway import hash_api_key, new_stored_key, stored_key_tenant
 from .store.keys import KeySchema, is_valid_tenant_id
 from .store.redis import RedisStore
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .context import RequestContext, Ticket
+# Usage is what a handler records on its context, so it lives with the context (the
+# module below this one) and is re-exported here, its documented home.
+from .context import RequestContext, Ticket, Usage
 
 __all__ = ["Decision", "Outcome", "RequestInfo", "Usage"]
 
@@ -31,19 +31,6 @@ class RequestInfo:
     headers: Mapping[str, str]
     body: bytes = b""
     tenant_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts of one request and where they came from."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    source: str  # handler | provider | estimate
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True, slots=True)

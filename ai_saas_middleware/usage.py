@@ -32,6 +32,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from . import jsonbytes
 from .estimate import estimate_prompt_tokens, estimate_tokens
 from .types import Outcome
 
@@ -551,7 +552,7 @@ class ResponseMeter:
 
     def _sse_data(self, payload: bytes) -> None:
         try:
-            event = json.loads(payload)
+            event = jsonbytes.loads(payload)
         except (ValueError, RecursionError):  # not JSON (or too deeply nested): text
             self._chars += _utf8_chars(payload)
             return
@@ -593,7 +594,7 @@ class ResponseMeter:
             self._chars = self._scanner.chars
         elif self._json and self._buffer:
             try:
-                payload = json.loads(b"".join(self._buffer))
+                payload = jsonbytes.loads(b"".join(self._buffer))
             except (ValueError, RecursionError):
                 payload = None
             self._prompt, self._completion = usage_from(payload) or (None, None)

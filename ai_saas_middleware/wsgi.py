@@ -37,6 +37,7 @@ from typing import Any, Union
 
 from .bodies import MeteredBody, read_request_body, settle_quietly
 from .config import Config
+from .environ import environ_headers, request_path
 from .gateway import Gateway
 from .types import Decision, RequestInfo
 from .usage import ResponseMeter
@@ -57,40 +58,6 @@ _STATUS_LINES = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized",
                  405: "405 Method Not Allowed", 413: "413 Payload Too Large",
                  415: "415 Unsupported Media Type", 422: "422 Unprocessable Entity",
                  429: "429 Too Many Requests", 503: "503 Service Unavailable"}
-
-
-_HEADER_NAMES: dict[str, str] = {}  # environ key -> header name ("" for other keys)
-_HEADER_NAMES_MAX = 512  # the keys are the client's header names: cache a bounded few
-
-
-def environ_headers(environ: Mapping[str, Any]) -> dict[str, str]:
-    """The request headers of a WSGI environ, with lower-case names."""
-    headers = {}
-    names = _HEADER_NAMES
-    for key, value in environ.items():
-        name = names.get(key)
-        if name is None:  # the usual keys are worked out once per process
-            name = key[5:].replace("_", "-").lower() if key.startswith("HTTP_") else ""
-            if len(names) < _HEADER_NAMES_MAX:
-                names[key] = name
-        if name:
-            headers[name] = value
-    content_type = environ.get("CONTENT_TYPE")
-    if content_type:
-        headers["content-type"] = content_type
-    content_length = environ.get("CONTENT_LENGTH")
-    if content_length:
-        headers["content-length"] = content_length
-    return headers
-
-
-def request_path(environ: Mapping[str, Any]) -> str:
-    """``PATH_INFO`` as text: WSGI hands it over as latin-1-decoded bytes, ASGI as UTF-8."""
-    path: str = environ.get("PATH_INFO", "")
-    try:
-        return path.encode("latin-1").decode("utf-8")
-    except UnicodeError:  # not valid UTF-8, or a server that already decoded it
-        return path
 
 
 def _status_line(status: int) -> str:

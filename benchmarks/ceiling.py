@@ -119,13 +119,13 @@ def in_process_flask(redis_url: str, prefix: str, requests: int, block: int
     info = RequestInfo("POST", oh.AI_PATH, {"content-type": "application/json",
                                                "authorization": f"Bearer {oh.API_KEY}"},
                           oh.REQUEST_BODY)
-    plan = gateway._prepare(info, gateway.endpoint_for("POST", oh.AI_PATH))
+    plan = gateway.admission.prepare(info, gateway.endpoint_for("POST", oh.AI_PATH))
     ids = iter(range(10**12))
 
     def admit() -> Any:
         # A new request id each time, as in the middleware: the rate-limit log grows alike.
         plan.request_id = f"req_ceiling{next(ids):012x}"
-        return gateway.store.run_script(*gateway._admit_call(plan))
+        return gateway.store.run_script(*gateway.admission.call(plan))
 
     floor_client, floor_script = oh.floor_script(redis.Redis, redis_url)
     floor_script()

@@ -790,9 +790,9 @@ def test_a_months_bounds_are_its_first_utc_second_and_the_next_months(year: int,
 def test_an_app_server_clock_in_another_month_is_corrected_by_redis(
         gateway: Gateway, quota_used: Any, events: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import ai_saas_middleware.gateway as core
+    import ai_saas_middleware.admission as plans  # where a plan reads the clock's month
 
-    monkeypatch.setattr(core, "_this_month", lambda: ("1999-12", 944006400, 946684800))
+    monkeypatch.setattr(plans, "_this_month", lambda: ("1999-12", 944006400, 946684800))
 
     decision = gateway.admit(request("globex"))
     assert decision.allowed

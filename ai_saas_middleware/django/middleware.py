@@ -75,11 +75,11 @@ from ..bodies import (
 )
 from ..config import Config, EndpointConfig, load_config
 from ..context import RequestContext, Ticket
+from ..environ import environ_headers
 from ..errors import ConfigError
 from ..gateway import AsyncGateway, Gateway
 from ..types import Decision, RequestInfo
 from ..usage import ResponseMeter
-from ..wsgi import environ_headers
 from .conf import ai_saas
 
 __all__ = ["AISaaSMiddleware", "get_gateway", "render", "request_headers", "resolve_tenant"]
