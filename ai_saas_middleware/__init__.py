@@ -15,10 +15,12 @@ from .config import Config, ModelProfile, load_config
 from .context import RequestContext, Ticket
 from .errors import (
     AISaaSError,
+    BudgetExceeded,
     ConfigError,
     ConfigProblem,
     LimitExceeded,
     NoEligibleModel,
+    NoHealthyModel,
     QuotaExceeded,
     RateLimited,
     RequestRefused,
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AISaaSError",
     "AsyncGateway",
+    "BudgetExceeded",
     "Config",
     "ConfigError",
     "ConfigProblem",
@@ -43,6 +46,7 @@ __all__ = [
     "LimitExceeded",
     "ModelProfile",
     "NoEligibleModel",
+    "NoHealthyModel",
     "Outcome",
     "QuotaExceeded",
     "RateLimited",

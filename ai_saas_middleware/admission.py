@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import calendar
 import itertools
+import json
 import logging
 import math
 import os
@@ -25,6 +26,8 @@ import time
 from typing import Any
 
 from .allowance import LocalAllowance
+from .breakers import BreakerBoard
+from .budgets import Budgets
 from .config import Config, EndpointConfig, TierConfig
 from .context import RequestContext, Ticket
 from .credentials import Caller, Credentials
@@ -32,7 +35,7 @@ from .errors import StoreError, StoreRefused
 from .inputs import parse_body, requirements
 from .leases import LeaseKeeper
 from .responses import refusal
-from .routing import Selection, select_model
+from .routing import Requirements, Selection, select_model
 from .store.keys import KeySchema, reservation_member
 from .types import Decision, RequestInfo
 
@@ -47,6 +50,7 @@ ADMIT_ATTEMPTS = 3  # a month corrected by Redis, then a stored tier learnt: at 
 ScriptCall = tuple[str, list[str], list[Any]]  # (script name, KEYS, ARGV)
 
 _NO_TIER = TierConfig("", 0, 0, ())  # a stored tenant's, until Redis tells it
+_NO_BUDGET = (-1, -1)
 
 
 def _month_bounds(year: int, month: int) -> tuple[str, int, int]:
@@ -67,6 +71,24 @@ def _this_month() -> tuple[str, int, int]:
         t = time.gmtime(now)
         _month = _month_bounds(t.tm_year, t.tm_mon)
     return _month
+
+
+def _today() -> str:
+    """'YYYY-MM-DD', UTC, by this server's clock."""
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def default_response(text: str) -> Decision:
+    """``routing.defaultResponse`` as a 200 chat completion of model ``default``."""
+    body = json.dumps({"id": "default", "object": "chat.completion", "model": "default",
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": text}}],
+                       "usage": {"prompt_tokens": 0, "completion_tokens": 0,
+                                 "total_tokens": 0}}, separators=(",", ":")).encode()
+    return Decision(False, 200, (("content-type", "application/json"),
+                                 ("x-ai-routing", "fallback")), body=body,
+                    error_code="no_healthy_model",
+                    error_message="answered with routing.defaultResponse")
 
 
 def _seconds_to_next_month(now_ms: int) -> int:
@@ -98,14 +120,18 @@ class Plan(Caller):
     """One AI request on its way through admission: its caller, body, model and the
     quota month it reserves in (internal, mutable)."""
 
-    __slots__ = ("body", "endpoint", "max_output_tokens", "month", "month_end",
-                 "month_start", "prompt_tokens", "request_id", "selection")
+    __slots__ = ("body", "budget", "endpoint", "max_output_tokens", "money", "month",
+                 "month_end", "month_start", "needs", "prompt_tokens", "request_id",
+                 "selection")
 
     endpoint: EndpointConfig
     body: dict[str, Any]
     prompt_tokens: int
     max_output_tokens: int
     selection: Selection
+    needs: Requirements
+    money: int  # picodollars reserved against the budgets (0: no budget)
+    budget: tuple[int, int]  # (monthly, daily) picodollars, -1 where none
     request_id: str
     month: str
     month_start: int
@@ -115,6 +141,7 @@ class Plan(Caller):
         self.mode = "static"
         self.key_hash = ""
         self.stored = False
+        self.money = 0
         self.month, self.month_start, self.month_end = _this_month()
 
 
@@ -127,11 +154,18 @@ class Admission:
         credentials: who is calling (shared with the usage endpoint).
         leases: the keeper of this process's reservations.
         store: the twin's store, told when a reply shows its connection out of step.
+        breakers: the deployment's circuit breakers, as this process sees them.
     """
 
     def __init__(self, config: Config, keys: KeySchema, credentials: Credentials,
-                 leases: LeaseKeeper, store: Any):
+                 leases: LeaseKeeper, store: Any, breakers: BreakerBoard):
         self.config = config
+        self.breakers = breakers
+        self.budgets = Budgets(config)
+        routing = config.routing
+        self._strategy = routing.strategy
+        self._downgrade_at = (float(routing.downgrade_at) if routing.downgrade_at is not None
+                              else None)
         self.keys = keys
         self.credentials = credentials
         self.leases = leases
@@ -177,16 +211,60 @@ class Admission:
                              plan.max_output_tokens)
         if isinstance(needs, Decision):
             return needs
-        selection = select_model(plan.tier, self.config.models, needs)
+        needs.stated_output = "max_tokens" in plan.body or "max_completion_tokens" in plan.body
+        breakers = self.breakers
+        selection = select_model(plan.tier, self.config.models, needs,
+                                 breakers.is_healthy if breakers.any_open else None,
+                                 strategy=self._strategy)
         if selection.chosen is None:
             if selection.unhealthy_only:
-                return refusal("no_healthy_model", "every eligible model is unavailable",
-                               retry_after_s=int(self.config.routing.circuit_breaker
-                                                 .reset_timeout_s))
+                return self.no_healthy_model(
+                    [m for m, why in selection.excluded if why == "circuit breaker open"])
             reason = selection.explain() or f"tier {plan.tier.name!r} allows no model"
             return refusal("no_eligible_model", f"no model meets this request's needs: {reason}")
         plan.selection = selection
+        plan.needs = needs
+        budget = self.budgets.limits(plan.tenant_id, plan.tier) if self.budgets.any else None
+        if budget is not None and budget != (-1, -1):
+            plan.budget = budget
+            plan.money = self.budgets.worst_case(selection.candidates, plan.prompt_tokens,
+                                                 plan.max_output_tokens)
+        else:
+            plan.money = 0
         return None
+
+    def no_healthy_model(self, open_models: list[str]) -> Decision:
+        """The 503 (or the configured default response) when every eligible model has an
+        open breaker or failed; Retry-After: when the first breaker may be probed."""
+        default = self.config.routing.default_response
+        if default is not None:
+            return default_response(default)
+        retry = min(self.breakers.retry_after_s(open_models),
+                    max(1, math.ceil(self.config.routing.circuit_breaker.reset_timeout_s)))
+        return refusal("no_healthy_model",
+                       "every eligible model is unavailable (circuit breakers open: "
+                       f"{', '.join(open_models) or 'none'}); retry in {retry}s",
+                       retry_after_s=retry)
+
+    def downgrade(self, plan: Plan, reply: list[Any]) -> bool:
+        """Past ``routing.downgradeAt`` of the token quota or a money budget (admit.lua's
+        reply tells what is counted now): the cheapest eligible model first."""
+        share = self._downgrade_at
+        if share is None:
+            return False
+        quota = plan.tier.monthly_quota
+        used = quota is not None and quota > 0 and int(reply[4]) / quota >= share
+        if not used and plan.money:
+            used = (self.budgets.share(reply[5], plan.budget[0]) >= share
+                    or self.budgets.share(reply[6], plan.budget[1]) >= share)
+        if not used:
+            return False
+        if self._strategy != "cost_optimized":
+            breakers = self.breakers
+            plan.selection = select_model(plan.tier, self.config.models, plan.needs,
+                                          breakers.is_healthy if breakers.any_open else None,
+                                          strategy=self._strategy, downgrade=True)
+        return True
 
     # ---------------------------------------------------------------- the admit.lua call
 
@@ -198,7 +276,8 @@ class Admission:
                  tier.rate_limit or 0, WINDOW_MS,
                  -1 if tier.monthly_quota is None else tier.monthly_quota,
                  plan.prompt_tokens + plan.max_output_tokens, QUOTA_TTL_S,
-                 plan.month_start, plan.month_end, self.leases.lease_ms])
+                 plan.month_start, plan.month_end, self.leases.lease_ms,
+                 plan.money, *(plan.budget if plan.money else _NO_BUDGET)])
 
     def _admit_keys(self, tenant_id: str, month: str) -> list[str]:
         """admit.lua's KEYS for a tenant and month, built once each (five key names on
@@ -216,8 +295,10 @@ class Admission:
         """The release.lua call giving back what an admission whose reply was never read
         may have reserved."""
         keys = self.keys.tenant(plan.tenant_id)
+        # (With money, the day is this server's guess of Redis's: should they differ, at
+        # midnight, nothing is found and the lease releases it instead.)
         member = reservation_member(plan.request_id, plan.prompt_tokens + plan.max_output_tokens,
-                                    plan.month)
+                                    plan.month, plan.money, _today() if plan.money else "")
         return ("release", [keys.reservations, keys.quota(plan.month)], [member])
 
     def interpret(self, plan: Plan, info: RequestInfo, reply: list[Any]) -> Decision | None:
@@ -238,9 +319,15 @@ class Admission:
                 self.allowance.forget_expired()
             if plan.stored:
                 self.credentials.confirmed(plan)
-            return self._admitted(plan, int(reply[1]), int(reply[2]), int(reply[3]))
+            downgraded = self.downgrade(plan, reply) if self._downgrade_at is not None else False
+            return self._admitted(plan, int(reply[1]), int(reply[2]), int(reply[3]),
+                                  day=reply[7].decode() if plan.money else "",
+                                  downgraded=downgraded)
         if code in (1, 2):
             return self._refused_by_limit(plan, reply)
+        if code == 7:
+            return self.budgets.refused(reply[2], reply[3], plan.money, plan.budget,
+                                        int(reply[1]))
         if code in (3, 4):
             return self.credentials.refused(plan, reply)
         if code == 5:  # the app server's clock is in another month than Redis's
@@ -260,12 +347,14 @@ class Admission:
         raise StoreError(f"admit.lua answered an unknown code {code}")
 
     def _admitted(self, plan: Plan, now_ms: int, remaining: int, reset_ms: int,
-                  local: bool = False) -> Decision:
+                  local: bool = False, day: str = "", downgraded: bool = False) -> Decision:
         tier = plan.tier
         selection = plan.selection
         chosen = selection.candidates[0]
         reserve = plan.prompt_tokens + plan.max_output_tokens
-        member = reservation_member(plan.request_id, reserve, plan.month)
+        member = (reservation_member(plan.request_id, reserve, plan.month, plan.money,
+                                     day or _today())
+                  if plan.money else reservation_member(plan.request_id, reserve, plan.month))
         started = time.monotonic()
         ticket = Ticket(plan.request_id, plan.tenant_id, tier.name,
                         self.keys.tenant(plan.tenant_id), plan.month, 0 if local else reserve,
@@ -286,6 +375,8 @@ class Admission:
                 ("ratelimit-reset", str(-(-reset_ms // 1000))), policy)
         else:
             headers = (("x-request-id", plan.request_id), ("x-ai-model", chosen.id))
+        if downgraded:
+            headers += (("x-ai-routing", "downgraded"),)
         return Decision(True, 200, headers, context=ctx, ticket=ticket)
 
     def _refused_by_limit(self, plan: Plan, reply: list[Any]) -> Decision:

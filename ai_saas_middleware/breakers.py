@@ -17,9 +17,16 @@ from one daemon thread per process: never from a request. What a request pays:
   trip, off the request; counted within milliseconds of the failure);
 - a successful call costs nothing, unless it was the probe.
 
-The thread reads every breaker's state each ``POLL_S`` (0.5 s), so a breaker opened by
-one process is obeyed by every other within about half a second. The probe is claimed
-only by a process that has a request wanting the model (a request that found it open
+Every transition (opened, opened again, closed) is announced on a channel
+(``<prefix>:{breakers}:changed``, Redis pub/sub); each process's thread listens and reads
+the state when told, so a breaker opened by one process is obeyed by every other within
+milliseconds, and an idle deployment sends Redis nothing. The thread subscribes, then
+reads, at its start and after every reconnection (nothing announced in between is
+missed); half-opening needs no message, the view holds each breaker's reset time. The
+first AI request of a process waits for that first read (once, at most ``READY_S``).
+
+The probe is claimed only by a process that has a request wanting the model (a request
+that found it open
 past its reset time): that process's thread claims it (``claim``, atomic across
 processes), and its next request for the model is the probe. A claim no request takes
 within ``PROBE_IDLE_S`` is given back for another process; one whose process died lapses
@@ -31,6 +38,7 @@ bounded queue until Redis answers.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -44,6 +52,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from .config import CircuitBreakerConfig
 from .errors import StoreError, StoreRefused
 from .store.keys import KeySchema
@@ -54,7 +64,9 @@ log = logging.getLogger("ai_saas_middleware")
 
 Store = Any  # a sync RedisStore (the board's thread is its only user)
 
-POLL_S = 0.5  # how often the thread reads the breakers' state
+LISTEN_S = 0.1  # the longest a queued failure waits for the thread (it listens this long)
+RETRY_S = 1.0  # after Redis failed the thread, it tries again this much later
+READY_S = 0.5  # the longest a process's first AI request waits for the first read
 PROBE_IDLE_S = 5.0  # a probe claim no request took is given back after this
 PROBE_LEASE_MS = 120_000  # a claim of a process that died lapses after this
 _MAX_QUEUED = 10_000  # failures kept while Redis is unreachable
@@ -72,19 +84,17 @@ class BreakerBoard:
         keys: the deployment's key schema (prefix).
         store: a callable returning the sync store the thread uses (called on first use).
         owns_store: close that store with the board.
-        poll_s: how often the state is read (tests shorten it).
         probe_idle_s: how long a probe claim no request took is kept (tests shorten it).
     """
 
     def __init__(self, cfg: CircuitBreakerConfig, keys: KeySchema,
-                 store: Callable[[], Store], owns_store: bool = False, poll_s: float = POLL_S,
+                 store: Callable[[], Store], owns_store: bool = False, *,
                  probe_idle_s: float = PROBE_IDLE_S):
         self.cfg = cfg
         self._keys = keys
         self._store_factory = store
         self._owns_store = owns_store
         self._store: Store | None = None
-        self.poll_s = poll_s
         self.probe_idle_s = probe_idle_s
         self._window_ms = max(1, int(cfg.window_s * 1000))
         self._reset_ms = max(1, int(cfg.reset_timeout_s * 1000))
@@ -101,6 +111,10 @@ class BreakerBoard:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
+        self._failing = False
+        self._pubsub: Any = None  # the thread's subscription to the breaker channel
+        self._ready = threading.Event()  # set once the thread has read the state
+        self._states: dict[str, tuple[int, str, int]] = {}  # as last read
         self.rounds = 0  # completed reads (tests wait on it)
         _boards.add(self)
 
@@ -159,7 +173,7 @@ class BreakerBoard:
     def _report(self, op: str, model_id: str, owner: str) -> None:
         self._reports.append((op, model_id, owner))
         if self._thread is None:
-            self._start()
+            self._start(wait=False)
         self._wake.set()
 
     def _server_ms(self) -> float:
@@ -168,10 +182,14 @@ class BreakerBoard:
     # ------------------------------------------------------------ the thread
 
     def refresh(self) -> None:
-        """One round of the thread, now: record queued failures and probe results, read
+        """Now, in the caller's thread: record queued failures and probe results, read
         every breaker, claim wanted probes, give back idle claims."""
         store = self._sync_store()
         self._flush(store)
+        self._read(store)
+        self._tend_probes(store)
+
+    def _read(self, store: Store) -> None:
         now, flat = store.run_script("breaker", [self._keys.breakers], ["read"])
         self._offset_ms = int(now) - time.time() * 1000
         states: dict[str, tuple[int, str, int]] = {}
@@ -180,19 +198,25 @@ class BreakerBoard:
             parts = _text(flat[i + 1]).split(" ")
             if len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit():
                 states[model] = (int(parts[0]), parts[1], int(parts[2]))
+        self._states = states
         self._open = {model: state[0] for model, state in states.items()}
-        self._claim_wanted(store, int(now), states)
-        self._give_back_idle(store, states)
         self.rounds += 1
+
+    def _tend_probes(self, store: Store) -> None:
+        if self._wanted:
+            self._claim_wanted(store, int(self._server_ms()), self._states)
+        if self._claims:
+            self._give_back_idle(store, self._states)
 
     def _flush(self, store: Store) -> None:
         while self._reports:
             op, model, owner = self._reports[0]
             if op == "fail":
                 args = ["fail", model, self._window_ms, self.cfg.error_threshold,
-                        self._reset_ms, f"{self._owner}:{next(self._seq)}", owner]
+                        self._reset_ms, f"{self._owner}:{next(self._seq)}", owner,
+                        self._keys.breaker_channel]
             else:
-                args = ["ok", model, owner]
+                args = ["ok", model, owner, self._keys.breaker_channel]
             keys = [self._keys.breakers, self._keys.breaker_failures(model)]
             try:
                 _now, is_open, until = store.run_script("breaker", keys, args)
@@ -246,36 +270,68 @@ class BreakerBoard:
             self._store = self._store_factory()
         return self._store
 
-    def _start(self) -> None:
+    def _start(self, wait: bool = True) -> None:
         with self._lock:
             if self._thread is not None or self._closed:
                 return
-            thread = threading.Thread(target=self._run, name="ai-saas-breakers", daemon=True)
+            # The thread holds the board weakly: a gateway dropped without close() takes
+            # its board, and then the thread, with it.
+            thread = threading.Thread(target=_loop, args=(weakref.ref(self), self._wake),
+                                      name="ai-saas-breakers", daemon=True)
             self._thread = thread
         thread.start()
+        if wait:
+            # The first request of a process waits (once, at most READY_S) for the first
+            # read, so that it routes by the deployment's breakers, not by none.
+            self._ready.wait(READY_S)
 
-    def _run(self) -> None:
-        failing = False
-        while not self._closed:
-            self._wake.clear()  # before the round: a report made during it wakes the next
-            try:
-                self.refresh()
-                if failing:
-                    log.info("circuit breakers: Redis answers again")
-                failing = False
-            except StoreError as exc:
-                if not failing:  # once per outage, not twice a second
-                    log.warning("circuit breakers not read or recorded (kept as last read): "
-                                "%s", exc)
-                failing = True
-            except Exception:  # the thread must outlive any surprise
-                log.exception("the circuit breakers' round failed")
-            self._wake.wait(self.poll_s)
+    def _round(self) -> float:
+        """One round of the thread, never raising; returns how long to wait after it."""
+        self._wake.clear()  # before the round: a report made during it wakes the next
+        try:
+            store = self._sync_store()
+            self._flush(store)
+            if self._pubsub is None:
+                pubsub = store.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self._keys.breaker_channel)
+                self._pubsub = pubsub
+                self._read(store)  # after subscribing: no change falls between the two
+                self._ready.set()
+            elif self._pubsub.get_message(timeout=LISTEN_S) is not None:
+                while self._pubsub.get_message(timeout=0) is not None:
+                    pass  # one read covers every change announced so far
+                self._read(store)
+            self._tend_probes(store)
+            if self._failing:
+                log.info("circuit breakers: Redis answers again")
+            self._failing = False
+            return 0.0
+        except (StoreError, RedisError, OSError) as exc:
+            self._drop_pubsub()
+            if not self._failing:  # once per outage
+                log.warning("circuit breakers not read or recorded (kept as last read): %s",
+                            exc)
+            self._failing = True
+            self._ready.set()  # a first request does not wait on an unreachable Redis
+        except Exception:  # the thread must outlive any surprise
+            self._drop_pubsub()
+            log.exception("the circuit breakers' round failed")
+        return RETRY_S
+
+    def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()
 
     def close(self) -> None:
         """Stop the thread (the breakers' state stays in Redis for the other processes)."""
         self._closed = True
         self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(LISTEN_S + 1.0)  # it listens at most LISTEN_S at a time
+        self._drop_pubsub()
         store, self._store = self._store, None
         if store is not None and self._owns_store:
             store.close()
@@ -290,7 +346,22 @@ class BreakerBoard:
         self._reports = deque(maxlen=_MAX_QUEUED)
         self._owner = _owner_prefix()
         self._store = None
+        self._pubsub = None  # the parent's connection: never read in the child
+        self._ready = threading.Event()
         self._wake = threading.Event()
+
+
+def _loop(ref: weakref.ReferenceType[BreakerBoard], wake: threading.Event) -> None:
+    while True:
+        board = ref()
+        if board is None or board._closed:
+            if board is not None:
+                board._drop_pubsub()
+            return
+        pause = board._round()
+        del board
+        if pause:
+            wake.wait(pause)
 
 
 def _text(value: Any) -> str:

@@ -105,6 +105,8 @@ class TierConfig:
     rate_limit: int | None  # requests per minute
     allowed_models: tuple[str, ...]
     on_unavailable: str | None = None
+    monthly_budget: Decimal | None = None  # USD per calendar month (UTC); None = no budget
+    daily_budget: Decimal | None = None  # USD per UTC day
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,8 @@ class TenantConfig:
     tier: str
     api_key_hashes: tuple[str, ...] = ()  # hex SHA-256 digests, never keys
     stripe_customer_id: str | None = None
+    monthly_budget: Decimal | None = None  # overrides the tier's, when set
+    daily_budget: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,7 +485,7 @@ def _read_tiers(r: _Reader, tenant_section: Any) -> dict[str, TierConfig]:
     for i, raw in enumerate(r.items(section.get("tiers"), "tenant.tiers")):
         path = f"tenant.tiers[{i}]"
         m = r.mapping(raw, path, ("name", "monthlyQuota", "rateLimit", "allowedModels",
-                                  "onUnavailable"))
+                                  "onUnavailable", "monthlyBudget", "dailyBudget"))
         if not m:
             continue
         name = r.string(m, "name", path, pattern=TENANT_ID_RE,
@@ -492,6 +496,8 @@ def _read_tiers(r: _Reader, tenant_section: Any) -> dict[str, TierConfig]:
             rate_limit=r.integer(m, "rateLimit", path, minimum=1, unlimited=True),
             allowed_models=r.string_list(m, "allowedModels", path),
             on_unavailable=r.choice(m, "onUnavailable", path, _ON_UNAVAILABLE, None),
+            monthly_budget=_budget(r, m, "monthlyBudget", path),
+            daily_budget=_budget(r, m, "dailyBudget", path),
         )
         if name and name in tiers:
             r.problem(f"{path}.name", "a tier name used once", f"duplicate {name!r}")
@@ -571,7 +577,8 @@ def _read_tenants(r: _Reader, value: Any, tiers: Mapping[str, TierConfig]
     seen_keys: dict[str, str] = {}
     for i, raw in enumerate(r.items(value, "tenants")):
         path = f"tenants[{i}]"
-        m = r.mapping(raw, path, ("id", "tier", "apiKeys", "stripeCustomerId"))
+        m = r.mapping(raw, path, ("id", "tier", "apiKeys", "stripeCustomerId",
+                                  "monthlyBudget", "dailyBudget"))
         if not m:
             continue
         tenant_id = r.string(m, "id", path, pattern=TENANT_ID_RE,
@@ -598,11 +605,33 @@ def _read_tenants(r: _Reader, value: Any, tiers: Mapping[str, TierConfig]
             seen_keys[digest] = tenant_id or ""
             hashes.append(digest)
         stripe = r.string(m, "stripeCustomerId", path, default=None)
+        monthly = _budget(r, m, "monthlyBudget", path)
+        daily = _budget(r, m, "dailyBudget", path)
         if tenant_id and tenant_id in tenants:
             r.problem(f"{path}.id", "a tenant id used once", f"duplicate {tenant_id!r}")
         elif tenant_id:
-            tenants[tenant_id] = TenantConfig(tenant_id, tier or "", tuple(hashes), stripe)
+            tenants[tenant_id] = TenantConfig(tenant_id, tier or "", tuple(hashes), stripe,
+                                              monthly, daily)
     return tenants
+
+
+# Budgets are counted in Redis in picodollars (10^-12 USD), as 64-bit integers.
+MAX_BUDGET_USD = Decimal(9_000_000)
+MONEY_PLACES = 12
+
+
+def _budget(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> Decimal | None:
+    value: Decimal | None = r.decimal(m, key, path, default=None, maximum=MAX_BUDGET_USD)
+    if value is not None and _places(value) > MONEY_PLACES:
+        r.problem(f"{path}.{key}", f"a USD amount with at most {MONEY_PLACES} decimal "
+                  "places", _kind(m.get(key)))
+        return None
+    return value
+
+
+def _places(value: Decimal) -> int:
+    exponent = value.normalize().as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
 
 
 def _read_endpoints(r: _Reader, value: Any) -> tuple[EndpointConfig, ...]:
@@ -846,6 +875,23 @@ def _check_references(r: _Reader, tiers: Mapping[str, TierConfig],
                       repr(model_id))
 
 
+def _check_budget_prices(r: _Reader, tiers: Mapping[str, TierConfig],
+                         tenants: Mapping[str, TenantConfig],
+                         models: Mapping[str, ModelProfile]) -> None:
+    # A budget is counted in picodollars: every cost must be a whole number of them, so
+    # every price at most 12 decimal places (a tenth of a micro-dollar per million tokens).
+    limits = [(t.monthly_budget, t.daily_budget) for t in tiers.values()]
+    limits += [(t.monthly_budget, t.daily_budget) for t in tenants.values()]
+    if all(monthly is None and daily is None for monthly, daily in limits):
+        return
+    for i, model in enumerate(models.values()):
+        for key, price in (("costPerInputToken", model.cost_per_input_token),
+                           ("costPerOutputToken", model.cost_per_output_token)):
+            if _places(price) > MONEY_PLACES:
+                r.problem(f"models[{i}].{key}", f"a price with at most {MONEY_PLACES} decimal "
+                          "places (money budgets count picodollars)", f"{price:f}")
+
+
 def _build(data: Any, source: str, base: Path | None, reader: _Reader | None = None
            ) -> Config:
     # ``reader``: the JSON Schema's recorder (ai_saas_middleware.schema) passes its own.
@@ -857,6 +903,7 @@ def _build(data: Any, source: str, base: Path | None, reader: _Reader | None = N
     tenants = _read_tenants(r, top.get("tenants"), tiers)
     routing = _read_routing(r, top.get("routing"))
     _check_references(r, tiers, models, routing)
+    _check_budget_prices(r, tiers, tenants, models)
     providers = _read_providers(r, top.get("providers"))
     _check_providers(r, top.get("providers"), providers, models, top.get("models"))
     config = Config(

@@ -9,8 +9,10 @@
     ├── UnknownTenant          no tenant with that id (or credentials match no tenant)
     ├── LimitExceeded          a tier limit refused the request (status 429)
     │   ├── RateLimited        requests per minute
-    │   └── QuotaExceeded      monthly tokens
+    │   ├── QuotaExceeded      monthly tokens
+    │   └── BudgetExceeded     a money budget (monthly or daily)
     ├── NoEligibleModel        no allowed model meets the request's requirements (422)
+    │   └── NoHealthyModel     every eligible model failed or has an open breaker (503)
     └── RequestRefused         any other refusal of ``Gateway.request()`` (carries the Decision)
 
 Web adapters never raise these to the client: a refusal becomes a JSON error response
@@ -25,10 +27,12 @@ from typing import Protocol
 
 __all__ = [
     "AISaaSError",
+    "BudgetExceeded",
     "ConfigError",
     "ConfigProblem",
     "LimitExceeded",
     "NoEligibleModel",
+    "NoHealthyModel",
     "QuotaExceeded",
     "RateLimited",
     "Refusal",
@@ -126,5 +130,18 @@ class QuotaExceeded(LimitExceeded):
     """The tier's monthly token quota is used up (or too small for this request)."""
 
 
+class BudgetExceeded(LimitExceeded):
+    """A money budget (the tenant's or its tier's, monthly or daily) cannot hold the
+    request's worst-case cost."""
+
+
 class NoEligibleModel(RequestRefused):
     """No allowed model meets the request's requirements (or all are unhealthy)."""
+
+
+class NoHealthyModel(NoEligibleModel):
+    """Every eligible model failed or has an open circuit breaker (503 with Retry-After).
+
+    Raised by ``ctx.execute``/``ctx.complete`` when the fallback chain is exhausted; a web
+    adapter that sees it leave the handler renders its ``decision`` (the 503, or the
+    configured ``routing.defaultResponse``), never a 500."""

@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from . import background
@@ -46,6 +46,7 @@ from .admission import ScriptCall as ScriptCall
 from .admission import _month_bounds as _month_bounds
 from .admission import _request_ids as _request_ids
 from .admission import _this_month as _this_month
+from .breakers import BreakerBoard
 from .config import Config, EndpointConfig, load_config
 from .context import RequestContext, Ticket
 from .credentials import STORED_KEY_PREFIX as STORED_KEY_PREFIX
@@ -54,7 +55,9 @@ from .credentials import hash_api_key as hash_api_key
 from .credentials import new_stored_key as new_stored_key
 from .credentials import stored_key_tenant as stored_key_tenant
 from .errors import (
+    BudgetExceeded,
     NoEligibleModel,
+    NoHealthyModel,
     QuotaExceeded,
     RateLimited,
     RequestRefused,
@@ -104,11 +107,16 @@ class _Core:
         self._startup_check = (check_redis_at_startup(cfg, self.redis_url) if startup_check
                                else None)
 
-    def _start(self, store: Any, leases: LeaseKeeper) -> None:
-        """The twin's store and lease keeper, and the admission that uses them."""
+    def _start(self, store: Any, leases: LeaseKeeper, sync_store: Callable[[], Any],
+               owns_sync_store: bool) -> None:
+        """The twin's store and lease keeper, the breakers' view (its thread's sync store:
+        ``sync_store()``), and the admission that uses them."""
         self.store = store
         self.leases = leases
-        self.admission = Admission(self.config, self.keys, self.credentials, leases, store)
+        self.breakers = BreakerBoard(self.config.routing.circuit_breaker, self.keys,
+                                     sync_store, owns_store=owns_sync_store)
+        self.admission = Admission(self.config, self.keys, self.credentials, leases, store,
+                                   self.breakers)
         self.allowance = self.admission.allowance
 
     def check_redis(self) -> None:
@@ -162,7 +170,11 @@ class _Core:
             raise RateLimited(decision)
         if code == "quota_exceeded":
             raise QuotaExceeded(decision)
-        if code in ("no_eligible_model", "no_healthy_model"):
+        if code == "budget_exceeded":
+            raise BudgetExceeded(decision)
+        if code == "no_healthy_model":
+            raise NoHealthyModel(decision)
+        if code == "no_eligible_model":
             raise NoEligibleModel(decision)
         if code in ("unknown_tenant", "invalid_tenant_id"):
             raise UnknownTenant(decision.error_message)
@@ -186,7 +198,8 @@ class Gateway(_Core):
         super().__init__(config, redis_url=redis_url)
         store = RedisStore(self.config.redis, self.redis_url)
         self._start(store, LeaseKeeper(self.config.quota.reservation_timeout_s,
-                                       lambda: self.store, spool=self.spool))
+                                       lambda: self.store, spool=self.spool),
+                    lambda: self.store, owns_sync_store=False)
 
     def _run(self, call: ScriptCall) -> Any:
         return self.store.run_script(*call)
@@ -284,6 +297,7 @@ class Gateway(_Core):
             self.settle(ticket, self._job_outcome(ctx, failed), ctx)
 
     def close(self) -> None:
+        self.breakers.close()
         self.leases.close()
         self.store.close()
 
@@ -298,7 +312,9 @@ class AsyncGateway(_Core):
         self._start(AsyncRedisStore(self.config.redis, self.redis_url),
                     LeaseKeeper(self.config.quota.reservation_timeout_s,
                                 lambda: RedisStore(self.config.redis, self.redis_url),
-                                owns_store=True, spool=self.spool))
+                                owns_store=True, spool=self.spool),
+                    lambda: RedisStore(self.config.redis, self.redis_url),
+                    owns_sync_store=True)
 
     async def _run(self, call: ScriptCall) -> Any:
         return await self.store.run_script(*call)
@@ -400,6 +416,7 @@ class AsyncGateway(_Core):
             await self.settle(ticket, self._job_outcome(ctx, failed), ctx)
 
     async def close(self) -> None:
+        self.breakers.close()
         self.leases.close()
         await self.store.close()
 

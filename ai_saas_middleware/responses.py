@@ -27,6 +27,7 @@ CODES: dict[str, tuple[int, str]] = {
     "no_eligible_model": (422, "invalid_request_error"),
     "rate_limit_exceeded": (429, "rate_limit_error"),
     "quota_exceeded": (429, "insufficient_quota"),
+    "budget_exceeded": (429, "insufficient_quota"),
     "no_healthy_model": (503, "service_unavailable"),
     "store_unavailable": (503, "service_unavailable"),
 }

@@ -68,7 +68,8 @@ EVENT_FIELDS = frozenset({
 _INTEGER_FIELDS = ("prompt_tokens", "completion_tokens", "latency_ms", "status")
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
 _COST = re.compile(r"[0-9]{1,20}(\.[0-9]{1,30})?")
-_RESERVATION = re.compile(r"[0-9]{1,19} [0-9]{4}-(0[1-9]|1[0-2])")  # after '<request id> '
+_RESERVATION = re.compile(  # after '<request id> ': tokens, month[, picodollars, day]
+    r"[0-9]{1,19} [0-9]{4}-(0[1-9]|1[0-2])( [0-9]{1,19} [0-9]{4}-(0[1-9]|1[0-2])-[0-3][0-9])?")
 REJECTED = "rejected.jsonl"
 
 

@@ -242,7 +242,7 @@ def test_a_retried_admission_on_a_tier_without_rate_limit_reserves_once(
     this, start, end = _this_month()
     keys = [k.rate_limit, k.quota(this), k.record, k.api_keys, k.reservations]
     args = ["req_r1", this, "static", "", "enterprise", 0, 60_000, -1, 400, 86400, start, end,
-            60_000]
+            60_000, 0, -1, -1]
     assert store.run_script("admit", keys, args)[0] == 0
     assert store.run_script("admit", keys, [*args, "retry"])[0] == 0  # the reply was lost
 

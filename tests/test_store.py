@@ -34,7 +34,7 @@ def _admit_args(request_id: str, month: str, reserve: int, *extra: str) -> list[
     if month != this:  # the bounds of another month: 1999-01
         start, end = 915148800, 917827200
     return [request_id, month, "static", "", "pro", 100, 60_000, 100_000, reserve,
-            86400, start, end, 60_000, *extra]
+            86400, start, end, 60_000, 0, -1, -1, *extra]  # (no money budget)
 
 
 def _admit_keys(k: Any, month: str) -> list[str]:

@@ -10,8 +10,10 @@ same code runs on one Redis server or on a Redis Cluster::
     <prefix>:{s<shard>}:t:<tenant>:keys           stored tenant's API key hashes (hash)
     <prefix>:{s<shard>}:t:<tenant>:ev:<request>   settled-request marker (dedupe, expires)
     <prefix>:{s<shard>}:t:<tenant>:res            reservations in flight (sorted set:
-                                                  '<request> <tokens> <YYYY-MM>' -> lease
-                                                  deadline, ms)
+                                                  '<request> <tokens> <YYYY-MM>' [' <pUSD>
+                                                  <YYYY-MM-DD>'] -> lease deadline, ms)
+    <prefix>:{s<shard>}:t:<tenant>:b:m:<YYYY-MM>  money spent in a month, picodollars
+    <prefix>:{s<shard>}:t:<tenant>:b:d:<YYYY-MM-DD>  money spent in a day (UTC)
     <prefix>:{s<shard>}:usage                     usage stream of the shard
     <prefix>:{s<shard>}:tenants                   ids of stored tenants in the shard (set)
 
@@ -21,6 +23,7 @@ read by each process's breaker thread, never by a request)::
 
     <prefix>:{breakers}:state                     open breakers (hash: model -> state)
     <prefix>:{breakers}:fails:<model>             a model's recent failures (sorted set)
+    <prefix>:{breakers}:changed                   channel: a breaker opened or closed
 
 ``shard = crc32(tenant) mod shards``: stable across processes, machines and Python
 versions (``hash()`` is salted per process and would not be).
@@ -44,10 +47,15 @@ def is_valid_tenant_id(tenant_id: str) -> bool:
     return _TENANT_ID.fullmatch(tenant_id) is not None
 
 
-def reservation_member(request_id: str, tokens: int, month: str) -> str:
+def reservation_member(request_id: str, tokens: int, month: str, picodollars: int = 0,
+                       day: str = "") -> str:
     """The member of ``res`` that holds a request's reservation: its id, the tokens added
-    to the counter of ``month`` at admission, and that month. admit.lua builds the same
-    string from its arguments; settlement, renewal and release name the reservation by it."""
+    to the counter of ``month`` at admission, and that month; with a money budget, also
+    the picodollars (10^-12 USD) added to the spend of that month and of ``day``
+    ('YYYY-MM-DD', the server's). admit.lua builds the same string from its arguments;
+    settlement, renewal and release name the reservation by it."""
+    if picodollars:
+        return f"{request_id} {tokens} {month} {picodollars} {day}"
     return f"{request_id} {tokens} {month}"
 
 
@@ -81,6 +89,14 @@ class TenantKeys:
         their lease deadlines (ms)."""
         return self.base + ":res"
 
+    def spent_month(self, month: str) -> str:
+        """Money spent in ``month`` ('YYYY-MM'), picodollars (10^-12 USD)."""
+        return f"{self.base}:b:m:{month}"
+
+    def spent_day(self, day: str) -> str:
+        """Money spent on ``day`` ('YYYY-MM-DD', UTC), picodollars."""
+        return f"{self.base}:b:d:{day}"
+
     def settled(self, request_id: str) -> str:
         return f"{self.base}:ev:{request_id}"
 
@@ -110,6 +126,11 @@ class KeySchema:
     @property
     def breakers(self) -> str:
         return f"{self.prefix}:{{breakers}}:state"
+
+    @property
+    def breaker_channel(self) -> str:
+        """Pub/sub channel on which breaker.lua announces every transition."""
+        return f"{self.prefix}:{{breakers}}:changed"
 
     def breaker_failures(self, model_id: str) -> str:
         return f"{self.prefix}:{{breakers}}:fails:{model_id}"

@@ -32,14 +32,28 @@
 -- ARGV[11] start of that month, seconds since the epoch (UTC)
 -- ARGV[12] start of the next month: the server's clock is checked against these bounds
 -- ARGV[13] reservation lease, ms
--- ARGV[14] optional 'retry': the caller lost the reply of an earlier attempt of this
+-- ARGV[14] money to reserve, picodollars (10^-12 USD): the worst-case cost of the models
+--          the request may use; '0' when the tenant has no money budget (nothing is
+--          counted, the member has no money part)
+-- ARGV[15] monthly budget, picodollars; -1 = none
+-- ARGV[16] daily budget (UTC day, by the server's clock), picodollars; -1 = none
+-- ARGV[17] optional 'retry': the caller lost the reply of an earlier attempt of this
 --          request id (same arguments); if that attempt was admitted (its reservation is
---          recorded), answer
---          admitted again without counting it twice
+--          recorded), answer admitted again without counting it twice
+--
+-- Money is counted on '<tenant base>:b:m:<YYYY-MM>' and '<tenant base>:b:d:<YYYY-MM-DD>'
+-- (named from KEYS[2]: the same hash tag), in picodollars, compared as exact decimal
+-- strings (a Lua number is exact only up to 2^53).
 --
 -- Returns {code, now_ms, a, b}:
---   {0, now_ms, remaining, reset_ms, used}   admitted; remaining requests in the window,
---                                            ms until a slot frees, tokens now counted
+--   {0, now_ms, remaining, reset_ms, used, spent_month, spent_day, day}
+--                                            admitted; remaining requests in the window,
+--                                            ms until a slot frees, tokens now counted,
+--                                            picodollars now counted this month and day
+--                                            ('' without money) and the day 'YYYY-MM-DD'
+--   {7, now_ms, 'month' | 'day', spent}      a money budget cannot hold the reservation
+--                                            (spent: picodollars counted with it, a
+--                                            string)
 --   {1, now_ms, retry_after_ms}              rate limited
 --   {2, now_ms, remaining_tokens, used}      quota cannot hold the reservation
 --   {3, now_ms, 'unknown' | 'revoked'}       the API key is not an active key
@@ -65,8 +79,8 @@ end
 
 -- The month is the caller's unless the server's clock says otherwise; only then is the
 -- server's month worked out, in UTC (Howard Hinnant's civil_from_days).
-local now_s = tonumber(t[1])
-if now_s < tonumber(ARGV[11]) or now_s >= tonumber(ARGV[12]) then
+-- The server's civil date, UTC (Howard Hinnant's civil_from_days).
+local function civil(now_s)
   local z = math.floor(now_s / 86400) + 719468
   local era = math.floor(z / 146097)
   local doe = z - era * 146097
@@ -74,19 +88,48 @@ if now_s < tonumber(ARGV[11]) or now_s >= tonumber(ARGV[12]) then
                           - math.floor(doe / 146096)) / 365)
   local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
   local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
   local month = mp < 10 and mp + 3 or mp - 9
-  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  return yoe + era * 400 + (month <= 2 and 1 or 0), month, day
+end
+
+local now_s = tonumber(t[1])
+if now_s < tonumber(ARGV[11]) or now_s >= tonumber(ARGV[12]) then
+  local year, month = civil(now_s)
   return {5, now_ms, string.format('%04d-%02d', year, month)}
+end
+
+-- x > y for decimal strings of whole numbers (no sign but an optional '-', no leading 0s).
+local function exceeds(x, y)
+  local xneg, yneg = string.sub(x, 1, 1) == '-', string.sub(y, 1, 1) == '-'
+  if xneg ~= yneg then return yneg end
+  if xneg then x, y = string.sub(y, 2), string.sub(x, 2) end
+  if #x ~= #y then return #x > #y end
+  return x > y
 end
 
 local limit = tonumber(ARGV[6])
 local window_us = tonumber(ARGV[7]) * 1000
+local money = ARGV[14]
 local member = ARGV[1] .. ' ' .. ARGV[9] .. ' ' .. ARGV[2]
-if ARGV[14] == 'retry' and redis.call('ZSCORE', KEYS[5], member) then
+local counter_base = string.sub(KEYS[2], 1, -8)
+local day, spent_month_key, spent_day_key = '', nil, nil
+if money ~= '0' then  -- (the day only matters to money)
+  local year, month_num, day_num = civil(now_s)
+  day = string.format('%04d-%02d-%02d', year, month_num, day_num)
+  member = member .. ' ' .. money .. ' ' .. day
+  spent_month_key, spent_day_key = spend_keys(counter_base, ARGV[2], day)
+end
+if ARGV[17] == 'retry' and redis.call('ZSCORE', KEYS[5], member) then
   -- The earlier attempt ran: it is admitted, and counted once.
   local count = limit > 0 and redis.call('ZCARD', KEYS[1]) or 0
+  local spent_m, spent_d = '', ''
+  if money ~= '0' then
+    spent_m = redis.call('GET', spent_month_key) or '0'
+    spent_d = redis.call('GET', spent_day_key) or '0'
+  end
   return {0, now_ms, limit > 0 and math.max(limit - count, 0) or -1, tonumber(ARGV[7]),
-          tonumber(redis.call('GET', KEYS[2]) or '0')}
+          tonumber(redis.call('GET', KEYS[2]) or '0'), spent_m, spent_d, day}
 end
 
 -- Sliding-window log: exact, at most `limit` admissions in any window.
@@ -117,7 +160,6 @@ end
 -- admission in 16, so a refusal is never due to them and they do not linger.
 local quota = tonumber(ARGV[8])
 local reserve = tonumber(ARGV[9])
-local counter_base = string.sub(KEYS[2], 1, -8)
 if tonumber(t[2]) % 16 == 0 then  -- (the clock's microseconds: about one in 16)
   reclaim_expired(KEYS[5], counter_base, now_ms, 16)
 end
@@ -135,6 +177,43 @@ if quota >= 0 and used > quota then
   return {2, now_ms, quota - used + reserve, used - reserve}
 end
 local ttl = tonumber(ARGV[10])
+
+-- Money budgets: the same, in picodollars, on the month's and the day's spend.
+local spent_m, spent_d = '', ''
+if money ~= '0' then
+  local month_budget, day_budget = ARGV[15], ARGV[16]
+  local function over()
+    spent_m = redis.call('GET', spent_month_key)
+    spent_d = redis.call('GET', spent_day_key)
+    if month_budget ~= '-1' and exceeds(spent_m, month_budget) then return 'month' end
+    if day_budget ~= '-1' and exceeds(spent_d, day_budget) then return 'day' end
+    return nil
+  end
+  redis.call('INCRBY', spent_month_key, money)
+  redis.call('INCRBY', spent_day_key, money)
+  local which = over()
+  if which then
+    reclaim_expired(KEYS[5], counter_base, now_ms, 64)
+    which = over()
+  end
+  if which then
+    redis.call('DECRBY', spent_month_key, money)
+    redis.call('DECRBY', spent_day_key, money)
+    if used == reserve then
+      redis.call('DEL', KEYS[2])
+    else
+      redis.call('DECRBY', KEYS[2], reserve)
+    end
+    return {7, now_ms, which, which == 'month' and spent_m or spent_d}
+  end
+  if redis.call('TTL', spent_month_key) < 0 then
+    redis.call('EXPIRE', spent_month_key, ttl)
+  end
+  if redis.call('TTL', spent_day_key) < 0 then
+    redis.call('EXPIRE', spent_day_key, 3 * 86400)
+  end
+end
+
 if used == reserve then  -- a new counter
   redis.call('EXPIRE', KEYS[2], ttl)
 end
@@ -149,4 +228,4 @@ if limit > 0 then
     redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[7]) + 1000)
   end
 end
-return {0, now_ms, remaining, reset_ms, used}
+return {0, now_ms, remaining, reset_ms, used, spent_m, spent_d, day}

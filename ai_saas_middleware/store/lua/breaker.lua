@@ -7,12 +7,12 @@
 -- KEYS[2]  the model's recent failures (sorted set: unique id -> ms); ops fail only
 -- ARGV[1]  op:
 --   read                      -> {now_ms, {model, state, ...}}
---   fail  model window_ms threshold reset_ms failure_id probe_owner|'-'
+--   fail  model window_ms threshold reset_ms failure_id probe_owner|'-' channel
 --                             -> {now_ms, open 0|1, open until ms}
 --         A closed breaker logs the failure and opens once the window holds threshold
 --         of them. An open one ignores failures of calls made before it opened; a failure
 --         of its probe (the owner named) opens it again for reset_ms.
---   ok    model probe_owner   -> {now_ms, open 0|1, open until ms}
+--   ok    model probe_owner channel -> {now_ms, open 0|1, open until ms}
 --         The probe succeeded: the breaker closes. Any other success changes nothing
 --         (and the processes do not report it: the healthy path costs no round trip).
 --   claim model owner lease_ms -> {now_ms, won 0|1, open until ms}
@@ -20,6 +20,7 @@
 --         may send the probe; its claim lasts lease_ms unless released or decided.
 --   release model owner       -> {now_ms, released 0|1, open until ms}
 --         The owner of an unused claim gives it back, for another process to take.
+-- Every transition (opened, opened again, closed) is announced: PUBLISH channel model.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op = ARGV[1]
@@ -49,6 +50,7 @@ if op == 'fail' then
   if state then
     if ARGV[7] ~= '-' and owner == ARGV[7] then
       set_open(now + reset, '-', 0)
+      redis.call('PUBLISH', ARGV[8], model)
       return {now, 1, now + reset}
     end
     return {now, 1, open_until}
@@ -60,12 +62,14 @@ if op == 'fail' then
   if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
     redis.call('DEL', KEYS[2])
     set_open(now + reset, '-', 0)
+    redis.call('PUBLISH', ARGV[8], model)
     return {now, 1, now + reset}
   end
   return {now, 0, 0}
 elseif op == 'ok' then
   if state and owner == ARGV[3] then
     redis.call('HDEL', KEYS[1], model)
+    redis.call('PUBLISH', ARGV[4], model)
     return {now, 0, 0}
   end
   return {now, state and 1 or 0, open_until}

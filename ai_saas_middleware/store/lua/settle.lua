@@ -27,6 +27,9 @@
 -- ARGV[4]  the request's reservation member, as admit.lua records it
 -- ARGV[5..] the event, as field, value, field, value ...
 --
+-- A reservation with money (the member's '<pUSD> <YYYY-MM-DD>' part) has the event's cost
+-- (picodollars) counted on that month's and day's spend, in place of what was reserved.
+--
 -- Returns the stream entry id, or false when this request id was already settled.
 --#include _reservations.lua
 if redis.call('EXISTS', KEYS[3]) == 1 then
@@ -42,6 +45,20 @@ if held then
 end
 local counter_base = string.sub(KEYS[1], 1, -8)
 local here = string.sub(KEYS[1], -7)
+-- Money: when admission reserved some (the member's money part), the real cost (the
+-- event's cost, in picodollars, built as a string: exact at any size) replaces it on the
+-- spend counters of the admission's month and day.
+local _, money_month, money, money_day = reservation_of(ARGV[4])
+local cost = nil
+if money_day then
+  for i = 5, #ARGV - 1, 2 do
+    if ARGV[i] == 'cost' then cost = usd_to_picodollars(ARGV[i + 1]) end
+  end
+  if not cost then
+    return redis.error_reply('ERR settle.lua: the event has no cost in plain decimals '
+                             .. 'with at most 12 decimal places')
+  end
+end
 
 local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 
@@ -58,6 +75,26 @@ if delta ~= 0 then
   if redis.call('TTL', KEYS[1]) < 0 then
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   end
+end
+if cost then
+  local spent_m, spent_d = spend_keys(counter_base, money_month, money_day)
+  local done = {}
+  for _, key in ipairs({spent_m, spent_d}) do
+    local moved = redis.pcall('INCRBY', key, cost)
+    if type(moved) == 'table' and moved.err then
+      for _, back in ipairs(done) do redis.call('DECRBY', back, cost) end
+      if delta ~= 0 then redis.call('DECRBY', KEYS[1], delta) end
+      redis.call('XDEL', KEYS[2], id)
+      return redis.error_reply('WRONGTYPE ' .. key .. ' cannot count money: ' .. moved.err)
+    end
+    table.insert(done, key)
+  end
+  if held then
+    redis.call('DECRBY', spent_m, money)
+    redis.call('DECRBY', spent_d, money)
+  end
+  if redis.call('TTL', spent_m) < 0 then redis.call('EXPIRE', spent_m, tonumber(ARGV[3])) end
+  if redis.call('TTL', spent_d) < 0 then redis.call('EXPIRE', spent_d, 3 * 86400) end
 end
 if held_month and held_month ~= here then
   -- Reserved against another month's counter (a month boundary): released there.
