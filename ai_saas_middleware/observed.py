@@ -81,6 +81,8 @@ _MAX_BUCKET = 255  # about 3.9e9 ms: beyond any timeout
 _SEP = "\x1f"  # between endpoint and model, model and bucket in a field name
 _AT = _SEP + "at"
 _EMPTY: Mapping[str, int] = MappingProxyType({})
+_BUCKETS: dict[int, int] = {}  # latency ms -> bucket, for the latencies seen (a cache)
+_MAX_CACHED_BUCKETS = 100_000
 
 
 def latency_bucket(latency_ms: int) -> int:
@@ -133,8 +135,8 @@ class ObservedStats:
         self.min_completion_samples = min_completion_samples
         self._samples: deque[tuple[str, str, int, int]] = deque(maxlen=_MAX_QUEUED)
         # Owned by the round (under _round_lock): what waits to be pushed.
-        self._completions: dict[str, list[int]] = {}  # field -> [tokens, samples]
-        self._latency: dict[tuple[int, str], int] = {}  # (slot, model\x1fbucket) -> samples
+        self._completions: dict[tuple[str, str], list[int]] = {}  # -> [tokens, samples]
+        self._latency: dict[tuple[int, str, int], int] = {}  # (slot, model, bucket) -> n
         self._pairs_warned = False
         # Read by requests, replaced whole by the round (never mutated in place).
         self._averages: Mapping[str, Mapping[str, int]] = MappingProxyType({})
@@ -189,11 +191,17 @@ class ObservedStats:
             store = store if store is not None else self._sync_store()
             args: list[Any] = [int(COMPLETION_HALF_LIFE_S * 1000), WINDOW_MINUTES,
                                (WINDOW_MINUTES + 1) * 60, len(self._completions)]
-            for field, (tokens, samples) in self._completions.items():
+            # Names with the separator in them could not be read back apart: left out.
+            pairs = [(endpoint + _SEP + model, sums)
+                     for (endpoint, model), sums in self._completions.items()
+                     if model and _SEP not in endpoint and _SEP not in model]
+            args[-1] = len(pairs)
+            for field, (tokens, samples) in pairs:
                 args += [field, tokens, samples]
             now = time.monotonic()
-            for (slot, field), samples in self._latency.items():
-                args += [max(0, int(now - slot)), field, samples]
+            for (slot, model, bucket), samples in self._latency.items():
+                if model and _SEP not in model:
+                    args += [max(0, int(now - slot)), f"{model}{_SEP}{bucket}", samples]
             _now, completions, latency = store.call(
                 "EVAL", load_script("stats"), 2, self._keys.stats_completions,
                 self._keys.stats_latency_base, *args)
@@ -203,36 +211,38 @@ class ObservedStats:
             self.rounds += 1
 
     def _fold(self) -> None:
-        """Move the recorded samples into the sums waiting to be pushed (no I/O)."""
+        """Move the recorded samples into the sums waiting to be pushed (no I/O). Keyed by
+        tuples: the field names are built once per key, at the push, not per sample."""
         now = time.monotonic()
         slot = int(now // _SLOT_S * _SLOT_S)
         completions, latency, samples = self._completions, self._latency, self._samples
+        buckets = _BUCKETS
+        popleft = samples.popleft
         while samples:
-            endpoint, model, tokens, latency_ms = samples.popleft()
-            if _SEP in endpoint or _SEP in model or not model:
-                continue
+            endpoint, model, tokens, latency_ms = popleft()
             if tokens >= 0:
-                field = endpoint + _SEP + model
-                pair = completions.get(field)
-                if pair is None:
-                    if len(completions) >= MAX_PAIRS:
-                        if not self._pairs_warned:
-                            self._pairs_warned = True
-                            log.warning("observed completions: more than %d endpoint and "
-                                        "model pairs; the others are not tracked (pass the "
-                                        "endpoint's pattern, not the request path)", MAX_PAIRS)
-                        pair = None
-                    else:
-                        pair = completions[field] = [0, 0]
+                pair = completions.get((endpoint, model))
                 if pair is not None:
                     pair[0] += tokens
                     pair[1] += 1
+                elif len(completions) < MAX_PAIRS:
+                    completions[(endpoint, model)] = [tokens, 1]
+                elif not self._pairs_warned:
+                    self._pairs_warned = True
+                    log.warning("observed completions: more than %d endpoint and model "
+                                "pairs; the others are not tracked (pass the endpoint's "
+                                "pattern, not the request path)", MAX_PAIRS)
             if latency_ms >= 0:
-                key = (slot, model + _SEP + str(latency_bucket(latency_ms)))
+                bucket = buckets.get(latency_ms)
+                if bucket is None:
+                    bucket = latency_bucket(latency_ms)
+                    if len(buckets) < _MAX_CACHED_BUCKETS:
+                        buckets[latency_ms] = bucket
+                key = (slot, model, bucket)
                 latency[key] = latency.get(key, 0) + 1
         # The bound of an outage: latencies older than the window could not count.
         oldest = now - WINDOW_MINUTES * 60
-        if latency and min(s for s, _f in latency) < oldest:
+        if latency and min(k[0] for k in latency) < oldest:
             self._latency = {k: v for k, v in latency.items() if k[0] >= oldest}
 
     def _read(self, completions: list[Any], latency: list[Any]) -> None:
