@@ -33,6 +33,9 @@ stays bounded however long it lasts; they are pushed when Redis answers, each la
 the minute it was recorded. The bound: latencies older than the window when Redis
 returns are dropped (they would not count any more), and a pair beyond :data:`MAX_PAIRS`
 is not tracked. A forked child starts with nothing to push (its parent pushes its own).
+A round whose reply was lost after Redis ran it (a timeout) is pushed again: its samples
+then count twice. The figures are advisory (routing's estimates; billing never uses
+them), so the round is not made idempotent for that rare case.
 
 The keys are the deployment's, not a tenant's: no tenant id in them.
 """
@@ -171,8 +174,8 @@ class ObservedStats:
 
     @property
     def pending(self) -> int:
-        """Samples recorded in this process and not pushed yet (latencies count once
-        each; a completion folded into a pair's sum counts as its samples)."""
+        """Samples recorded in this process and not pushed yet (those recorded and those
+        folded into the latency counts; tests and the outage warning read it)."""
         queued = len(self._samples)
         with self._round_lock:
             return queued + sum(self._latency.values())
