@@ -8,6 +8,11 @@
     ai-saas tenants add ID --tier T [--stripe-customer cus_..]
     ai-saas tenants list | set-tier ID T | add-key ID | revoke-key KEY
     ai-saas usage [--tenant ID] [--month YYYY-MM]
+    ai-saas models list [--version N] [--per-million]   the price book in force (or of version N)
+    ai-saas models set ID [--input-price USD] [--output-price USD] [--per-million]
+                       [--quality Q] [--latency-ms N] [--max-tokens N] [--enable|--disable]
+                       [--provider P]            a run-time override: a new price book version
+    ai-saas models reset ID                   drop a model's overrides: a new version
     ai-saas spool status [--dir DIR]         spooled and set-aside usage events
     ai-saas spool replay [--rejected]        replay them now (exit 1 while some remain)
     ai-saas redis [--port N]                 a local Redis (embedded Valkey) for development
@@ -33,6 +38,7 @@ import socket
 import sys
 import textwrap
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 from typing import Any, NoReturn
@@ -45,8 +51,9 @@ __all__ = ["main"]
 DESCRIPTION = (
     "Run and inspect the AI requests of a SaaS app with ai-saas-middleware: write a "
     "starter configuration, check one or print its JSON Schema, manage tenants and their "
-    "API keys in Redis, read usage back from the usage streams, replay spooled usage "
-    "events, run a local Redis for development, or run the demo.")
+    "API keys in Redis, change model prices at run time, read usage back from the usage "
+    "streams, replay spooled usage events, run a local Redis for development, or run the "
+    "demo.")
 EPILOG = (
     "Run 'ai-saas COMMAND --help' for the options of a command. Exit status: 0 on "
     "success, 1 on an error (Redis unreachable, unknown tenant), 2 on a bad configuration "
@@ -278,6 +285,155 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def _usd(text: str) -> Decimal:
+    try:
+        amount = Decimal(text.strip())
+    except InvalidOperation:
+        amount = Decimal("NaN")
+    if not amount.is_finite() or amount < 0:
+        raise argparse.ArgumentTypeError(f"expected a price in USD, a decimal number >= 0 "
+                                         f"(e.g. 0.0000025, or 2.5 with --per-million), "
+                                         f"found {text!r}")
+    return amount
+
+
+def _quality(text: str) -> Decimal:
+    try:
+        score = Decimal(text.strip())
+    except InvalidOperation:
+        score = Decimal("NaN")
+    if not score.is_finite() or not 0 <= score <= 1:
+        raise argparse.ArgumentTypeError(f"expected a quality score, a decimal number from "
+                                         f"0 to 1, found {text!r}")
+    return score
+
+
+def _whole(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {text!r}")
+    return int(text)
+
+
+def _version(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a price book version, a whole number "
+                                         f">= 0, found {text!r}")
+    return int(text)
+
+
+def _price_cell(amount: Decimal, per_million: bool) -> str:
+    from .pricing import MONEY, format_usd
+
+    return format_usd(MONEY.scaleb(amount, 6) if per_million else amount)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .pricebook import PriceBookAdmin, per_million
+
+    config = _config(args.config)
+    store = _store(config, args.redis_url)
+    try:
+        admin = PriceBookAdmin(config, store)
+        if args.action == "list":
+            problems: list[str] = []
+            if args.version is None:
+                snapshot, problems = admin.read()
+            else:
+                snapshot = admin.at_version(args.version)
+            _print_models(config, snapshot, args.per_million)
+            for problem in problems:
+                print(f"ai-saas: a stored override is not used: {problem}", file=sys.stderr)
+            return 0
+        if args.action == "reset":
+            after = admin.reset(args.id)
+            if after is None:
+                print(f"model {args.id} has no overrides: the price book stays at version "
+                      f"{admin.read()[0].version}.")
+            else:
+                print(f"model {args.id}: overrides dropped; price book version "
+                      f"{after.version} (serving processes follow within about 2 seconds).")
+            return 0
+        fields: dict[str, Any] = {}
+        scale = per_million if args.per_million else (lambda amount: amount)
+        if args.input_price is not None:
+            fields["costPerInputToken"] = scale(args.input_price)
+        if args.output_price is not None:
+            fields["costPerOutputToken"] = scale(args.output_price)
+        if args.quality is not None:
+            fields["qualityScore"] = args.quality
+        if args.latency_ms is not None:
+            fields["latencyP99Ms"] = args.latency_ms
+        if args.max_tokens is not None:
+            fields["maxTokens"] = args.max_tokens
+        if args.provider is not None:
+            fields["provider"] = args.provider
+        if args.enabled is not None:
+            fields["enabled"] = args.enabled
+        if not fields:
+            print("ai-saas models set: error: nothing to set: give at least one of "
+                  "--input-price, --output-price, --quality, --latency-ms, --max-tokens, "
+                  "--enable, --disable (see 'ai-saas models set --help')", file=sys.stderr)
+            return 2
+        if args.per_million and "costPerInputToken" not in fields \
+                and "costPerOutputToken" not in fields:
+            print("ai-saas models set: error: --per-million applies to --input-price and "
+                  "--output-price, and neither is given", file=sys.stderr)
+            return 2
+        after = admin.set(args.id, fields)
+        state = "disabled" if args.id in after.disabled else "enabled"
+        print(f"model {args.id} ({state}): price book version {after.version} (serving "
+              "processes follow within about 2 seconds).")
+        _print_models(config, _only(after, args.id), args.per_million, header=False)
+        if args.id not in config.models and not any(
+                args.id in tier.allowed_models for tier in config.tiers.values()):
+            print(f"note: no tier allows {args.id} (tenant.tiers[].allowedModels), so routing "
+                  "does not choose it.")
+        return 0
+    finally:
+        store.close()
+
+
+def _only(snapshot: Any, model_id: str) -> Any:
+    from .pricebook import PriceSnapshot
+
+    return PriceSnapshot(snapshot.version,
+                         {k: v for k, v in snapshot.models.items() if k == model_id},
+                         {k: v for k, v in snapshot.overrides.items() if k == model_id},
+                         frozenset(m for m in snapshot.disabled if m == model_id))
+
+
+def _print_models(config: Config, snapshot: Any, per_million: bool, header: bool = True
+                  ) -> None:
+    from .pricebook import effective_profile
+
+    unit = "$/1M" if per_million else "$/token"
+    rows = [["model", "provider", f"input {unit}", f"output {unit}", "max tokens", "quality",
+             "p99 ms", "state", "overridden"]]
+    order = [*snapshot.models, *sorted(snapshot.disabled)]
+    for model_id in order:
+        fields = snapshot.overrides.get(model_id, {})
+        overridden = ", ".join(snapshot.overridden(model_id)) or "-"
+        profile = snapshot.models.get(model_id)
+        if profile is None:  # disabled, so absent from the book: show what it would be
+            profile = effective_profile(config, model_id,
+                                        {k: v for k, v in fields.items() if k != "enabled"})
+        if profile is None:
+            continue
+        cells = [profile.provider, _price_cell(profile.cost_per_input_token, per_million),
+                 _price_cell(profile.cost_per_output_token, per_million),
+                 str(profile.max_tokens), f"{profile.quality_score:g}",
+                 str(profile.latency_p99_ms)]
+        state = "disabled" if model_id in snapshot.disabled else "enabled"
+        rows.append([model_id, *cells, state, overridden])
+    if header:
+        print(f"price book version {snapshot.version}"
+              + (" (the configuration's profiles)" if snapshot.version == 0 else ""))
+    if len(rows) == 1:
+        print("no models: add profiles under models: in the configuration")
+        return
+    print(_table(rows))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -521,6 +677,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only this month, UTC (default: every month)")
     with_config(p)
     p.set_defaults(func=cmd_usage)
+
+    p = command(sub, "models", "show or change the model profiles in force (the price book)",
+                "The configuration's models, overridden field by field at run time: "
+                "prices, quality, latency, context window, enabled. Every change is a new "
+                "price book version, which every serving process follows within about 2 "
+                "seconds and every usage event records (price_version).")
+    msub = p.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    a = command(msub, "list", "list the effective profiles, their overridden fields and "
+                              "the version")
+    a.add_argument("--version", type=_version, default=None, metavar="N",
+                   help="the price book of version N instead (0: the configuration's), "
+                        "rebuilt from the history: the prices an event with that "
+                        "price_version was costed with")
+    a.add_argument("--per-million", action="store_true",
+                   help="show prices in USD per million tokens (default: per token)")
+    with_config(a)
+    a = command(msub, "set", "override fields of a model's profile: a new version",
+                "Fields not given keep their current value (overridden or the "
+                "configuration's). A model the configuration lacks needs every field: "
+                "--provider, both prices, --max-tokens, --quality, --latency-ms.")
+    a.add_argument("id", metavar="ID", help="the model's id")
+    a.add_argument("--input-price", type=_usd, default=None, metavar="USD",
+                   help="USD per input (prompt) token, an exact decimal")
+    a.add_argument("--output-price", type=_usd, default=None, metavar="USD",
+                   help="USD per output (completion) token, an exact decimal")
+    a.add_argument("--per-million", action="store_true",
+                   help="the prices given are USD per million tokens")
+    a.add_argument("--quality", type=_quality, default=None, metavar="Q",
+                   help="quality score, 0 to 1")
+    a.add_argument("--latency-ms", type=_whole, default=None, metavar="N",
+                   help="p99 latency, ms")
+    a.add_argument("--max-tokens", type=_whole, default=None, metavar="N",
+                   help="context window, tokens")
+    a.add_argument("--provider", default=None, metavar="P",
+                   help="its provider (only for a model the configuration lacks)")
+    state = a.add_mutually_exclusive_group()
+    state.add_argument("--enable", dest="enabled", action="store_const", const=True,
+                       default=None, help="let routing choose it again")
+    state.add_argument("--disable", dest="enabled", action="store_const", const=False,
+                       help="take it out of routing (absent from the price book)")
+    with_config(a)
+    a = command(msub, "reset", "drop every override of a model: a new version")
+    a.add_argument("id", metavar="ID", help="the model's id")
+    with_config(a)
+    p.set_defaults(func=cmd_models)
 
     p = command(sub, "spool", "show or replay usage events waiting for Redis",
                 "Events that could not be written while Redis was unreachable wait in the "

@@ -25,6 +25,19 @@ read by each process's breaker thread, never by a request)::
     <prefix>:{breakers}:fails:<model>             a model's recent failures (sorted set)
     <prefix>:{breakers}:changed                   channel: a breaker opened or closed
 
+The price book (run-time overrides of the model profiles, see
+:mod:`~ai_saas_middleware.pricebook`) and the observed statistics of settled requests
+(see :mod:`~ai_saas_middleware.observed`) are deployment data too, with no tenant in
+them; each has a hash tag of its own (one slot each, read by one thread per process)::
+
+    <prefix>:{models}:book                        overrides (hash: model -> JSON of fields)
+    <prefix>:{models}:version                     the price book's version (integer)
+    <prefix>:{models}:history                     every version's book (hash: version -> JSON)
+    <prefix>:{stats}:completions                  decayed completion sums (hash: endpoint
+                                                  and model -> '<sum> <weight> <count>')
+    <prefix>:{stats}:lat:<minute>                 one minute's latency histogram (hash:
+                                                  model and bucket -> count; expires)
+
 ``shard = crc32(tenant) mod shards``: stable across processes, machines and Python
 versions (``hash()`` is salted per process and would not be).
 """
@@ -134,6 +147,32 @@ class KeySchema:
 
     def breaker_failures(self, model_id: str) -> str:
         return f"{self.prefix}:{{breakers}}:fails:{model_id}"
+
+    @property
+    def models_book(self) -> str:
+        """The price book's overrides (hash: model id -> JSON of the overridden fields)."""
+        return f"{self.prefix}:{{models}}:book"
+
+    @property
+    def models_version(self) -> str:
+        """The price book's version (an integer, INCR'd by every change; absent: 0)."""
+        return f"{self.prefix}:{{models}}:version"
+
+    @property
+    def models_history(self) -> str:
+        """Every version's whole book (hash: version -> JSON), to reproduce past prices."""
+        return f"{self.prefix}:{{models}}:history"
+
+    @property
+    def stats_completions(self) -> str:
+        """Observed completion tokens per endpoint and model (decayed sums, hash)."""
+        return f"{self.prefix}:{{stats}}:completions"
+
+    @property
+    def stats_latency_base(self) -> str:
+        """The per-minute latency histograms' keys are this plus the minute number
+        (server time // 60 s); stats.lua builds them (same hash tag)."""
+        return f"{self.prefix}:{{stats}}:lat:"
 
     def tenant_index(self, shard: int) -> str:
         return self.tag(shard) + ":tenants"
