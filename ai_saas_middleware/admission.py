@@ -32,8 +32,12 @@ from .config import Config, EndpointConfig, TierConfig
 from .context import RequestContext, Ticket
 from .credentials import Caller, Credentials
 from .errors import StoreError, StoreRefused
+from .fallback import FallbackPolicy
 from .inputs import parse_body, requirements
 from .leases import LeaseKeeper
+from .observed import ObservedStats
+from .pricebook import PriceBook
+from .providers import Providers
 from .responses import refusal
 from .routing import Requirements, Selection, select_model
 from .store.keys import KeySchema, reservation_member
@@ -121,8 +125,8 @@ class Plan(Caller):
     quota month it reserves in (internal, mutable)."""
 
     __slots__ = ("body", "budget", "endpoint", "max_output_tokens", "money", "month",
-                 "month_end", "month_start", "needs", "prompt_tokens", "request_id",
-                 "selection")
+                 "month_end", "month_start", "needs", "price_version", "prompt_tokens",
+                 "request_id", "selection")
 
     endpoint: EndpointConfig
     body: dict[str, Any]
@@ -132,6 +136,7 @@ class Plan(Caller):
     needs: Requirements
     money: int  # picodollars reserved against the budgets (0: no budget)
     budget: tuple[int, int]  # (monthly, daily) picodollars, -1 where none
+    price_version: int  # the price book's version the selection priced with
     request_id: str
     month: str
     month_start: int
@@ -155,12 +160,20 @@ class Admission:
         leases: the keeper of this process's reservations.
         store: the twin's store, told when a reply shows its connection out of step.
         breakers: the deployment's circuit breakers, as this process sees them.
+        prices: the price book in force (model profiles that may change at run time).
+        observed: what settled requests showed (completion averages, p99 latencies).
     """
 
     def __init__(self, config: Config, keys: KeySchema, credentials: Credentials,
-                 leases: LeaseKeeper, store: Any, breakers: BreakerBoard):
+                 leases: LeaseKeeper, store: Any, breakers: BreakerBoard, prices: PriceBook,
+                 observed: ObservedStats):
         self.config = config
         self.breakers = breakers
+        self.prices = prices
+        self.observed = observed
+        self._observed_latency = config.routing.use_observed_latency
+        self.fallback = FallbackPolicy(config.routing, breakers, self.no_healthy_model)
+        self.providers: Providers | None = None  # set by the gateway when configured
         self.budgets = Budgets(config)
         routing = config.routing
         self._strategy = routing.strategy
@@ -213,9 +226,16 @@ class Admission:
             return needs
         needs.stated_output = "max_tokens" in plan.body or "max_completion_tokens" in plan.body
         breakers = self.breakers
-        selection = select_model(plan.tier, self.config.models, needs,
+        prices = self.prices.current
+        plan.price_version = prices.version
+        observed = self.observed
+        selection = select_model(plan.tier, prices.models, needs,
                                  breakers.is_healthy if breakers.any_open else None,
-                                 strategy=self._strategy)
+                                 strategy=self._strategy,
+                                 averages=(None if needs.stated_output
+                                           else observed.averages(plan.endpoint.path)),
+                                 latencies=observed.latencies() if self._observed_latency
+                                 else None)
         if selection.chosen is None:
             if selection.unhealthy_only:
                 return self.no_healthy_model(
@@ -261,9 +281,14 @@ class Admission:
             return False
         if self._strategy != "cost_optimized":
             breakers = self.breakers
-            plan.selection = select_model(plan.tier, self.config.models, plan.needs,
-                                          breakers.is_healthy if breakers.any_open else None,
-                                          strategy=self._strategy, downgrade=True)
+            observed = self.observed
+            plan.selection = select_model(
+                plan.tier, self.prices.current.models, plan.needs,
+                breakers.is_healthy if breakers.any_open else None,
+                strategy=self._strategy, downgrade=True,
+                averages=(None if plan.needs.stated_output
+                          else observed.averages(plan.endpoint.path)),
+                latencies=observed.latencies() if self._observed_latency else None)
         return True
 
     # ---------------------------------------------------------------- the admit.lua call
@@ -359,14 +384,14 @@ class Admission:
         ticket = Ticket(plan.request_id, plan.tenant_id, tier.name,
                         self.keys.tenant(plan.tenant_id), plan.month, 0 if local else reserve,
                         plan.prompt_tokens, now_ms, started, plan.endpoint, local, chosen,
-                        member)
+                        member, plan.price_version)
         # Held also when admitted locally: admit.lua may have run with its reply lost, and
         # then Redis holds a reservation that the renewals keep (renew.lua skips others).
         self.leases.hold(plan.request_id, ticket.keys, member, started)
         ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=chosen,
                              candidates=selection.candidates, request_id=plan.request_id,
                              max_output_tokens=plan.max_output_tokens, body=plan.body,
-                             ticket=ticket)
+                             ticket=ticket, policy=self.fallback, providers=self.providers)
         if tier.rate_limit:
             limit, policy = self._rate_headers[tier.name]
             headers: tuple[tuple[str, str], ...] = (

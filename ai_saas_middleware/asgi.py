@@ -27,9 +27,10 @@ import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from .config import Config, EndpointConfig
+from .errors import RequestRefused
 from .gateway import AsyncGateway
 from .types import Decision, RequestInfo
 from .usage import ResponseMeter
@@ -211,6 +212,14 @@ class AISaaSMiddleware:
         failed = False
         try:
             await self.app(scope, replay_receive, metered_send)
+        except RequestRefused as exc:
+            # ctx.execute / ctx.complete ran out of models (NoHealthyModel): its 503, or
+            # routing.defaultResponse, is the answer, not a 500 (unless the response had
+            # begun: then it is too late to answer anything else).
+            failed = True
+            if meter.status:
+                raise
+            await send_decision(metered_send, cast(Decision, exc.decision))
         except BaseException as exc:
             # Cancelled (the client went away, a cancel scope, a shutdown): billed for what
             # was produced, as a hang-up; anything else is the app failing.

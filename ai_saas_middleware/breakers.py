@@ -9,21 +9,20 @@ failure opens it for another ``resetTimeout``.
 
 The state lives in Redis (``<prefix>:{breakers}:*``, one cluster slot; see
 :mod:`~ai_saas_middleware.store.keys`) and is written and read by ``breaker.lua`` only,
-from one daemon thread per process: never from a request. What a request pays:
+from the gateway's watch thread (:mod:`~ai_saas_middleware.watch`): never from a
+request. What a request pays:
 
 - routing asks :meth:`BreakerBoard.is_healthy`, a dict lookup in this process's view (and
   nothing at all while no breaker is open);
-- a failed call is queued for the thread, which wakes at once and records it (one round
-  trip, off the request; counted within milliseconds of the failure);
+- a failed call is queued for the thread, which records it within ``LISTEN_S`` (one round
+  trip, off the request);
 - a successful call costs nothing, unless it was the probe.
 
 Every transition (opened, opened again, closed) is announced on a channel
-(``<prefix>:{breakers}:changed``, Redis pub/sub); each process's thread listens and reads
-the state when told, so a breaker opened by one process is obeyed by every other within
-milliseconds, and an idle deployment sends Redis nothing. The thread subscribes, then
-reads, at its start and after every reconnection (nothing announced in between is
-missed); half-opening needs no message, the view holds each breaker's reset time. The
-first AI request of a process waits for that first read (once, at most ``READY_S``).
+(``<prefix>:{breakers}:changed``, Redis pub/sub); each process's watch thread listens and
+reads the state when told, so a breaker opened by one process is obeyed by every other
+within milliseconds, and an idle deployment sends Redis nothing. Half-opening needs no
+message: the view holds each breaker's reset time.
 
 The probe is claimed only by a process that has a request wanting the model (a request
 that found it open
@@ -34,11 +33,13 @@ after ``PROBE_LEASE_MS``.
 
 While Redis is unreachable the view stays as it was last read, and failures wait in a
 bounded queue until Redis answers.
+
+Without a watch attached (:meth:`BreakerBoard.attach`), nothing is recorded or read but
+by :meth:`BreakerBoard.refresh`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -49,13 +50,11 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from .config import CircuitBreakerConfig
-from .errors import StoreError, StoreRefused
+from .errors import StoreRefused
 from .store.keys import KeySchema
 
 __all__ = ["BreakerBoard"]
@@ -64,9 +63,6 @@ log = logging.getLogger("ai_saas_middleware")
 
 Store = Any  # a sync RedisStore (the board's thread is its only user)
 
-LISTEN_S = 0.1  # the longest a queued failure waits for the thread (it listens this long)
-RETRY_S = 1.0  # after Redis failed the thread, it tries again this much later
-READY_S = 0.5  # the longest a process's first AI request waits for the first read
 PROBE_IDLE_S = 5.0  # a probe claim no request took is given back after this
 PROBE_LEASE_MS = 120_000  # a claim of a process that died lapses after this
 _MAX_QUEUED = 10_000  # failures kept while Redis is unreachable
@@ -77,24 +73,19 @@ def _owner_prefix() -> str:
 
 
 class BreakerBoard:
-    """This process's view of the deployment's breakers, and the thread that keeps it.
+    """This process's view of the deployment's breakers (kept by a :class:`Watch`).
 
     Args:
         cfg: ``routing.circuitBreaker``.
         keys: the deployment's key schema (prefix).
-        store: a callable returning the sync store the thread uses (called on first use).
-        owns_store: close that store with the board.
         probe_idle_s: how long a probe claim no request took is kept (tests shorten it).
     """
 
-    def __init__(self, cfg: CircuitBreakerConfig, keys: KeySchema,
-                 store: Callable[[], Store], owns_store: bool = False, *,
+    def __init__(self, cfg: CircuitBreakerConfig, keys: KeySchema, *,
                  probe_idle_s: float = PROBE_IDLE_S):
         self.cfg = cfg
         self._keys = keys
-        self._store_factory = store
-        self._owns_store = owns_store
-        self._store: Store | None = None
+        self.channel = keys.breaker_channel
         self.probe_idle_s = probe_idle_s
         self._window_ms = max(1, int(cfg.window_s * 1000))
         self._reset_ms = max(1, int(cfg.reset_timeout_s * 1000))
@@ -108,37 +99,44 @@ class BreakerBoard:
         self._reports: deque[tuple[str, ...]] = deque(maxlen=_MAX_QUEUED)
         self._owner = _owner_prefix()
         self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
-        self._closed = False
-        self._failing = False
-        self._pubsub: Any = None  # the thread's subscription to the breaker channel
-        self._ready = threading.Event()  # set once the thread has read the state
+        self._watch: Any = None  # the Watch that keeps this board
         self._states: dict[str, tuple[int, str, int]] = {}  # as last read
         self.rounds = 0  # completed reads (tests wait on it)
         _boards.add(self)
+
+    def attach(self, watch: Any) -> None:
+        """The :class:`~ai_saas_middleware.watch.Watch` whose thread records and reads."""
+        self._watch = watch
+
+    def _started(self) -> None:
+        watch = self._watch
+        if watch is not None and not watch.started:
+            watch.start()
+
+    def _wake(self) -> None:
+        watch = self._watch
+        if watch is not None:
+            watch.wake()
 
     # ------------------------------------------------------------ the request side
 
     def is_healthy(self, model_id: str) -> bool:
         """May a request be routed to ``model_id`` now? False while its breaker is open,
         except for the one request that will carry the probe this process claimed."""
-        if self._thread is None:
-            self._start()
+        self._started()
         if model_id not in self._open:
             return True
         if model_id in self._claims:
             return True
         if self._server_ms() >= self._open.get(model_id, 0) and model_id not in self._wanted:
             self._wanted.add(model_id)  # past its reset: the thread claims the probe
-            self._wake.set()
+            self._wake()
         return False
 
     @property
     def any_open(self) -> bool:
         """True when some breaker is open (routing skips the health check otherwise)."""
-        if self._thread is None:
-            self._start()
+        self._started()
         return bool(self._open)
 
     def retry_after_s(self, model_ids: Iterable[str]) -> int:
@@ -172,43 +170,47 @@ class BreakerBoard:
 
     def _report(self, op: str, model_id: str, owner: str) -> None:
         self._reports.append((op, model_id, owner))
-        if self._thread is None:
-            self._start(wait=False)
-        self._wake.set()
+        self._wake()
 
     def _server_ms(self) -> float:
         return time.time() * 1000 + self._offset_ms
 
-    # ------------------------------------------------------------ the thread
+    # ------------------------------------------------------------ the watch's side
 
-    def refresh(self) -> None:
+    def refresh(self, store: Store) -> None:
         """Now, in the caller's thread: record queued failures and probe results, read
         every breaker, claim wanted probes, give back idle claims."""
-        store = self._sync_store()
-        self._flush(store)
-        self._read(store)
-        self._tend_probes(store)
+        self.flush(store)
+        self.read(store)
+        self.tend(store)
 
-    def _read(self, store: Store) -> None:
-        now, flat = store.run_script("breaker", [self._keys.breakers], ["read"])
-        self._offset_ms = int(now) - time.time() * 1000
+    def read(self, store: Store) -> None:
+        """Read every breaker's state, and the server's clock (plain commands, not a
+        script: a deployment's count of scripts run is its requests' alone)."""
+        flat = store.call("HGETALL", self._keys.breakers)
+        seconds, micros = store.call("TIME")
+        self._offset_ms = int(seconds) * 1000 + int(micros) // 1000 - time.time() * 1000
         states: dict[str, tuple[int, str, int]] = {}
-        for i in range(0, len(flat) - 1, 2):
-            model = _text(flat[i])
-            parts = _text(flat[i + 1]).split(" ")
+        # (redis-py answers HGETALL with a dict; a flat list where no callback applies)
+        pairs = (flat.items() if isinstance(flat, dict)
+                 else zip(flat[::2], flat[1::2], strict=False))
+        for raw_model, raw_state in pairs:
+            parts = _text(raw_state).split(" ")
             if len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit():
-                states[model] = (int(parts[0]), parts[1], int(parts[2]))
+                states[_text(raw_model)] = (int(parts[0]), parts[1], int(parts[2]))
         self._states = states
         self._open = {model: state[0] for model, state in states.items()}
         self.rounds += 1
 
-    def _tend_probes(self, store: Store) -> None:
+    def tend(self, store: Store) -> None:
+        """Claim the probes requests want; give back claims no request took."""
         if self._wanted:
             self._claim_wanted(store, int(self._server_ms()), self._states)
         if self._claims:
             self._give_back_idle(store, self._states)
 
-    def _flush(self, store: Store) -> None:
+    def flush(self, store: Store) -> None:
+        """Record the queued failures and probe results (a call each)."""
         while self._reports:
             op, model, owner = self._reports[0]
             if op == "fail":
@@ -265,103 +267,14 @@ class BreakerBoard:
             if model in states:
                 store.run_script("breaker", [self._keys.breakers], ["release", model, owner])
 
-    def _sync_store(self) -> Store:
-        if self._store is None:
-            self._store = self._store_factory()
-        return self._store
-
-    def _start(self, wait: bool = True) -> None:
-        with self._lock:
-            if self._thread is not None or self._closed:
-                return
-            # The thread holds the board weakly: a gateway dropped without close() takes
-            # its board, and then the thread, with it.
-            thread = threading.Thread(target=_loop, args=(weakref.ref(self), self._wake),
-                                      name="ai-saas-breakers", daemon=True)
-            self._thread = thread
-        thread.start()
-        if wait:
-            # The first request of a process waits (once, at most READY_S) for the first
-            # read, so that it routes by the deployment's breakers, not by none.
-            self._ready.wait(READY_S)
-
-    def _round(self) -> float:
-        """One round of the thread, never raising; returns how long to wait after it."""
-        self._wake.clear()  # before the round: a report made during it wakes the next
-        try:
-            store = self._sync_store()
-            self._flush(store)
-            if self._pubsub is None:
-                pubsub = store.client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self._keys.breaker_channel)
-                self._pubsub = pubsub
-                self._read(store)  # after subscribing: no change falls between the two
-                self._ready.set()
-            elif self._pubsub.get_message(timeout=LISTEN_S) is not None:
-                while self._pubsub.get_message(timeout=0) is not None:
-                    pass  # one read covers every change announced so far
-                self._read(store)
-            self._tend_probes(store)
-            if self._failing:
-                log.info("circuit breakers: Redis answers again")
-            self._failing = False
-            return 0.0
-        except (StoreError, RedisError, OSError) as exc:
-            self._drop_pubsub()
-            if not self._failing:  # once per outage
-                log.warning("circuit breakers not read or recorded (kept as last read): %s",
-                            exc)
-            self._failing = True
-            self._ready.set()  # a first request does not wait on an unreachable Redis
-        except Exception:  # the thread must outlive any surprise
-            self._drop_pubsub()
-            log.exception("the circuit breakers' round failed")
-        return RETRY_S
-
-    def _drop_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                pubsub.close()
-
-    def close(self) -> None:
-        """Stop the thread (the breakers' state stays in Redis for the other processes)."""
-        self._closed = True
-        self._wake.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(LISTEN_S + 1.0)  # it listens at most LISTEN_S at a time
-        self._drop_pubsub()
-        store, self._store = self._store, None
-        if store is not None and self._owns_store:
-            store.close()
-
     def _after_fork(self) -> None:
-        # A forked child has no thread; its claims and probes are its parent's.
-        self._thread = None
+        # A forked child's claims and probes are its parent's, not its own.
         self._lock = threading.Lock()
         self._claims = {}
         self._probing = {}
         self._wanted = set()
         self._reports = deque(maxlen=_MAX_QUEUED)
         self._owner = _owner_prefix()
-        self._store = None
-        self._pubsub = None  # the parent's connection: never read in the child
-        self._ready = threading.Event()
-        self._wake = threading.Event()
-
-
-def _loop(ref: weakref.ReferenceType[BreakerBoard], wake: threading.Event) -> None:
-    while True:
-        board = ref()
-        if board is None or board._closed:
-            if board is not None:
-                board._drop_pubsub()
-            return
-        pause = board._round()
-        del board
-        if pause:
-            wake.wait(pause)
 
 
 def _text(value: Any) -> str:

@@ -3,17 +3,25 @@ usage a handler records on its context."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import EndpointConfig, ModelProfile
+from .estimate import estimate_tokens
 from .store.keys import TenantKeys
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fallback import FallbackPolicy
+    from .providers import Message, Providers, Reply
 
 __all__ = ["RequestContext", "Ticket", "Usage"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("ai_saas_middleware")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +55,7 @@ class Ticket:
     local: bool = False  # admitted by the per-process allowance while Redis was down
     model: ModelProfile | None = None  # the chosen model, for settle() without a context
     reservation: str = ""  # its member of the tenant's reservations (keys.reservation_member)
+    price_version: int = 0  # the price book's version its models' prices come from
 
 
 class RequestContext:
@@ -57,7 +66,8 @@ class RequestContext:
         tier: the tenant's tier name.
         model: the selected :class:`~ai_saas_middleware.config.ModelProfile` (cheapest that
             meets the request's needs).
-        candidates: every eligible model, cheapest first; ``execute`` falls back along it.
+        candidates: every eligible model, best first by the strategy; ``execute`` and
+            ``complete`` fall back among them (see :mod:`~ai_saas_middleware.fallback`).
         request_id: unique id, also the ``X-Request-ID`` response header and the
             idempotency key of billing.
         max_output_tokens: output tokens reserved for this request; pass it to the provider.
@@ -65,6 +75,8 @@ class RequestContext:
     """
 
     __slots__ = (
+        "_policy",
+        "_providers",
         "answered_by",
         "body",
         "candidates",
@@ -77,12 +89,14 @@ class RequestContext:
         "tenant_id",
         "ticket",
         "tier",
+        "truncated",
         "usage",
     )
 
     def __init__(self, *, tenant_id: str, tier: str, model: ModelProfile,
                  candidates: tuple[ModelProfile, ...], request_id: str, max_output_tokens: int,
-                 body: dict[str, object], ticket: Ticket):
+                 body: dict[str, object], ticket: Ticket, policy: FallbackPolicy,
+                 providers: Providers | None = None):
         self.tenant_id = tenant_id
         self.tier = tier
         self.model = model
@@ -96,6 +110,9 @@ class RequestContext:
         self.answered_by: ModelProfile | None = None
         self.fallback_from: str | None = None
         self.failed = False
+        self.truncated = False  # a stream was cut after its first text
+        self._policy = policy
+        self._providers = providers
 
     def __repr__(self) -> str:
         return (f"RequestContext(tenant_id={self.tenant_id!r}, tier={self.tier!r}, "
@@ -144,37 +161,197 @@ class RequestContext:
         self.answered_by = model
         self.fallback_from = self.model.id if model.id != self.model.id else None
 
-    def execute(self, call: Callable[[ModelProfile], T]) -> T:
-        """Run ``call(model)`` on the chosen model, falling back along ``candidates``.
+    # ------------------------------------------------------------ calling models
 
-        Returns what the first successful call returns and records which model answered.
-        Raises the last error when every candidate failed (the request is then settled
-        as failed and its reservation released, unless usage was recorded).
+    def execute(self, call: Callable[[ModelProfile], T]) -> T:
+        """Run ``call(model)`` on the chosen model, falling back when it fails.
+
+        The order and the rules are :mod:`~ai_saas_middleware.fallback`'s: the chosen
+        model, then ``routing.fallbackChain`` from the failed model onward, then the other
+        candidates, skipping open breakers; every attempt feeds the breakers. Returns what
+        the first successful call returns and records which model answered.
+
+        Raises:
+            NoHealthyModel: every model failed or has an open breaker (from the last
+                failure); a web adapter renders it as the 503 ``no_healthy_model`` (or
+                ``routing.defaultResponse``).
+            Exception: what ``call`` raised when it is not a model's failure (a 4xx, a
+                bug): at once, with no fallback.
         """
+        policy = self._policy
         last: BaseException | None = None
-        for model in self.candidates:
+        for model, probe in policy.attempts(self.candidates):
             try:
                 result = call(model)
             except Exception as exc:
+                if not policy.ended(model, probe, exc):
+                    self.failed = True
+                    raise
                 last = exc
                 continue
+            policy.ended(model, probe, None)
             self._answered(model)
             return result
         self.failed = True
-        assert last is not None
-        raise last
+        raise policy.none_left(self.candidates) from last
 
     async def aexecute(self, call: Callable[[ModelProfile], Awaitable[T]]) -> T:
         """Asyncio twin of :meth:`execute`."""
+        policy = self._policy
         last: BaseException | None = None
-        for model in self.candidates:
+        for model, probe in policy.attempts(self.candidates):
             try:
                 result = await call(model)
             except Exception as exc:
+                if not policy.ended(model, probe, exc):
+                    self.failed = True
+                    raise
                 last = exc
                 continue
+            policy.ended(model, probe, None)
             self._answered(model)
             return result
         self.failed = True
-        assert last is not None
-        raise last
+        raise policy.none_left(self.candidates) from last
+
+    def complete(self, messages: Sequence[Message], **params: Any) -> Reply:
+        """Ask the chosen model's provider (``providers:``) for a whole reply, through the
+        fallback chain (see :meth:`execute`), and record the provider's usage.
+
+        ``max_tokens`` defaults to :attr:`max_output_tokens` (what was reserved); other
+        ``params`` go to the provider as they are (``temperature`` ...).
+        """
+        providers = self._providers_or_raise()
+        max_tokens = self._max_tokens(params)
+
+        def call(model: ModelProfile) -> Reply:
+            return providers.provider_for(model).complete(model.id, messages,
+                                                          max_tokens=max_tokens, **params)
+
+        reply = self.execute(call)
+        self._record_reply(reply)
+        return reply
+
+    async def acomplete(self, messages: Sequence[Message], **params: Any) -> Reply:
+        """Asyncio twin of :meth:`complete`."""
+        providers = self._providers_or_raise()
+        max_tokens = self._max_tokens(params)
+
+        async def call(model: ModelProfile) -> Reply:
+            return await providers.provider_for(model).acomplete(
+                model.id, messages, max_tokens=max_tokens, **params)
+
+        reply = await self.aexecute(call)
+        self._record_reply(reply)
+        return reply
+
+    def stream(self, messages: Sequence[Message], **params: Any) -> Iterator[str]:
+        """The chosen model's answer as text deltas, through the fallback chain.
+
+        A stream that fails before its first delta was handed out falls back to the next
+        model; one cut after that ends here, billed for what was produced (the provider's
+        usage when it sent some, else an estimate of the text) and its event says
+        ``truncated``. At the end the provider's usage is recorded.
+        """
+        providers = self._providers_or_raise()
+        max_tokens = self._max_tokens(params)
+        policy = self._policy
+        last: BaseException | None = None
+        for model, probe in policy.attempts(self.candidates):
+            stream = providers.provider_for(model).stream(model.id, messages,
+                                                          max_tokens=max_tokens, **params)
+            try:
+                yield from stream
+            except Exception as exc:
+                stream.close()
+                failure = policy.ended(model, probe, exc)
+                if stream.started:
+                    self._cut(model, stream, exc)
+                    return
+                if not failure:
+                    self.failed = True
+                    raise
+                last = exc
+                continue
+            finally:
+                stream.close()
+            policy.ended(model, probe, None)
+            self._answered(model)
+            self._record_stream(model, stream)
+            return
+        self.failed = True
+        raise policy.none_left(self.candidates) from last
+
+    async def astream(self, messages: Sequence[Message], **params: Any) -> AsyncIterator[str]:
+        """Asyncio twin of :meth:`stream`."""
+        providers = self._providers_or_raise()
+        max_tokens = self._max_tokens(params)
+        policy = self._policy
+        last: BaseException | None = None
+        for model, probe in policy.attempts(self.candidates):
+            stream = providers.provider_for(model).astream(model.id, messages,
+                                                           max_tokens=max_tokens, **params)
+            try:
+                async for delta in stream:
+                    yield delta
+            except Exception as exc:
+                await stream.aclose()
+                failure = policy.ended(model, probe, exc)
+                if stream.started:
+                    self._cut(model, stream, exc)
+                    return
+                if not failure:
+                    self.failed = True
+                    raise
+                last = exc
+                continue
+            finally:
+                await stream.aclose()
+            policy.ended(model, probe, None)
+            self._answered(model)
+            self._record_stream(model, stream)
+            return
+        self.failed = True
+        raise policy.none_left(self.candidates) from last
+
+    def _providers_or_raise(self) -> Providers:
+        if self._providers is None:
+            raise RuntimeError("ctx.complete/ctx.stream need a providers: section in the "
+                               "configuration (or call your provider yourself with "
+                               "ctx.execute)")
+        return self._providers
+
+    def _max_tokens(self, params: dict[str, Any]) -> int:
+        asked = params.pop("max_tokens", None)
+        if asked is None:
+            return self.max_output_tokens
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+            raise ValueError(f"max_tokens must be a whole number >= 1, found {asked!r}")
+        return min(asked, self.max_output_tokens)  # never more than was reserved
+
+    def _record_reply(self, reply: Reply) -> None:
+        if self.usage is None:  # the handler's own record_usage takes precedence
+            prompt = reply.prompt_tokens
+            completion = reply.completion_tokens
+            self.usage = Usage(self.ticket.prompt_estimate if prompt is None else prompt,
+                               estimate_tokens(len(reply.text)) if completion is None
+                               else completion,
+                               "provider" if prompt is not None and completion is not None
+                               else "estimate")
+
+    def _record_stream(self, model: ModelProfile, stream: Any) -> None:
+        if self.usage is None:
+            prompt, completion = stream.prompt_tokens, stream.completion_tokens
+            self.usage = Usage(self.ticket.prompt_estimate if prompt is None else prompt,
+                               estimate_tokens(len(stream.text)) if completion is None
+                               else completion,
+                               "provider" if prompt is not None and completion is not None
+                               else "estimate")
+
+    def _cut(self, model: ModelProfile, stream: Any, exc: BaseException) -> None:
+        log.warning("request %s: the stream of %s was cut after its first text (%s); "
+                    "billed for what was produced, marked truncated",
+                    self.request_id, model.id, exc)
+        self._answered(model)
+        self.truncated = True
+        self._record_stream(model, stream)

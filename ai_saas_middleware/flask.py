@@ -82,12 +82,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 try:
-    from flask import Blueprint, Flask, Request, current_app, g, request
+    from flask import Blueprint, Flask, Request, Response, current_app, g, request
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides Flask
     raise ImportError("ai_saas_middleware.flask needs Flask: "
                       "pip install 'ai-saas-middleware[flask]'") from exc
 
-from .errors import ConfigError, ConfigProblem
+from .errors import ConfigError, ConfigProblem, RequestRefused
 from .gateway import Gateway
 from .wsgi import (
     ENVIRON_KEY,
@@ -176,6 +176,9 @@ class AISaaS:
         app.extensions[EXTENSION_KEY] = AISaaSState(self, gateway, self.resolver)
         # First of the app's hooks, so that the others (and any that answer early) see it.
         app.before_request_funcs.setdefault(None, []).insert(0, _context_to_g)
+        # ctx.execute / ctx.complete out of models (NoHealthyModel): its 503, or
+        # routing.defaultResponse, is the answer, not Flask's 500.
+        app.register_error_handler(RequestRefused, _refusal_response)
 
     @property
     def gateway(self) -> Gateway:
@@ -193,6 +196,11 @@ def _state(app: Flask) -> AISaaSState:
 
 def _context_to_g() -> None:
     g.ai = request.environ.get(ENVIRON_KEY)
+
+
+def _refusal_response(exc: RequestRefused) -> Response:
+    decision = exc.decision
+    return Response(decision.body, status=decision.status, headers=list(decision.headers))
 
 
 def _in_request_context(app: Flask, resolver: RequestResolver) -> Resolver:

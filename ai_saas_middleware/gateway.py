@@ -67,6 +67,9 @@ from .errors import (
 )
 from .inputs import declared_length, too_large
 from .leases import LeaseKeeper
+from .observed import ObservedStats
+from .pricebook import PriceBook
+from .providers import build_providers
 from .settlement import Settlement
 from .spool import Spool
 from .startup import check_redis_at_startup
@@ -74,6 +77,7 @@ from .store.keys import KeySchema
 from .store.redis import AsyncRedisStore, RedisStore
 from .types import Decision, Outcome, RequestInfo
 from .usage_query import UsageQuery
+from .watch import Watch
 
 __all__ = ["AsyncGateway", "Gateway"]
 
@@ -113,10 +117,18 @@ class _Core:
         ``sync_store()``), and the admission that uses them."""
         self.store = store
         self.leases = leases
-        self.breakers = BreakerBoard(self.config.routing.circuit_breaker, self.keys,
-                                     sync_store, owns_store=owns_sync_store)
+        cfg = self.config
+        self.breakers = BreakerBoard(cfg.routing.circuit_breaker, self.keys)
+        self.prices = PriceBook(cfg, self.keys, sync_store, thread=False)
+        self.observed = ObservedStats(self.keys, sync_store, thread=False)
+        # One thread keeps all three current (pub/sub; nothing while idle).
+        self.watch = Watch(sync_store, owns_sync_store, self.breakers, self.prices,
+                           self.observed)
         self.admission = Admission(self.config, self.keys, self.credentials, leases, store,
-                                   self.breakers)
+                                   self.breakers, self.prices, self.observed)
+        # The provider layer, when configured (reads each apiKeyEnv now; no connection).
+        self.providers = build_providers(cfg) if cfg.providers else None
+        self.admission.providers = self.providers
         self.allowance = self.admission.allowance
 
     def check_redis(self) -> None:
@@ -148,7 +160,10 @@ class _Core:
         """The request's settle.lua call; its lease ends here (settle.lua releases what
         Redis holds of the reservation)."""
         self.leases.drop(ticket.request_id)
-        return self.settlement.call(ticket, outcome, ctx)
+        call, sample = self.settlement.call(ticket, outcome, ctx)
+        if sample is not None:
+            self.watch.record(*sample)
+        return call
 
     # ---------------------------------------------------------------- background jobs
 
@@ -297,7 +312,7 @@ class Gateway(_Core):
             self.settle(ticket, self._job_outcome(ctx, failed), ctx)
 
     def close(self) -> None:
-        self.breakers.close()
+        self.watch.close()
         self.leases.close()
         self.store.close()
 
@@ -416,7 +431,7 @@ class AsyncGateway(_Core):
             await self.settle(ticket, self._job_outcome(ctx, failed), ctx)
 
     async def close(self) -> None:
-        self.breakers.close()
+        self.watch.close()
         self.leases.close()
         await self.store.close()
 

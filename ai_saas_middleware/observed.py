@@ -124,12 +124,16 @@ class ObservedStats:
         poll_s: how often the thread pushes and reads (tests shorten it).
         min_latency_samples: samples in the window before a model has an observed p99.
         min_completion_samples: completions seen before a pair has an average.
+        thread: run a thread of its own that pushes every ``poll_s``; a gateway passes
+            False, and its :class:`~ai_saas_middleware.watch.Watch` pushes while samples
+            wait (an idle process sends nothing).
     """
 
     def __init__(self, keys: KeySchema, store: Callable[[], Store], owns_store: bool = False,
                  poll_s: float = POLL_S, min_latency_samples: int = MIN_LATENCY_SAMPLES,
-                 min_completion_samples: int = MIN_COMPLETION_SAMPLES):
+                 min_completion_samples: int = MIN_COMPLETION_SAMPLES, thread: bool = True):
         self._keys = keys
+        self._threaded = thread  # False: a gateway's Watch calls flush() while samples wait
         self._store_factory = store
         self._owns_store = owns_store
         self._store: Store | None = None
@@ -171,6 +175,11 @@ class ObservedStats:
         """Model id -> the p99 latency (ms) observed over the window, deployment-wide,
         for the models with at least ``min_latency_samples`` samples in it."""
         return self._latencies
+
+    @property
+    def has_pending(self) -> bool:
+        """Something waits to be pushed (no lock: the watch thread asks every round)."""
+        return bool(self._samples or self._latency or self._completions)
 
     @property
     def pending(self) -> int:
@@ -283,6 +292,8 @@ class ObservedStats:
         return self._store
 
     def _start(self) -> None:
+        if not self._threaded:
+            return
         with self._lock:
             if self._thread is not None or self._closed:
                 return

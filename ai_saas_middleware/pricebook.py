@@ -251,15 +251,20 @@ class PriceBook:
         store: a callable returning the sync store the thread uses (called on first use).
         owns_store: close that store with the book.
         poll_s: how often the version is read (tests shorten it).
+        thread: run a thread of its own that polls; a gateway passes False, and its
+            :class:`~ai_saas_middleware.watch.Watch` refreshes the book when a new
+            version is announced (no polling).
 
     The request side reads :attr:`current` once per request (version and models that
     belong together); :attr:`models` and :attr:`version` are shorthands for one of them.
     """
 
     def __init__(self, config: Config, keys: KeySchema, store: Callable[[], Store],
-                 owns_store: bool = False, poll_s: float = POLL_S):
+                 owns_store: bool = False, poll_s: float = POLL_S, thread: bool = True):
         self.config = config
         self._keys = keys
+        self.channel = keys.models_channel  # where a new version is announced
+        self._threaded = thread  # False: a gateway's Watch calls refresh() when announced
         self._store_factory = store
         self._owns_store = owns_store
         self._store: Store | None = None
@@ -332,6 +337,8 @@ class PriceBook:
         return self._store
 
     def _start(self) -> None:
+        if not self._threaded:
+            return
         with self._lock:
             if self._thread is not None or self._closed:
                 return
@@ -459,7 +466,8 @@ class PriceBookAdmin:
     def _write(self, expected: int, model_id: str, encoded: str) -> bool:
         written, _version = self.store.call(
             "EVAL", load_script("pricebook"), 3, self.keys.models_book, self.keys.models_version,
-            self.keys.models_history, "write", expected, model_id, encoded)
+            self.keys.models_history, "write", expected, model_id, encoded,
+            self.keys.models_channel)
         return bool(int(written))
 
     def _snapshot_after(self) -> PriceSnapshot:

@@ -57,8 +57,11 @@ class Settlement:
     def __init__(self, config: Config):
         self._dedupe_ttl_s = config.redis.dedupe_ttl_s
 
-    def call(self, ticket: Ticket, outcome: Outcome, ctx: RequestContext | None) -> ScriptCall:
-        """The settle.lua call for the request's usage event."""
+    def call(self, ticket: Ticket, outcome: Outcome, ctx: RequestContext | None
+             ) -> tuple[ScriptCall, tuple[str, str, int, int] | None]:
+        """The settle.lua call for the request's usage event, and what it tells the
+        observed statistics (endpoint pattern, model, completion tokens, latency ms; None
+        when the request got no answer)."""
         prompt_tokens, completion_tokens, source = usage_counts(ticket, ctx, outcome)
         model = (ctx.answered_by or ctx.model) if ctx is not None else ticket.model
         assert model is not None
@@ -82,11 +85,16 @@ class Settlement:
             "ts", _iso(ticket.admitted_ms),
             "endpoint", ticket.endpoint.path if ticket.endpoint is not None else "",
             "client_disconnected", "true" if outcome.disconnected else "false",
+            "price_version", ticket.price_version,
+            "truncated", "true" if ctx is not None and ctx.truncated else "false",
         ]
         keys = ticket.keys
+        sample = None
+        if completion_tokens and outcome.status < 400 and ticket.endpoint is not None:
+            sample = (ticket.endpoint.path, model.id, completion_tokens, latency_ms)
         # The real tokens, not a delta: settle.lua releases what Redis holds of this
         # request's reservation, which a lost admission reply leaves unknown here.
         return ("settle", [keys.quota(ticket.month), keys.stream, keys.settled(ticket.request_id),
                            keys.reservations],
                 [prompt_tokens + completion_tokens, self._dedupe_ttl_s, QUOTA_TTL_S,
-                 ticket.reservation, *event])
+                 ticket.reservation, *event]), sample

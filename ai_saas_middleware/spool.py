@@ -64,8 +64,10 @@ EVENT_FIELDS = frozenset({
     "request_id", "tenant_id", "tier", "model_id", "provider", "prompt_tokens",
     "completion_tokens", "usage_source", "cost", "latency_ms", "status", "cache",
     "fallback_from", "outcome_value", "ts", "endpoint", "client_disconnected",
+    "price_version", "truncated",
 })
-_INTEGER_FIELDS = ("prompt_tokens", "completion_tokens", "latency_ms", "status")
+_INTEGER_FIELDS = ("prompt_tokens", "completion_tokens", "latency_ms", "status",
+                   "price_version")
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
 _COST = re.compile(r"[0-9]{1,20}(\.[0-9]{1,30})?")
 _RESERVATION = re.compile(  # after '<request id> ': tokens, month[, picodollars, day]

@@ -33,11 +33,12 @@ import io
 import os
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from .bodies import MeteredBody, read_request_body, settle_quietly
 from .config import Config
 from .environ import environ_headers, request_path
+from .errors import RequestRefused
 from .gateway import Gateway
 from .types import Decision, RequestInfo
 from .usage import ResponseMeter
@@ -149,6 +150,14 @@ class AISaaSMiddleware:
 
         try:
             app_body = self.app(environ, metered_start_response)
+        except RequestRefused as exc:
+            # ctx.execute / ctx.complete ran out of models (NoHealthyModel): its 503, or
+            # routing.defaultResponse, is the answer, not a 500.
+            if meter.status:
+                settle_quietly(self.gateway, ticket, meter.outcome(failed=True), ctx)
+                raise
+            ctx.failed = True
+            app_body = decision_response(cast(Decision, exc.decision), metered_start_response)
         except BaseException:
             settle_quietly(self.gateway, ticket, meter.outcome(failed=True), ctx)
             raise

@@ -21,6 +21,9 @@ anything else       200, ``"Hello from <model>"``; usage: prompt tokens = words 
 ``stream-error``    (Anthropic) a stream with an ``error`` event after one delta
 ==================  ===========================================================
 
+A model listed in :attr:`StandIn.failing` gets 503s until it is removed (a model that
+goes down and recovers); :meth:`StandIn.calls` counts the requests that named a model.
+
 Every request's path, headers and JSON body are kept in :attr:`StandIn.requests`, so a
 test can see what reached the provider (the API key header, ``stream_options``).
 
@@ -65,6 +68,13 @@ class StandIn:
     _thread: threading.Thread | None = None
     _hanging: set[asyncio.StreamWriter] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    failing: set[str] = field(default_factory=set)  # models answered 503 while listed here
+
+    def calls(self, model: str) -> int:
+        """How many requests named ``model`` so far."""
+        with self._lock:
+            return sum(1 for r in self.requests
+                       if isinstance(r.body, dict) and r.body.get("model") == model)
 
     @property
     def base_url(self) -> str:
@@ -150,6 +160,8 @@ class StandIn:
             await writer.drain()
             return True
         model = str(body.get("model", ""))
+        if model in self.failing:
+            model = "status-503"
         if model.startswith("status-"):
             status = int(model[len("status-"):])
             message = "boom"

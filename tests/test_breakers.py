@@ -17,24 +17,25 @@ from ai_saas_middleware.breakers import BreakerBoard
 from ai_saas_middleware.config import CircuitBreakerConfig, RedisConfig
 from ai_saas_middleware.store.keys import KeySchema
 from ai_saas_middleware.store.redis import RedisStore
+from ai_saas_middleware.watch import Watch
 
 CFG = CircuitBreakerConfig(error_threshold=3, reset_timeout_s=0.4, window_s=30.0)
 
 
 @pytest.fixture
 def boards(redis_server_url: str, key_prefix: str) -> Iterator[Callable[..., BreakerBoard]]:
-    made: list[BreakerBoard] = []
+    """``boards()``: a board kept by a watch thread of its own, on a store of its own (a
+    process, as far as Redis can tell)."""
+    made: list[Watch] = []
 
     def make(cfg: CircuitBreakerConfig = CFG, **kw: Any) -> BreakerBoard:
-        board = BreakerBoard(cfg, KeySchema(key_prefix, 16),
-                             lambda: RedisStore(RedisConfig(), redis_server_url),
-                             owns_store=True, **kw)
-        made.append(board)
+        board = BreakerBoard(cfg, KeySchema(key_prefix, 16), **kw)
+        made.append(Watch(lambda: RedisStore(RedisConfig(), redis_server_url), True, board))
         return board
 
     yield make
-    for board in made:
-        board.close()
+    for watch in made:
+        watch.close()
 
 
 def fail(board: BreakerBoard, model: str, times: int = 1) -> None:
@@ -156,14 +157,12 @@ def test_a_failure_of_a_call_begun_before_the_breaker_opened_changes_nothing(boa
 
 
 def test_failures_wait_while_redis_is_unreachable(key_prefix):
-    board = BreakerBoard(CircuitBreakerConfig(error_threshold=1), KeySchema(key_prefix, 16),
-                         lambda: RedisStore(RedisConfig(socket_timeout_s=0.05,
-                                                        connect_timeout_s=0.05),
-                                            "redis://127.0.0.1:1/0"),
-                         owns_store=True)
+    board = BreakerBoard(CircuitBreakerConfig(error_threshold=1), KeySchema(key_prefix, 16))
+    watch = Watch(lambda: RedisStore(RedisConfig(socket_timeout_s=0.05, connect_timeout_s=0.05),
+                                     "redis://127.0.0.1:1/0"), True, board)
     try:
         fail(board, "m1")
         time.sleep(0.2)
         assert board.is_healthy("m1") and len(board._reports) == 1  # kept, not lost
     finally:
-        board.close()
+        watch.close()

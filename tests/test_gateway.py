@@ -38,7 +38,7 @@ from ai_saas_middleware import (
     load_config,
 )
 from ai_saas_middleware.cli import main
-from ai_saas_middleware.errors import AISaaSError
+from ai_saas_middleware.errors import AISaaSError, NoHealthyModel
 from ai_saas_middleware.estimate import estimate_prompt_tokens, estimate_tokens
 from ai_saas_middleware.store.redis import RedisStore
 from ai_saas_middleware.tenants import TenantAdmin
@@ -856,9 +856,13 @@ def test_when_every_candidate_fails_the_job_fails_and_its_reservation_is_release
     def provider(model: Any) -> str:
         raise TimeoutError(model.id)
 
-    with pytest.raises(TimeoutError):
+    with pytest.raises(NoHealthyModel) as raised:
         with gateway.request(tenant_id="globex", body=chat(max_tokens=50)) as ctx:
             ctx.execute(provider)
+
+    assert isinstance(raised.value.__cause__, TimeoutError)  # the last failure
+    assert (raised.value.decision.status, raised.value.decision.error_code) == (
+        503, "no_healthy_model")
 
     assert quota_used("globex") == 0
     assert events()[0]["status"] == "500"

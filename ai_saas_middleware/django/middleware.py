@@ -50,7 +50,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 from asgiref.sync import (
     async_to_sync,
@@ -76,7 +76,7 @@ from ..bodies import (
 from ..config import Config, EndpointConfig, load_config
 from ..context import RequestContext, Ticket
 from ..environ import environ_headers
-from ..errors import ConfigError
+from ..errors import ConfigError, RequestRefused
 from ..gateway import AsyncGateway, Gateway
 from ..types import Decision, RequestInfo
 from ..usage import ResponseMeter
@@ -327,6 +327,15 @@ class AISaaSMiddleware:
         return self._ai_request(request, endpoint)
 
     # ------------------------------------------------------------ sync (WSGI)
+
+    def process_exception(self, request: HttpRequest, exception: Exception
+                          ) -> HttpResponse | None:
+        """A view that let ``ctx.execute`` / ``ctx.complete``'s NoHealthyModel out: its 503
+        (or ``routing.defaultResponse``) is the answer, not Django's 500."""
+        if isinstance(exception, RequestRefused) and getattr(request, "ai", None) is not None:
+            request.ai.failed = True
+            return render(cast(Decision, exception.decision))
+        return None
 
     def _ai_request(self, request: HttpRequest, endpoint: EndpointConfig) -> HttpResponseBase:
         gateway = self.gateway

@@ -33,6 +33,7 @@ them; each has a hash tag of its own (one slot each, read by one thread per proc
     <prefix>:{models}:book                        overrides (hash: model -> JSON of fields)
     <prefix>:{models}:version                     the price book's version (integer)
     <prefix>:{models}:history                     every version's book (hash: version -> JSON)
+    <prefix>:{models}:changed                     channel: a new version of the book
     <prefix>:{stats}:completions                  decayed completion sums (hash: endpoint
                                                   and model -> '<sum> <weight> <count>')
     <prefix>:{stats}:lat:<minute>                 one minute's latency histogram (hash:
@@ -157,6 +158,11 @@ class KeySchema:
     def models_version(self) -> str:
         """The price book's version (an integer, INCR'd by every change; absent: 0)."""
         return f"{self.prefix}:{{models}}:version"
+
+    @property
+    def models_channel(self) -> str:
+        """Pub/sub channel on which every new price-book version is announced."""
+        return f"{self.prefix}:{{models}}:changed"
 
     @property
     def models_history(self) -> str:

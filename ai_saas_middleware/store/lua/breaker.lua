@@ -6,7 +6,8 @@
 --          lease until ms>'; a model without a field is closed
 -- KEYS[2]  the model's recent failures (sorted set: unique id -> ms); ops fail only
 -- ARGV[1]  op:
---   read                      -> {now_ms, {model, state, ...}}
+--   read                      -> {now_ms, {model, state, ...}} (the watch reads with
+--                                plain HGETALL and TIME instead)
 --   fail  model window_ms threshold reset_ms failure_id probe_owner|'-' channel
 --                             -> {now_ms, open 0|1, open until ms}
 --         A closed breaker logs the failure and opens once the window holds threshold

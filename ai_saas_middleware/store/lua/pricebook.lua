@@ -8,12 +8,14 @@
 -- ARGV[1]  op:
 --   read                          -> {version, {model, json, ...}}
 --         The version and the book it names, read together (atomically).
---   write expected model json|''  -> {written 0|1, version}
+--   write expected model json|'' channel -> {written 0|1, version}
 --         Only when the version is still `expected` (the writer validated the model's
 --         new fields against the book of that version): sets the model's overrides
 --         (json) or drops them (''), INCRs the version and files the whole new book
 --         under the new version in the history, all in this one step. Otherwise
 --         writes nothing and answers the current version (the writer reads again).
+--         A new version is announced on the channel (PUBLISH channel version), so that
+--         every process reads it at once.
 local op = ARGV[1]
 if op == 'read' then
   return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('HGETALL', KEYS[1])}
@@ -42,4 +44,7 @@ end
 redis.call('HSET', KEYS[3], tostring(version), '{"ts":' .. string.format('%d', ms)
            .. ',"model":' .. cjson.encode(model) .. ',"book":{' .. table.concat(parts, ',')
            .. '}}')
+if ARGV[5] then
+  redis.call('PUBLISH', ARGV[5], tostring(version))
+end
 return {1, version}
