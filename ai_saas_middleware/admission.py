@@ -34,7 +34,7 @@ from .leases import LeaseKeeper
 from .responses import refusal
 from .routing import Selection, select_model
 from .store.keys import KeySchema, reservation_member
-from .types import Decision, RequestInfo
+from .types import Decision, RequestInfo, allowed_decision
 
 __all__ = ["ADMIT_ATTEMPTS", "QUOTA_TTL_S", "WINDOW_MS", "Admission", "Plan", "ScriptCall"]
 
@@ -286,7 +286,7 @@ class Admission:
                 ("ratelimit-reset", str(-(-reset_ms // 1000))), policy)
         else:
             headers = (("x-request-id", plan.request_id), ("x-ai-model", chosen.id))
-        return Decision(True, 200, headers, context=ctx, ticket=ticket)
+        return allowed_decision(headers, ctx, ticket)
 
     def _refused_by_limit(self, plan: Plan, reply: list[Any]) -> Decision:
         tier = plan.tier

@@ -34,7 +34,7 @@ from typing import Any
 
 from . import jsonbytes
 from .estimate import estimate_prompt_tokens, estimate_tokens
-from .types import Outcome
+from .types import Outcome, new_outcome
 
 __all__ = ["ResponseMeter", "estimate_prompt_tokens", "estimate_tokens", "usage_from"]
 
@@ -603,13 +603,8 @@ class ResponseMeter:
         usage = None
         if self._prompt is not None and self._completion is not None:
             usage = (self._prompt, max(self._completion, floor_tokens(self._chars)))
-        return Outcome(
-            status=self.status or 500,
-            provider_usage=usage,
-            completion_chars=self._chars,
-            failed=failed,
-            disconnected=disconnected or (not self.complete and not failed),
-        )
+        return new_outcome(self.status or 500, usage, self._chars, failed,
+                           disconnected or (not self.complete and not failed))
 
     @property
     def provider_usage(self) -> tuple[int, int] | None:
