@@ -41,7 +41,7 @@ from .providers import Providers
 from .responses import refusal
 from .routing import Requirements, Selection, select_model
 from .store.keys import KeySchema, reservation_member
-from .types import Decision, RequestInfo
+from .types import Decision, RequestInfo, allowed_decision
 
 __all__ = ["ADMIT_ATTEMPTS", "QUOTA_TTL_S", "WINDOW_MS", "Admission", "Plan", "ScriptCall"]
 
@@ -402,7 +402,7 @@ class Admission:
             headers = (("x-request-id", plan.request_id), ("x-ai-model", chosen.id))
         if downgraded:
             headers += (("x-ai-routing", "downgraded"),)
-        return Decision(True, 200, headers, context=ctx, ticket=ticket)
+        return allowed_decision(headers, ctx, ticket)
 
     def _refused_by_limit(self, plan: Plan, reply: list[Any]) -> Decision:
         tier = plan.tier

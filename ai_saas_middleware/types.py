@@ -8,7 +8,7 @@ and hands the resulting :class:`Outcome` to ``settle()``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # Usage is what a handler records on its context, so it lives with the context (the
 # module below this one) and is re-exported here, its documented home.
@@ -62,3 +62,50 @@ class Outcome:
     completion_chars: int = 0  # text produced, for an estimate when no usage was seen
     failed: bool = False  # the handler raised, or the upstream call failed
     disconnected: bool = False  # the client went away before the end
+
+
+# The hot path builds a Decision and an Outcome on every AI request. A frozen dataclass's
+# __init__ sets each field through object.__setattr__ (about 1.9 us for a Decision, 1 us for
+# an Outcome); the slots' own descriptors set the same fields of the same frozen object in
+# about a third of the time. Internal: the adapters and the core use these two; they name
+# every field, in order, and stop the import if the classes' fields ever differ.
+_DECISION_FIELDS = ("allowed", "status", "headers", "body", "error_code", "error_message",
+                    "retry_after_s", "context", "ticket")
+_OUTCOME_FIELDS = ("status", "provider_usage", "completion_chars", "failed", "disconnected")
+if (tuple(f.name for f in fields(Decision)) != _DECISION_FIELDS
+        or tuple(f.name for f in fields(Outcome)) != _OUTCOME_FIELDS):  # pragma: no cover
+    raise ImportError("types.py: allowed_decision/new_outcome name other fields than "
+                      "Decision/Outcome have")
+_new = object.__new__
+_d_allowed, _d_status, _d_headers, _d_body, _d_code, _d_message, _d_retry, _d_context, \
+    _d_ticket = (getattr(Decision, name).__set__ for name in _DECISION_FIELDS)
+_o_status, _o_usage, _o_chars, _o_failed, _o_disconnected = (
+    getattr(Outcome, name).__set__ for name in _OUTCOME_FIELDS)
+
+
+def allowed_decision(headers: tuple[tuple[str, str], ...], context: RequestContext,
+                     ticket: Ticket) -> Decision:
+    """``Decision(True, 200, headers, context=context, ticket=ticket)``, sooner."""
+    decision: Decision = _new(Decision)
+    _d_allowed(decision, True)
+    _d_status(decision, 200)
+    _d_headers(decision, headers)
+    _d_body(decision, b"")
+    _d_code(decision, None)
+    _d_message(decision, None)
+    _d_retry(decision, None)
+    _d_context(decision, context)
+    _d_ticket(decision, ticket)
+    return decision
+
+
+def new_outcome(status: int, provider_usage: tuple[int, int] | None, completion_chars: int,
+                failed: bool, disconnected: bool) -> Outcome:
+    """``Outcome(status, provider_usage, completion_chars, failed, disconnected)``, sooner."""
+    outcome: Outcome = _new(Outcome)
+    _o_status(outcome, status)
+    _o_usage(outcome, provider_usage)
+    _o_chars(outcome, completion_chars)
+    _o_failed(outcome, failed)
+    _o_disconnected(outcome, disconnected)
+    return outcome

@@ -34,7 +34,7 @@ from typing import Any
 
 from . import jsonbytes
 from .estimate import estimate_prompt_tokens, estimate_tokens
-from .types import Outcome
+from .types import Outcome, new_outcome
 
 __all__ = ["ResponseMeter", "estimate_prompt_tokens", "estimate_tokens", "usage_from"]
 
@@ -58,10 +58,10 @@ USAGE_MAX_BYTES = 65_536
 
 def usage_from(payload: Any) -> tuple[int, int] | None:
     """(prompt, completion) tokens of an OpenAI-compatible ``usage`` object, if present."""
-    if not isinstance(payload, Mapping):
+    if not isinstance(payload, (dict, Mapping)):  # dict first: the ABC check is slower
         return None
     usage = payload.get("usage")
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, (dict, Mapping)):
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     completion = usage.get("completion_tokens", usage.get("output_tokens"))
@@ -110,7 +110,9 @@ def _text_chars(value: Any, node: Mapping[Any, Any]) -> int:
         if isinstance(value, str):
             if node.get(TEXT):
                 total += len(value)
-        elif isinstance(value, Mapping):
+        # A dict and a list are what JSON parses to: each is tested before the Mapping
+        # ABC, whose isinstance costs several times a plain type's (no list is a Mapping).
+        elif isinstance(value, dict):
             for key, child in node.items():
                 if key is not TEXT and key != "*" and key in value:
                     todo.append((value[key], child))
@@ -118,6 +120,10 @@ def _text_chars(value: Any, node: Mapping[Any, Any]) -> int:
             child = node.get("*")
             if child is not None:
                 todo.extend((item, child) for item in value)
+        elif isinstance(value, Mapping):
+            for key, child in node.items():
+                if key is not TEXT and key != "*" and key in value:
+                    todo.append((value[key], child))
     return total
 
 
@@ -603,13 +609,8 @@ class ResponseMeter:
         usage = None
         if self._prompt is not None and self._completion is not None:
             usage = (self._prompt, max(self._completion, floor_tokens(self._chars)))
-        return Outcome(
-            status=self.status or 500,
-            provider_usage=usage,
-            completion_chars=self._chars,
-            failed=failed,
-            disconnected=disconnected or (not self.complete and not failed),
-        )
+        return new_outcome(self.status or 500, usage, self._chars, failed,
+                           disconnected or (not self.complete and not failed))
 
     @property
     def provider_usage(self) -> tuple[int, int] | None:

@@ -50,7 +50,7 @@ from django.http import (  # noqa: E402
 )
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django.urls import include, path  # noqa: E402
-from replies import FirstCandidateDown, chat_reply, context_reply, sse_body  # noqa: E402
+from replies import EveryModelDown, FirstCandidateDown, chat_reply, context_reply, sse_body  # noqa: E402
 
 from ai_saas_middleware.django.middleware import get_gateway  # noqa: E402
 from ai_saas_middleware.gateway import AsyncGateway, Gateway  # noqa: E402
@@ -182,6 +182,11 @@ def fallback(request: HttpRequest) -> HttpResponse:
     return JsonResponse(provider.reply(request.ai.execute(provider)))  # type: ignore[attr-defined]
 
 
+def all_down(request: HttpRequest) -> HttpResponse:
+    """Every candidate's provider call fails: ``ctx.execute`` raises NoHealthyModel."""
+    return JsonResponse(request.ai.execute(EveryModelDown()))  # type: ignore[attr-defined]
+
+
 def ai_echo(request: HttpRequest) -> HttpResponse:
     return HttpResponse(request.body, content_type="application/octet-stream")
 
@@ -208,6 +213,7 @@ urlpatterns = [
     path("ai/upstream-down", upstream_down),
     path("ai/context", context),
     path("ai/fallback", fallback),
+    path("ai/all-down", all_down),
     path("ai/echo", ai_echo),
     path("", home),
     path("echo", echo),

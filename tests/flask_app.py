@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, g, request, stream_with_context
-from replies import FirstCandidateDown, chat_reply, context_reply, sse_body
+from replies import EveryModelDown, FirstCandidateDown, chat_reply, context_reply, sse_body
 
 from ai_saas_middleware.flask import AI_SAAS_CONFIG, AISaaS
 
@@ -85,6 +85,9 @@ def make_flask_app(config: dict[str, Any], resolver: Callable[..., Any] | None =
         provider = FirstCandidateDown()
         return json_response(provider.reply(g.ai.execute(provider)))
 
+    def all_down() -> Response:
+        return json_response(g.ai.execute(EveryModelDown()))
+
     def echo() -> Response:
         return Response(request.get_data(), content_type="application/octet-stream")
 
@@ -95,7 +98,8 @@ def make_flask_app(config: dict[str, Any], resolver: Callable[..., Any] | None =
     for path, view in (("/ai/chat", chat), ("/ai/premium/chat", chat), ("/ai/stream", stream),
                        ("/ai/stream-stalls", stream_stalls), ("/ai/boom", boom),
                        ("/ai/upstream-down", upstream_down), ("/ai/context", context),
-                       ("/ai/fallback", fallback), ("/ai/echo", echo), ("/echo", echo)):
+                       ("/ai/fallback", fallback), ("/ai/all-down", all_down),
+                       ("/ai/echo", echo), ("/echo", echo)):
         app.add_url_rule(path, endpoint=path, view_func=view, methods=["POST"])
     app.add_url_rule("/", view_func=home)
     app.add_url_rule("/aix", endpoint="aix", view_func=home)

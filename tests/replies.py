@@ -88,3 +88,18 @@ class FirstCandidateDown:
         """The completion by the model that answered, with the models tried in order."""
         return {**completion(answered, "Hi!", PROMPT_TOKENS, COMPLETION_TOKENS),
                 "tried": self.tried}
+
+
+class EveryModelDown:
+    """``/ai/all-down``'s provider call: every model is unreachable, so ``ctx.execute``
+    runs out of models and raises NoHealthyModel, which the adapter renders as a 503."""
+
+    def __init__(self) -> None:
+        self.tried: list[str] = []
+
+    def __call__(self, model: Any) -> str:
+        self.tried.append(model.id)
+        raise ConnectionError(f"{model.id} is unreachable")
+
+    async def acall(self, model: Any) -> str:
+        return self(model)

@@ -27,6 +27,7 @@ from typing import Any
 from replies import (
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
+    EveryModelDown,
     FirstCandidateDown,
     chat_reply,
     completion,
@@ -93,6 +94,11 @@ async def fallback(request: Request) -> Response:
     return JSONResponse(provider.reply(await request.state.ai.aexecute(provider.acall)))
 
 
+async def all_down(request: Request) -> Response:
+    """Every candidate's provider call fails: ``ctx.aexecute`` raises NoHealthyModel."""
+    return JSONResponse(await request.state.ai.aexecute(EveryModelDown().acall))
+
+
 async def ai_echo(request: Request) -> Response:
     return Response(await request.body(), media_type="application/octet-stream")
 
@@ -124,6 +130,7 @@ ROUTES = [
     Route("/ai/upstream-down", upstream_down, methods=["POST"]),
     Route("/ai/context", context, methods=["POST"]),
     Route("/ai/fallback", fallback, methods=["POST"]),
+    Route("/ai/all-down", all_down, methods=["POST"]),
     Route("/ai/echo", ai_echo, methods=["POST"]),
     Route("/ai/rendezvous", rendezvous, methods=["POST"]),
     Route("/", home),

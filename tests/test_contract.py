@@ -669,6 +669,20 @@ def fallback(run: Run) -> None:
 
 
 @scenario
+def every_model_down(run: Run) -> None:
+    """ctx.execute runs out of models (each one's provider call fails): the handler lets
+    NoHealthyModel out, and every adapter answers its 503, never a 500."""
+    reply = run.post("/ai/all-down")
+    assert reply.status == 503, reply.body
+    assert json.loads(reply.body)["error"]["code"] == "no_healthy_model"
+    assert reply.header("retry-after") is not None
+    [event] = run.events()
+    assert event["request_id"] == reply.header("x-request-id")
+    event_has(event, status=503, prompt_tokens=0, completion_tokens=0, cost=0)
+    assert run.quota_used("globex") == 0
+
+
+@scenario
 def upstream_error(run: Run) -> None:
     """The app's own 502 (no usage in it) passes intact; nothing is billed."""
     reply = run.post("/ai/upstream-down")

@@ -96,7 +96,8 @@ class Worker:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise AssertionError(f"worker died: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            stderr = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"worker died: {stderr}")
         return json.loads(line)
 
     def close(self) -> None:
