@@ -111,7 +111,7 @@ class BreakerBoard:
     def _started(self) -> None:
         watch = self._watch
         if watch is not None and not watch.started:
-            watch.start()
+            watch.start(wait=False)
 
     def _wake(self) -> None:
         watch = self._watch

@@ -25,9 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 from .breakers import BreakerBoard
 from .config import ModelProfile, RoutingConfig
-from .errors import NoHealthyModel
+from .errors import NoHealthyModel, Refusal
 from .providers.failures import is_failure
-from .types import Decision
 
 __all__ = ["FallbackPolicy", "is_failure"]
 
@@ -43,7 +42,7 @@ class FallbackPolicy:
     """
 
     def __init__(self, routing: RoutingConfig, breakers: BreakerBoard,
-                 exhausted: Callable[[list[str]], Decision]):
+                 exhausted: Callable[[list[str]], Refusal]):
         self.chain = routing.fallback_chain
         self.breakers = breakers
         self._exhausted = exhausted

@@ -17,9 +17,11 @@ Announcements come by Redis pub/sub on one connection (``<prefix>:{breakers}:cha
 starts and after every reconnection, so that nothing announced in between is missed. An
 idle process sends Redis nothing at all; a busy one, a call a second (the statistics).
 
-The thread starts on the first AI request of a process (in a forked worker too), and that
-request waits for its first read, once, at most ``READY_S``: it routes by the deployment's
-breakers and prices, not by none. While Redis is unreachable everything stays as last
+The thread starts on the first AI request of a process (in a forked worker too), without
+holding that request up: requests route by the configuration's prices and with every
+breaker closed until the thread's first read, a few milliseconds later (a request sent
+meanwhile to a model whose breaker is open elsewhere fails and falls back, as it would
+have before the breaker opened). While Redis is unreachable everything stays as last
 read; the thread tries again every ``RETRY_S``.
 """
 
@@ -47,7 +49,7 @@ Store = Any  # a sync RedisStore (the thread is its only user, or shares a threa
 
 LISTEN_S = 0.1  # how often the thread looks for announcements (a report wakes it at once)
 RETRY_S = 1.0  # after Redis failed the thread, it tries again this much later
-READY_S = 0.5  # the longest a process's first AI request waits for the first read
+READY_S = 0.5  # the longest start(wait=True) waits for the first read
 STATS_S = 1.0  # the statistics are pushed at most this often
 
 

@@ -159,6 +159,21 @@ def reservations_held(client: redis.Redis, keys: Any) -> dict[str, str]:
     return held
 
 
+# What a gateway's watch thread sends on its own schedule, never for a request: it
+# subscribes, reads the breakers (HGETALL, TIME) and the price book's version (GET), and
+# pushes the observed statistics (EVAL; requests run their scripts by EVALSHA).
+WATCH_COMMANDS = frozenset({"cmdstat_subscribe", "cmdstat_hgetall", "cmdstat_time",
+                            "cmdstat_get", "cmdstat_eval"})
+
+
+def request_commands(client: redis.Redis) -> int:
+    """Commands the server has run so far for requests, every client together: INFO
+    itself and the watch threads' commands (``WATCH_COMMANDS``) aside."""
+    stats = client.info("commandstats")
+    return sum(int(entry["calls"]) for name, entry in stats.items()
+               if name != "cmdstat_info" and name not in WATCH_COMMANDS)
+
+
 def bearer(tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEYS[tenant]}"}
 

@@ -100,7 +100,7 @@ from wsgiref.util import setup_testing_defaults
 import django
 import pytest
 import redis
-from conftest import API_KEYS, BASE_CONFIG, body_then_disconnect
+from conftest import API_KEYS, BASE_CONFIG, body_then_disconnect, request_commands
 from django_app import build_django_apps
 from flask_app import make_flask_app
 from replies import CHAT, SSE_WORDS, completion, sse_body
@@ -412,9 +412,8 @@ class Run:
         return int(self.rclient.get(key) or 0)
 
     def redis_commands(self) -> int:
-        """Commands the server has run so far, every client together, INFO itself aside."""
-        stats = self.rclient.info("commandstats")
-        return sum(int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info")
+        """Commands the server has run so far for requests (conftest.request_commands)."""
+        return request_commands(self.rclient)
 
     def observation(self) -> Observation:
         return Observation(list(self.replies), self.events(),

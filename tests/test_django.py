@@ -32,7 +32,7 @@ import pytest
 import redis
 import yaml
 from asgiref.sync import iscoroutinefunction, sync_to_async
-from conftest import API_KEYS, BASE_CONFIG, bearer, body_then_disconnect
+from conftest import API_KEYS, BASE_CONFIG, bearer, body_then_disconnect, request_commands
 from django.core.exceptions import ImproperlyConfigured
 from django.test import AsyncClient, Client, override_settings
 from django.urls import reverse
@@ -167,9 +167,8 @@ def header_set(headers: Any) -> set[tuple[str, str]]:
 
 
 def server_command_calls(rclient: redis.Redis) -> int:
-    """Commands the server has run so far, every client together, INFO itself aside."""
-    stats = rclient.info("commandstats")
-    return sum(int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info")
+    """Commands the server has run so far for requests (conftest.request_commands)."""
+    return request_commands(rclient)
 
 
 def http_scope(path: str, headers: dict[str, str], *, method: str = "POST") -> dict[str, Any]:
