@@ -163,7 +163,7 @@ class ObservedStats:
         """Record one settled request that got an answer: the endpoint's pattern, the
         model that answered, its completion tokens and the request's latency (ms)."""
         self._samples.append((endpoint_path, model_id, completion_tokens, latency_ms))
-        if self._thread is None:
+        if self._thread is None and self._threaded:
             self._start()
 
     def averages(self, endpoint_path: str) -> Mapping[str, int]:

@@ -296,7 +296,7 @@ class PriceBook:
     @property
     def current(self) -> PriceSnapshot:
         """The price book in force: version and profiles, one consistent whole."""
-        if self._thread is None:
+        if self._thread is None and self._threaded:
             self._start()
         return self._current
 

@@ -125,3 +125,70 @@ async def test_async_gateway_on_a_cluster(cluster_url: str, tmp_path: Any,
     used_nodes = _check_settled(cluster_url, gateway, tenants, "7", "0.00000285")
     assert len(used_nodes) == 3
     await gateway.close()
+
+
+def test_money_budgets_on_a_cluster(cluster_url: str, tmp_path: Any, key_prefix: str) -> None:
+    config = _config(cluster_url, tmp_path, key_prefix)
+    config["tenant"] = {"tiers": [dict(t, monthlyBudget="1", dailyBudget="1")
+                                  for t in BASE_CONFIG["tenant"]["tiers"]]}
+    gateway = Gateway(config)
+    tenants = [f"tenant-{i}" for i in range(24)]
+    try:
+        for tenant in tenants:
+            decision = gateway.admit(_info(tenant))
+            assert decision.allowed, decision.body
+            gateway.settle(decision.ticket, Outcome(200, provider_usage=(10, 5)),
+                           decision.context)
+        assert not gateway.spool.pending
+        _check_settled(cluster_url, gateway, tenants, "15", "0.0000045")
+        month = time.strftime("%Y-%m", time.gmtime())
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        with RedisCluster.from_url(cluster_url.replace("+cluster", ""),
+                                   decode_responses=True) as client:
+            for tenant in tenants:
+                keys = gateway.keys.tenant(tenant)
+                # $0.0000045 in picodollars, on the month's and the day's spend
+                assert client.get(keys.spent_month(month)) == "4500000"
+                assert client.get(keys.spent_day(day)) == "4500000"
+    finally:
+        gateway.close()
+
+
+def test_breakers_and_the_price_book_are_shared_across_a_cluster(
+        cluster_url: str, tmp_path: Any, key_prefix: str) -> None:
+    from faults import wait_until
+
+    from ai_saas_middleware.errors import NoHealthyModel
+    from ai_saas_middleware.pricebook import PriceBookAdmin
+
+    config = _config(cluster_url, tmp_path, key_prefix)
+    config["routing"] = {"circuitBreaker": {"errorThreshold": 2, "resetTimeout": "30s"}}
+    one, other = Gateway(config), Gateway(config)
+    try:
+        assert not other.breakers.any_open  # (its watch starts, and subscribes)
+        wait_until(lambda: other.watch._ready.is_set())
+
+        def down(model: Any) -> str:
+            raise ConnectionError(f"{model.id} is down")
+
+        for _ in range(2):  # tier pro's three models each fail twice: all open
+            decision = one.admit(_info("tenant-1"))
+            try:
+                decision.context.execute(down)
+            except NoHealthyModel:
+                pass
+            one.settle(decision.ticket, Outcome(503), decision.context)
+        wait_until(lambda: set(other.breakers._open) == {"model-small", "model-medium",
+                                                         "model-large"},
+                   what="the other gateway to see every breaker open")
+        refused = other.admit(_info("tenant-2"))
+        assert (refused.status, refused.error_code) == (503, "no_healthy_model")
+
+        PriceBookAdmin(one.config, one.store, one.keys).set(
+            "model-fast", {"costPerInputToken": "0.0000002"})
+        wait_until(lambda: other.prices.current.version == 1, what="the new price book")
+        assert other.prices.current.models["model-fast"].cost_per_input_token == \
+            __import__("decimal").Decimal("0.0000002")
+    finally:
+        one.close()
+        other.close()

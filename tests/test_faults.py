@@ -654,6 +654,11 @@ def test_an_app_process_killed_mid_request_releases_its_reservation_after_the_le
         try:
             done = one_request(url, "initech")
             assert done.admitted
+            # Settled before the kill: the server settles after the response, and a busy
+            # machine may take a while (or spool it and replay it, which the kill would cut).
+            wait_until(lambda: done.request_id in read_ledger(rc, key_prefix).ids, 20,
+                       "the first request's event")
+
             def post_blocked() -> None:
                 with contextlib.suppress(httpx.HTTPError):
                     httpx.post(url + "/ai/chat", json={**chat_body(), "block": True},
