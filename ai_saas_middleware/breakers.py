@@ -48,13 +48,13 @@ import secrets
 import socket
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 from .config import CircuitBreakerConfig
 from .errors import StoreRefused
+from .forks import reset_in_children
 from .store.keys import KeySchema
 
 __all__ = ["BreakerBoard"]
@@ -102,7 +102,7 @@ class BreakerBoard:
         self._watch: Any = None  # the Watch that keeps this board
         self._states: dict[str, tuple[int, str, int]] = {}  # as last read
         self.rounds = 0  # completed reads (tests wait on it)
-        _boards.add(self)
+        reset_in_children(self)
 
     def attach(self, watch: Any) -> None:
         """The :class:`~ai_saas_middleware.watch.Watch` whose thread records and reads."""
@@ -279,15 +279,3 @@ class BreakerBoard:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-_boards: weakref.WeakSet[BreakerBoard] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for board in list(_boards):
-        board._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

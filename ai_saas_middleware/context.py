@@ -264,13 +264,11 @@ class RequestContext:
                 yield from stream
             except Exception as exc:
                 stream.close()
-                failure = policy.ended(model, probe, exc)
-                if stream.started:
-                    self._cut(model, stream, exc)
-                    return
-                if not failure:
-                    self.failed = True
+                then = self._after_stream_error(model, probe, stream, exc)
+                if then == "raise":
                     raise
+                if then == "stop":
+                    return
                 last = exc
                 continue
             finally:
@@ -296,13 +294,11 @@ class RequestContext:
                     yield delta
             except Exception as exc:
                 await stream.aclose()
-                failure = policy.ended(model, probe, exc)
-                if stream.started:
-                    self._cut(model, stream, exc)
-                    return
-                if not failure:
-                    self.failed = True
+                then = self._after_stream_error(model, probe, stream, exc)
+                if then == "raise":
                     raise
+                if then == "stop":
+                    return
                 last = exc
                 continue
             finally:
@@ -313,6 +309,20 @@ class RequestContext:
             return
         self.failed = True
         raise policy.none_left(self.candidates) from last
+
+    def _after_stream_error(self, model: ModelProfile, probe: str, stream: Any,
+                            exc: BaseException) -> str:
+        """What a streamed attempt's error means: ``"fallback"`` (nothing reached the
+        handler yet, and the model failed), ``"stop"`` (cut after its first text: billed
+        for what came, truncated), or ``"raise"`` (not the model's fault)."""
+        failure = self._policy.ended(model, probe, exc)
+        if stream.started:
+            self._cut(model, stream, exc)
+            return "stop"
+        if not failure:
+            self.failed = True
+            return "raise"
+        return "fallback"
 
     def _providers_or_raise(self) -> Providers:
         if self._providers is None:

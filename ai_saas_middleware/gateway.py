@@ -119,8 +119,8 @@ class _Core:
         self.leases = leases
         cfg = self.config
         self.breakers = BreakerBoard(cfg.routing.circuit_breaker, self.keys)
-        self.prices = PriceBook(cfg, self.keys, sync_store, thread=False)
-        self.observed = ObservedStats(self.keys, sync_store, thread=False)
+        self.prices = PriceBook(cfg, self.keys)
+        self.observed = ObservedStats(self.keys)
         # One thread keeps all three current (pub/sub; nothing while idle).
         self.watch = Watch(sync_store, owns_sync_store, self.breakers, self.prices,
                            self.observed)

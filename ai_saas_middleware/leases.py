@@ -38,14 +38,13 @@ within a third of the lease of Redis's return.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 from .errors import StoreError
+from .forks import reset_in_children
 from .spool import Spool
 from .store.keys import TenantKeys
 
@@ -80,7 +79,7 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
-        _keepers.add(self)
+        reset_in_children(self)
 
     def hold(self, request_id: str, keys: TenantKeys, member: str,
              since: float | None = None) -> None:
@@ -165,15 +164,3 @@ class LeaseKeeper:
         self._held = {}
         self._store = None
         self._wake = threading.Event()
-
-
-_keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for keeper in list(_keepers):
-        keeper._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

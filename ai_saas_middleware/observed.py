@@ -4,11 +4,13 @@ completion of a request that states no ``max_tokens``, and the second, as an opt
 instead of the profiles' ``latencyP99Ms``.
 
 The request side only records (:meth:`ObservedStats.record`: one ``deque.append``, no
-I/O, no lock; safe from threads and from an event loop). One daemon thread per process
-does every Redis call, each ``POLL_S`` (1 s): it folds what was recorded into local
-sums, pushes them and reads back the deployment's figures in one EVAL (stats.lua), and
+I/O, no lock; safe from threads and from an event loop). The gateway's watch thread
+(:mod:`~ai_saas_middleware.watch`) does every Redis call, at most once a second while
+samples wait (an idle process sends nothing): it folds what was recorded into local sums,
+pushes them and reads back the deployment's figures in one EVAL (stats.lua), and
 replaces the views the request side reads (:meth:`~ObservedStats.averages`,
-:meth:`~ObservedStats.latencies`) whole.
+:meth:`~ObservedStats.latencies`) whole. (So a process learns the other processes'
+figures when it pushes its own: one that serves no AI request has no use for them.)
 
 **Completions** (``<prefix>:{stats}:completions``, one hash): per endpoint and model, an
 *exponentially decayed* average: each sample's weight halves every
@@ -44,16 +46,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .errors import StoreError
+from .forks import reset_in_children
 from .store.keys import KeySchema
 from .store.redis import load_script
 
@@ -71,7 +71,6 @@ log = logging.getLogger("ai_saas_middleware")
 
 Store = Any  # a sync RedisStore (the thread is its only user)
 
-POLL_S = 1.0  # how often the thread pushes and reads
 WINDOW_MINUTES = 10  # the latency window (minutes, the current one included)
 MIN_LATENCY_SAMPLES = 50  # samples in the window before a model has an observed p99
 MIN_COMPLETION_SAMPLES = 10  # completions seen before a pair has an average
@@ -117,27 +116,18 @@ class ObservedStats:
     """This process's recorder of settled requests, and its view of the deployment's
     observed completions and latencies.
 
+    Kept by the gateway's :class:`~ai_saas_middleware.watch.Watch`, which calls
+    :meth:`flush` at most once a second while samples wait (an idle process sends nothing).
+
     Args:
         keys: the deployment's key schema (prefix).
-        store: a callable returning the sync store the thread uses (called on first use).
-        owns_store: close that store with the recorder.
-        poll_s: how often the thread pushes and reads (tests shorten it).
         min_latency_samples: samples in the window before a model has an observed p99.
         min_completion_samples: completions seen before a pair has an average.
-        thread: run a thread of its own that pushes every ``poll_s``; a gateway passes
-            False, and its :class:`~ai_saas_middleware.watch.Watch` pushes while samples
-            wait (an idle process sends nothing).
     """
 
-    def __init__(self, keys: KeySchema, store: Callable[[], Store], owns_store: bool = False,
-                 poll_s: float = POLL_S, min_latency_samples: int = MIN_LATENCY_SAMPLES,
-                 min_completion_samples: int = MIN_COMPLETION_SAMPLES, thread: bool = True):
+    def __init__(self, keys: KeySchema, min_latency_samples: int = MIN_LATENCY_SAMPLES,
+                 min_completion_samples: int = MIN_COMPLETION_SAMPLES):
         self._keys = keys
-        self._threaded = thread  # False: a gateway's Watch calls flush() while samples wait
-        self._store_factory = store
-        self._owns_store = owns_store
-        self._store: Store | None = None
-        self.poll_s = poll_s
         self.min_latency_samples = min_latency_samples
         self.min_completion_samples = min_completion_samples
         self._samples: deque[tuple[str, str, int, int]] = deque(maxlen=_MAX_QUEUED)
@@ -148,13 +138,9 @@ class ObservedStats:
         # Read by requests, replaced whole by the round (never mutated in place).
         self._averages: Mapping[str, Mapping[str, int]] = MappingProxyType({})
         self._latencies: Mapping[str, int] = _EMPTY
-        self._lock = threading.Lock()
         self._round_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
-        self._closed = False
         self.rounds = 0  # completed pushes (tests wait on it)
-        _recorders.add(self)
+        reset_in_children(self)
 
     # ------------------------------------------------------------ the request side
 
@@ -163,8 +149,6 @@ class ObservedStats:
         """Record one settled request that got an answer: the endpoint's pattern, the
         model that answered, its completion tokens and the request's latency (ms)."""
         self._samples.append((endpoint_path, model_id, completion_tokens, latency_ms))
-        if self._thread is None and self._threaded:
-            self._start()
 
     def averages(self, endpoint_path: str) -> Mapping[str, int]:
         """Model id -> the average completion tokens observed on this endpoint (decayed,
@@ -191,7 +175,7 @@ class ObservedStats:
 
     # ------------------------------------------------------------ the round
 
-    def flush(self, store: Store | None = None) -> None:
+    def flush(self, store: Store) -> None:
         """One round, now: fold the recorded samples, push them and read back the
         deployment's figures (one EVAL).
 
@@ -200,7 +184,6 @@ class ObservedStats:
         """
         with self._round_lock:
             self._fold()
-            store = store if store is not None else self._sync_store()
             args: list[Any] = [int(COMPLETION_HALF_LIFE_S * 1000), WINDOW_MINUTES,
                                (WINDOW_MINUTES + 1) * 60, len(self._completions)]
             # Names with the separator in them could not be read back apart: left out.
@@ -282,74 +265,13 @@ class ObservedStats:
             model: p99_ms(counts) for model, counts in histograms.items()
             if sum(counts.values()) >= self.min_latency_samples})
 
-    def start(self) -> None:
-        """Start the thread now (it otherwise starts with the first record)."""
-        self._start()
-
-    def _sync_store(self) -> Store:
-        if self._store is None:
-            self._store = self._store_factory()
-        return self._store
-
-    def _start(self) -> None:
-        if not self._threaded:
-            return
-        with self._lock:
-            if self._thread is not None or self._closed:
-                return
-            thread = threading.Thread(target=self._run, name="ai-saas-observed", daemon=True)
-            self._thread = thread
-        thread.start()
-
-    def _run(self) -> None:
-        failing = False
-        while not self._closed:
-            try:
-                self.flush()
-                if failing:
-                    log.info("observed statistics: Redis answers again")
-                failing = False
-            except StoreError as exc:
-                if not failing:  # once per outage, not every second
-                    log.warning("observed statistics not pushed or read (%d samples wait; "
-                                "figures kept as last read): %s", self.pending, exc)
-                failing = True
-            except Exception:  # the thread must outlive any surprise
-                log.exception("the observed statistics' round failed")
-            self._wake.wait(self.poll_s)
-
-    def close(self) -> None:
-        """Stop the thread. Samples not pushed yet are not pushed: call :meth:`flush`
-        first to push them (the figures are advisory; billing never depends on them)."""
-        self._closed = True
-        self._wake.set()
-        store, self._store = self._store, None
-        if store is not None and self._owns_store:
-            store.close()
-
     def _after_fork(self) -> None:
-        # A forked child has no thread, and its parent's samples are the parent's to push.
-        self._thread = None
-        self._lock = threading.Lock()
+        # The parent's samples are the parent's to push.
         self._round_lock = threading.Lock()
         self._samples = deque(maxlen=_MAX_QUEUED)
         self._completions = {}
         self._latency = {}
-        self._store = None
-        self._wake = threading.Event()
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-_recorders: weakref.WeakSet[ObservedStats] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for recorder in list(_recorders):
-        recorder._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

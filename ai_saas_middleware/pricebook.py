@@ -31,23 +31,22 @@ needs the configuration's ``models`` of its time (a deployment keeps its config 
 version control; pin a price with ``models set`` to make it independent of the file).
 The history keeps every version (a change is a manual act: a few hundred bytes each).
 
-**Processes.** Each process's :class:`PriceBook` has a daemon thread that reads the
-version every ``POLL_S`` (1 s: one GET) and the whole book only when the version
-changed (one EVAL that reads both together), so every process follows a change within
-about a second. The request side reads :attr:`PriceBook.current` (a
-:class:`PriceSnapshot`, replaced whole by the thread, never mutated): no lock, no I/O.
-Until the first round answers, the book is the configuration's (version 0), which is
-also what a process keeps, as last read, while Redis is unreachable.
+**Processes.** Every write announces its new version (``PUBLISH
+<prefix>:{models}:changed``). Each process's gateway has one watch thread
+(:mod:`~ai_saas_middleware.watch`) that listens, and then refreshes its
+:class:`PriceBook`: it reads the version (one GET) and the whole book only when the
+version changed (one EVAL that reads both together), so every process follows a change
+within milliseconds, and an idle one sends nothing. The request side reads
+:attr:`PriceBook.current` (a :class:`PriceSnapshot`, replaced whole, never mutated): no
+lock, no I/O. Until the first refresh answers, the book is the configuration's (version
+0), which is also what a process keeps, as last read, while Redis is unreachable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
@@ -74,7 +73,6 @@ log = logging.getLogger("ai_saas_middleware")
 
 Store = Any  # a sync RedisStore
 
-POLL_S = 1.0  # how often the thread reads the version
 OVERRIDABLE_FIELDS = ("costPerInputToken", "costPerOutputToken", "qualityScore",
                       "latencyP99Ms", "maxTokens", "enabled")
 """The fields an override may change on a model of the configuration."""
@@ -256,70 +254,52 @@ def _read(store: Store, keys: KeySchema) -> tuple[int, dict[str, str]]:
 
 
 class PriceBook:
-    """This process's view of the price book, and the thread that keeps it current.
+    """This process's view of the price book, kept current by the gateway's
+    :class:`~ai_saas_middleware.watch.Watch`, which calls :meth:`refresh` at its start and
+    whenever a new version is announced (``<prefix>:{models}:changed``).
 
     Args:
         config: the deployment's configuration (its ``models`` are version 0).
         keys: the deployment's key schema (prefix).
-        store: a callable returning the sync store the thread uses (called on first use).
-        owns_store: close that store with the book.
-        poll_s: how often the version is read (tests shorten it).
-        thread: run a thread of its own that polls; a gateway passes False, and its
-            :class:`~ai_saas_middleware.watch.Watch` refreshes the book when a new
-            version is announced (no polling).
 
     The request side reads :attr:`current` once per request (version and models that
     belong together); :attr:`models` and :attr:`version` are shorthands for one of them.
     """
 
-    def __init__(self, config: Config, keys: KeySchema, store: Callable[[], Store],
-                 owns_store: bool = False, poll_s: float = POLL_S, thread: bool = True):
+    def __init__(self, config: Config, keys: KeySchema):
         self.config = config
         self._keys = keys
         self.channel = keys.models_channel  # where a new version is announced
-        self._threaded = thread  # False: a gateway's Watch calls refresh() when announced
-        self._store_factory = store
-        self._owns_store = owns_store
-        self._store: Store | None = None
-        self.poll_s = poll_s
         self._current = _config_snapshot(config)  # replaced whole, never mutated
         self._warned_version = -1
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
-        self._closed = False
-        self.rounds = 0  # completed rounds (tests wait on it)
-        _books.add(self)
+        self.rounds = 0  # completed refreshes (tests wait on it)
 
     # ------------------------------------------------------------ the request side
 
     @property
     def current(self) -> PriceSnapshot:
         """The price book in force: version and profiles, one consistent whole."""
-        if self._thread is None and self._threaded:
-            self._start()
         return self._current
 
     @property
     def models(self) -> Mapping[str, ModelProfile]:
         """The enabled models' effective profiles (a mapping replaced whole on change)."""
-        return self.current.models
+        return self._current.models
 
     @property
     def version(self) -> int:
         """The version of :attr:`models` (0: the configuration's profiles)."""
-        return self.current.version
+        return self._current.version
 
-    # ------------------------------------------------------------ the thread
+    # ------------------------------------------------------------ the watch's side
 
-    def refresh(self, store: Store | None = None) -> bool:
-        """One round, now: read the version (one GET) and, when it changed, the book
-        (one EVAL). True when the version changed.
+    def refresh(self, store: Store) -> bool:
+        """Read the version (one GET) and, when it changed, the book (one EVAL). True when
+        the version changed.
 
         Raises:
             StoreError: Redis did not answer (the book stays as it was).
         """
-        store = store if store is not None else self._sync_store()
         raw = store.call("GET", self._keys.models_version)
         version = int(raw) if raw is not None else 0
         if version == self._current.version:
@@ -339,57 +319,6 @@ class PriceBook:
             log.info("price book version %d in force (%d models)", version,
                      len(snapshot.models))
         return True
-
-    def start(self) -> None:
-        """Start the thread now (it otherwise starts on the first read of the book)."""
-        self._start()
-
-    def _sync_store(self) -> Store:
-        if self._store is None:
-            self._store = self._store_factory()
-        return self._store
-
-    def _start(self) -> None:
-        if not self._threaded:
-            return
-        with self._lock:
-            if self._thread is not None or self._closed:
-                return
-            thread = threading.Thread(target=self._run, name="ai-saas-pricebook", daemon=True)
-            self._thread = thread
-        thread.start()
-
-    def _run(self) -> None:
-        failing = False
-        while not self._closed:
-            try:
-                self.refresh()
-                if failing:
-                    log.info("price book: Redis answers again")
-                failing = False
-            except StoreError as exc:
-                if not failing:  # once per outage, not every second
-                    log.warning("price book not read (version %d kept): %s",
-                                self._current.version, exc)
-                failing = True
-            except Exception:  # the thread must outlive any surprise
-                log.exception("the price book's round failed")
-            self._wake.wait(self.poll_s)
-
-    def close(self) -> None:
-        """Stop the thread (the book stays in Redis for the other processes)."""
-        self._closed = True
-        self._wake.set()
-        store, self._store = self._store, None
-        if store is not None and self._owns_store:
-            store.close()
-
-    def _after_fork(self) -> None:
-        # A forked child has no thread; the book it inherited is still the one in force.
-        self._thread = None
-        self._lock = threading.Lock()
-        self._store = None
-        self._wake = threading.Event()
 
 
 class PriceBookAdmin:
@@ -491,15 +420,3 @@ class PriceBookAdmin:
 def per_million(amount: Decimal) -> Decimal:
     """A price per million tokens as a price per token, exactly."""
     return MONEY.scaleb(amount, -6)
-
-
-_books: weakref.WeakSet[PriceBook] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for book in list(_books):
-        book._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 import weakref
@@ -40,6 +39,7 @@ from redis.exceptions import RedisError
 
 from .breakers import BreakerBoard
 from .errors import StoreError
+from .forks import reset_in_children
 
 __all__ = ["Watch"]
 
@@ -84,7 +84,7 @@ class Watch:
         self._failing = False
         self._pushed = 0.0  # monotonic time of the last statistics push
         breakers.attach(self)
-        _watches.add(self)
+        reset_in_children(self)
 
     @property
     def started(self) -> bool:
@@ -215,15 +215,3 @@ def _loop(ref: weakref.ReferenceType[Watch], wake: threading.Event) -> None:
         pause = watch._round()
         del watch
         wake.wait(pause or LISTEN_S)
-
-
-_watches: weakref.WeakSet[Watch] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for watch in list(_watches):
-        watch._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from faults import PrivateRedis, wait_until
 
-from ai_saas_middleware.config import RedisConfig
+from ai_saas_middleware.breakers import BreakerBoard
+from ai_saas_middleware.config import CircuitBreakerConfig, RedisConfig
 from ai_saas_middleware.errors import StoreError
 from ai_saas_middleware.observed import (
     MIN_LATENCY_SAMPLES,
@@ -23,19 +24,41 @@ from ai_saas_middleware.observed import (
 )
 from ai_saas_middleware.store.keys import KeySchema
 from ai_saas_middleware.store.redis import RedisStore
+from ai_saas_middleware.watch import Watch
 
 EP = "/ai/*"
 
 
-@pytest.fixture
-def recorders(redis_server_url: str, key_prefix: str
-              ) -> Iterator[Callable[..., ObservedStats]]:
-    made: list[ObservedStats] = []
+class Recorder(ObservedStats):
+    """A process's recorder as a gateway has it, kept by a watch thread of its own (one
+    store), plus a store of its own for the test's explicit rounds (``flush()``)."""
 
-    def make(url: str = redis_server_url, **kw: Any) -> ObservedStats:
-        cfg = RedisConfig(retry_interval_s=0.05)
-        stats = ObservedStats(KeySchema(key_prefix, 16), lambda: RedisStore(cfg, url),
-                              owns_store=True, poll_s=kw.pop("poll_s", 0.05), **kw)
+    def __init__(self, keys: KeySchema, url: str, cfg: RedisConfig, watched: bool,
+                 **kw: Any):
+        super().__init__(keys, **kw)
+        self.store = RedisStore(cfg, url)
+        self.watch = (Watch(lambda: RedisStore(cfg, url), True,
+                            BreakerBoard(CircuitBreakerConfig(), keys), stats=self)
+                      if watched else None)
+        if self.watch is not None:
+            self.watch.start(wait=False)
+
+    def flush(self, store: Any = None) -> None:
+        super().flush(store if store is not None else self.store)
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+        self.store.close()
+
+
+@pytest.fixture
+def recorders(redis_server_url: str, key_prefix: str) -> Iterator[Callable[..., Recorder]]:
+    made: list[Recorder] = []
+
+    def make(url: str = redis_server_url, watched: bool = False, **kw: Any) -> Recorder:
+        stats = Recorder(KeySchema(key_prefix, 16), url, RedisConfig(retry_interval_s=0.05),
+                         watched, **kw)
         made.append(stats)
         return stats
 
@@ -55,19 +78,21 @@ def test_buckets_hold_every_latency_below_their_upper_bound_within_9_percent() -
 
 
 def test_averages_and_p99_from_several_processes_merge_deployment_wide(recorders):
-    a, b, reader = recorders(), recorders(), recorders()
+    a, b, reader = recorders(watched=True), recorders(watched=True), recorders()
     for _ in range(49):
         a.record(EP, "m1", 100, 100)
         b.record(EP, "m1", 200, 100)
     b.record(EP, "m1", 200, 5000)
     b.record(EP, "m1", 200, 5000)
     a.record("/ai/other", "m1", 7, 100)
-    # The threads push and read on their own; a third process that recorded nothing
-    # sees the same figures.
+    # The watch threads push on their own; each process reads the deployment's figures
+    # with its next round (a busy process has one a second; here: flush()), and a third
+    # process that recorded nothing sees the same.
+    wait_until(lambda: not a.has_pending and not b.has_pending, 10, "a and b pushed")
     for stats in (a, b, reader):
-        reader.start()
-        wait_until(lambda stats=stats: stats.latencies().get("m1") is not None, 10,
-                   "an observed p99 for m1")
+        stats.flush()
+        wait_until(lambda stats=stats: stats.flush() is None
+                   and stats.latencies().get("m1") is not None, 10, "an observed p99 for m1")
         wait_until(lambda stats=stats: 149 <= stats.averages(EP).get("m1", 0) <= 151)
         # 100 samples: the 99th is one of the two at 5000 ms (reported as its bucket's bound)
         assert stats.latencies()["m1"] == bucket_upper_ms(latency_bucket(5000))
@@ -136,11 +161,11 @@ def test_the_thread_survives_an_outage_and_pushes_after_it(recorders, tmp_path: 
         pytest.skip("needs redis-server on PATH")
     server = PrivateRedis(binary, tmp_path / "data")
     try:
-        stats = recorders(server.url, min_latency_samples=5)
+        stats = recorders(server.url, watched=True, min_latency_samples=5)
         server.stop()
         for _ in range(5):
             stats.record(EP, "m1", 10, 40)
-        wait_until(lambda: "observed statistics not pushed" in caplog.text)
+        wait_until(lambda: "breakers, price book and statistics not read" in caplog.text)
         server.start()
         wait_until(lambda: stats.latencies().get("m1") == bucket_upper_ms(latency_bucket(40)),
                    10, "the samples recorded during the outage, pushed")
@@ -149,7 +174,7 @@ def test_the_thread_survives_an_outage_and_pushes_after_it(recorders, tmp_path: 
 
 
 def test_a_forked_child_does_not_push_its_parents_samples(recorders):
-    stats = recorders(poll_s=3600)  # no round of its own in the meantime
+    stats = recorders()  # no watch: nothing pushes in the meantime
     stats.record(EP, "m1", 10, 40)
-    stats._after_fork()  # what os.register_at_fork runs in the child
-    assert stats.pending == 0 and stats._thread is None
+    stats._after_fork()  # what os.register_at_fork runs in the child (forks.py)
+    assert stats.pending == 0 and not stats.has_pending

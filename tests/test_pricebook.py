@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 from faults import PrivateRedis, wait_until
 
+from ai_saas_middleware.breakers import BreakerBoard
 from ai_saas_middleware.config import Config, load_config
 from ai_saas_middleware.errors import ConfigError
 from ai_saas_middleware.pricebook import PriceBook, PriceBookAdmin, UnknownModel, UnknownVersion
 from ai_saas_middleware.pricing import cost_of
 from ai_saas_middleware.store.keys import KeySchema
 from ai_saas_middleware.store.redis import RedisStore
+from ai_saas_middleware.watch import Watch
 
 
 @pytest.fixture
@@ -36,30 +38,34 @@ def admin(config: Config) -> Iterator[PriceBookAdmin]:
 
 @pytest.fixture
 def books(config: Config) -> Iterator[Callable[..., PriceBook]]:
-    made: list[PriceBook] = []
+    """``books()``: a process's price book, kept by a watch thread of its own (a store of
+    its own), started and past its first read."""
+    made: list[Watch] = []
 
-    def make(**kw: Any) -> PriceBook:
-        book = PriceBook(config, KeySchema(config.redis.key_prefix, config.redis.shards),
-                         lambda: RedisStore(config.redis), owns_store=True,
-                         poll_s=kw.pop("poll_s", 0.05), **kw)
-        made.append(book)
+    def make() -> PriceBook:
+        keys = KeySchema(config.redis.key_prefix, config.redis.shards)
+        book = PriceBook(config, keys)
+        watch = Watch(lambda: RedisStore(config.redis), True,
+                      BreakerBoard(config.routing.circuit_breaker, keys), book)
+        watch.start()
+        made.append(watch)
         return book
 
     yield make
-    for book in made:
-        book.close()
+    for watch in made:
+        watch.close()
 
 
 def test_before_any_override_the_book_is_the_configuration_at_version_0(books, config):
     book = books()
-    book.refresh()
+    assert book.rounds >= 1  # read
     assert book.version == 0
     assert dict(book.models) == dict(config.models)
 
 
 def test_a_change_is_seen_by_every_process_within_the_refresh_period(books, admin):
     a, b = books(), books()
-    assert a.version == 0 and b.version == 0  # the first read starts each thread
+    assert a.version == 0 and b.version == 0
     admin.set("model-small", {"costPerInputToken": Decimal("0.0000002")})
     for book in (a, b):
         wait_until(lambda book=book: book.version == 1, 5, "the book at version 1")
@@ -156,6 +162,7 @@ def test_a_stored_override_the_config_would_refuse_is_not_used(books, config, rc
     rclient.hset(f"{key_prefix}:{{models}}:book", "model-small",
                  json.dumps({"costPerInputToken": "-1"}))
     rclient.set(f"{key_prefix}:{{models}}:version", 7)
+    rclient.publish(f"{key_prefix}:{{models}}:changed", "7")  # as every writer does
     wait_until(lambda: book.version == 7)
     assert book.models["model-small"] == config.models["model-small"]
     assert "models[model-small].costPerInputToken" in caplog.text
@@ -192,18 +199,21 @@ def test_the_book_is_kept_while_redis_is_unreachable_and_followed_after(
         config = load_config(make_config(redis={"url": server.url, "retryInterval": "50ms"}))
         store = RedisStore(config.redis)
         admin = PriceBookAdmin(config, store)
-        book = PriceBook(config, KeySchema(config.redis.key_prefix, config.redis.shards),
-                         lambda: RedisStore(config.redis), owns_store=True, poll_s=0.05)
+        keys = KeySchema(config.redis.key_prefix, config.redis.shards)
+        book = PriceBook(config, keys)
+        watch = Watch(lambda: RedisStore(config.redis), True,
+                      BreakerBoard(config.routing.circuit_breaker, keys), book)
+        watch.start()
         admin.set("model-small", {"qualityScore": Decimal("0.7")})
         wait_until(lambda: book.version == 1)
         server.stop()
-        wait_until(lambda: "price book not read (version 1 kept)" in caplog.text)
+        wait_until(lambda: "breakers, price book and statistics not read" in caplog.text)
         assert book.version == 1 and book.models["model-small"].quality_score == 0.7
         server.start()
         admin.set("model-small", {"qualityScore": Decimal("0.75")})
         wait_until(lambda: book.version == 2, 10, "the book followed once Redis is back")
         assert book.models["model-small"].quality_score == 0.75
-        book.close()
+        watch.close()
         store.close()
     finally:
         server.close()
