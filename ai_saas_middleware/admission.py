@@ -238,8 +238,7 @@ class Admission:
                                  else None)
         if selection.chosen is None:
             if selection.unhealthy_only:
-                return self.no_healthy_model(
-                    [m for m, why in selection.excluded if why == "circuit breaker open"])
+                return self.no_healthy_model(selection.excluded_for("breaker"))
             reason = selection.explain() or f"tier {plan.tier.name!r} allows no model"
             return refusal("no_eligible_model", f"no model meets this request's needs: {reason}")
         plan.selection = selection
@@ -247,7 +246,7 @@ class Admission:
         budget = self.budgets.limits(plan.tenant_id, plan.tier) if self.budgets.any else None
         if budget is not None and budget != (-1, -1):
             plan.budget = budget
-            plan.money = self.budgets.worst_case(selection.candidates, plan.prompt_tokens,
+            plan.money = self.budgets.worst_case(selection.unordered, plan.prompt_tokens,
                                                  plan.max_output_tokens)
         else:
             plan.money = 0
@@ -375,7 +374,8 @@ class Admission:
                   local: bool = False, day: str = "", downgraded: bool = False) -> Decision:
         tier = plan.tier
         selection = plan.selection
-        chosen = selection.candidates[0]
+        chosen = selection.chosen
+        assert chosen is not None
         reserve = plan.prompt_tokens + plan.max_output_tokens
         member = (reservation_member(plan.request_id, reserve, plan.month, plan.money,
                                      day or _today())
@@ -389,7 +389,7 @@ class Admission:
         # then Redis holds a reservation that the renewals keep (renew.lua skips others).
         self.leases.hold(plan.request_id, ticket.keys, member, started)
         ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=chosen,
-                             candidates=selection.candidates, request_id=plan.request_id,
+                             candidates=selection, request_id=plan.request_id,
                              max_output_tokens=plan.max_output_tokens, body=plan.body,
                              ticket=ticket, policy=self.fallback, providers=self.providers)
         if tier.rate_limit:

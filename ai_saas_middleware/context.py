@@ -16,6 +16,7 @@ from .store.keys import TenantKeys
 if TYPE_CHECKING:  # pragma: no cover
     from .fallback import FallbackPolicy
     from .providers import Message, Providers, Reply
+    from .routing import Selection
 
 __all__ = ["RequestContext", "Ticket", "Usage"]
 
@@ -77,9 +78,9 @@ class RequestContext:
     __slots__ = (
         "_policy",
         "_providers",
+        "_selection",
         "answered_by",
         "body",
-        "candidates",
         "failed",
         "fallback_from",
         "max_output_tokens",
@@ -94,13 +95,13 @@ class RequestContext:
     )
 
     def __init__(self, *, tenant_id: str, tier: str, model: ModelProfile,
-                 candidates: tuple[ModelProfile, ...], request_id: str, max_output_tokens: int,
+                 candidates: Selection, request_id: str, max_output_tokens: int,
                  body: dict[str, object], ticket: Ticket, policy: FallbackPolicy,
                  providers: Providers | None = None):
         self.tenant_id = tenant_id
         self.tier = tier
         self.model = model
-        self.candidates = candidates
+        self._selection = candidates  # ranked when first needed (a fallback)
         self.request_id = request_id
         self.max_output_tokens = max_output_tokens
         self.body = body
@@ -113,6 +114,11 @@ class RequestContext:
         self.truncated = False  # a stream was cut after its first text
         self._policy = policy
         self._providers = providers
+
+    @property
+    def candidates(self) -> tuple[ModelProfile, ...]:
+        """Every eligible model, best first by the strategy (``model`` is the first)."""
+        return self._selection.candidates
 
     def __repr__(self) -> str:
         return (f"RequestContext(tenant_id={self.tenant_id!r}, tier={self.tier!r}, "
@@ -180,7 +186,7 @@ class RequestContext:
         """
         policy = self._policy
         last: BaseException | None = None
-        for model, probe in policy.attempts(self.candidates):
+        for model, probe in policy.attempts(self.model, self._selection):
             try:
                 result = call(model)
             except Exception as exc:
@@ -199,7 +205,7 @@ class RequestContext:
         """Asyncio twin of :meth:`execute`."""
         policy = self._policy
         last: BaseException | None = None
-        for model, probe in policy.attempts(self.candidates):
+        for model, probe in policy.attempts(self.model, self._selection):
             try:
                 result = await call(model)
             except Exception as exc:
@@ -257,7 +263,7 @@ class RequestContext:
         max_tokens = self._max_tokens(params)
         policy = self._policy
         last: BaseException | None = None
-        for model, probe in policy.attempts(self.candidates):
+        for model, probe in policy.attempts(self.model, self._selection):
             stream = providers.provider_for(model).stream(model.id, messages,
                                                           max_tokens=max_tokens, **params)
             try:
@@ -286,7 +292,7 @@ class RequestContext:
         max_tokens = self._max_tokens(params)
         policy = self._policy
         last: BaseException | None = None
-        for model, probe in policy.attempts(self.candidates):
+        for model, probe in policy.attempts(self.model, self._selection):
             stream = providers.provider_for(model).astream(model.id, messages,
                                                            max_tokens=max_tokens, **params)
             try:

@@ -22,11 +22,15 @@ it leave the handler renders that decision, never a 500.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from .breakers import BreakerBoard
 from .config import ModelProfile, RoutingConfig
 from .errors import NoHealthyModel, Refusal
 from .providers.failures import is_failure
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .routing import Selection
 
 __all__ = ["FallbackPolicy", "is_failure"]
 
@@ -47,20 +51,24 @@ class FallbackPolicy:
         self.breakers = breakers
         self._exhausted = exhausted
 
-    def attempts(self, candidates: Sequence[ModelProfile]
+    def attempts(self, first: ModelProfile, selection: Selection
                  ) -> Iterator[tuple[ModelProfile, str]]:
         """The models to call in order, each with its breaker's ticket (``""``, or the
         probe's owner); the caller reports each attempt's end with :meth:`ended`.
 
-        Sent nothing, the generator moves on after the model just yielded failed."""
-        by_id = {m.id: m for m in candidates}
+        The generator moves on only when the caller asks for the next model, after the
+        one just yielded failed: the whole order is worked out only then."""
         tried: set[str] = set()
-        model: ModelProfile | None = candidates[0] if candidates else None
+        model: ModelProfile | None = first
+        by_id: dict[str, ModelProfile] | None = None
         while model is not None:
             tried.add(model.id)
             probe = self.breakers.begin(model.id)
             if probe is not None:
                 yield model, probe
+            candidates = selection.candidates
+            if by_id is None:
+                by_id = {m.id: m for m in candidates}
             model = self._next(model.id, by_id, candidates, tried)
 
     def _next(self, failed: str, by_id: dict[str, ModelProfile],

@@ -26,7 +26,7 @@ fallbacks. Ties end at the model id, so a choice is deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from operator import itemgetter
@@ -53,20 +53,107 @@ class Requirements:
     stated_output: bool = True  # max_output_tokens is the request's own max_tokens
 
 
-@dataclass(slots=True)
 class Selection:
-    """The candidates, cheapest first, and why every other model was excluded."""
+    """The candidates, best first, and why every other model was excluded.
 
-    candidates: tuple[ModelProfile, ...]
-    excluded: tuple[tuple[str, str], ...]  # (model id, reason)
-    unhealthy_only: bool = False  # every model that met the needs had an open breaker
+    Ranked lazily: :attr:`chosen` is the best candidate (one pass over them), and the
+    whole order (:attr:`candidates`, what a fallback follows) is sorted only when first
+    asked for; a request whose first model answers never needs it.
+    """
+
+    __slots__ = ("_best", "_excluded", "_key", "_reasons", "_rows", "_sorted",
+                 "unhealthy_only")
+
+    def __init__(self, candidates: Sequence[ModelProfile],
+                 excluded: tuple[tuple[str, str], ...] = (), unhealthy_only: bool = False):
+        self._sorted: tuple[ModelProfile, ...] | None = tuple(candidates)
+        self._rows: list[tuple[Any, ...]] = []
+        self._key: Callable[[tuple[Any, ...]], Any] | None = None
+        self._best: ModelProfile | None = None
+        self._reasons: tuple[tuple[str, str], ...] | None = excluded  # (model id, reason)
+        self._excluded: list[tuple[Any, ...]] = []  # (model id, why, facts...): unworded
+        self.unhealthy_only = unhealthy_only  # every model meeting the needs was open
+
+    @classmethod
+    def ranked(cls, rows: list[tuple[Any, ...]], key: Callable[[tuple[Any, ...]], Any],
+               excluded: list[tuple[Any, ...]], unhealthy_only: bool) -> Selection:
+        """A selection of ``rows`` (ending with the profile), in ``key`` order;
+        ``excluded`` are worded (:func:`_reason`) only when asked for."""
+        selection = cls((), (), unhealthy_only)
+        if excluded:
+            selection._reasons = None
+            selection._excluded = excluded
+        if len(rows) > 1:
+            selection._sorted = None
+            selection._rows = rows
+            selection._key = key
+        elif rows:
+            selection._sorted = (rows[0][-1],)
+        return selection
+
+    @property
+    def candidates(self) -> tuple[ModelProfile, ...]:
+        """Every eligible model, best first."""
+        if self._sorted is None:
+            self._rows.sort(key=self._key)
+            self._sorted = tuple([row[-1] for row in self._rows])
+        return self._sorted
 
     @property
     def chosen(self) -> ModelProfile | None:
-        return self.candidates[0] if self.candidates else None
+        """The best candidate (None when there is none)."""
+        if self._sorted is not None:
+            return self._sorted[0] if self._sorted else None
+        if self._best is None:
+            self._best = min(self._rows, key=self._key)[-1]
+        return self._best
+
+    @property
+    def unordered(self) -> tuple[ModelProfile, ...]:
+        """The candidates in no particular order (cheaper than :attr:`candidates`)."""
+        if self._sorted is not None:
+            return self._sorted
+        return tuple([row[-1] for row in self._rows])
+
+    def __len__(self) -> int:
+        return len(self._sorted) if self._sorted is not None else len(self._rows)
+
+    @property
+    def excluded(self) -> tuple[tuple[str, str], ...]:
+        """(model id, why) of every allowed model that is not a candidate."""
+        if self._reasons is None:
+            self._reasons = tuple([(entry[0], _reason(*entry[1:])) for entry in self._excluded])
+        return self._reasons
+
+    def excluded_for(self, why: str) -> list[str]:
+        """The ids of the models excluded for ``why`` (e.g. ``"breaker"``)."""
+        if self._reasons is not None and not self._excluded:
+            return [m for m, reason in self._reasons if reason == _REASONS.get(why, why)]
+        return [entry[0] for entry in self._excluded if entry[1] == why]
 
     def explain(self) -> str:
         return "; ".join(f"{model}: {reason}" for model, reason in self.excluded)
+
+
+_REASONS = {"breaker": "circuit breaker open"}
+
+
+def _reason(why: str, *facts: Any) -> str:
+    """The words for an exclusion, built only when someone reads them."""
+    if why == "profile":
+        return "no model profile"
+    if why == "window":
+        window, prompt, output = facts
+        return f"context window {window} tokens < {prompt} prompt + {output} output"
+    if why == "quality":
+        return f"quality {facts[0]} < required {facts[1]}"
+    if why == "latency":
+        return f"p99 latency {facts[0]} ms > {facts[1]} ms"
+    if why == "cost":
+        worst, scale, limit = facts
+        return (f"expected cost ${format_usd(MONEY.scaleb(Decimal(worst), -scale))} > "
+                f"${format_usd(limit)}")
+    return _REASONS.get(why, why)
 
 
 def select_model(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Requirements,
@@ -83,63 +170,95 @@ def select_model(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Re
         averages: model id -> average completion tokens observed on this endpoint.
         latencies: model id -> observed p99 latency (ms), instead of the profile's.
     """
-    excluded: list[tuple[str, str]] = []
+    excluded: list[tuple[Any, ...]] = []
     ranked: list[tuple[Any, ...]] = []
     unhealthy = 0
-    allowed = tier.allowed_models
     if needs.model is not None:
-        if needs.model not in allowed:
+        if needs.model not in tier.allowed_models:
             return Selection((), ((needs.model, f"not allowed on tier {tier.name!r}"),))
-        allowed = (needs.model,)
+        rows = [row for row in _table(tier, models)[1] if row[0] == needs.model]
+        scale = _table(tier, models)[0]
+    else:
+        scale, rows = _table(tier, models)
+    prompt = needs.prompt_tokens
     output = needs.max_output_tokens
-    window = needs.prompt_tokens + output
-    for model_id in allowed:
-        model = models.get(model_id)
+    window = prompt + output
+    min_quality = needs.min_quality
+    max_latency = needs.max_latency_ms
+    max_cost = needs.max_cost
+    # Costs are compared as whole numbers of 10^-scale USD (see _table): exact, and an
+    # int multiply-add instead of two Decimal ones.
+    limit = None if max_cost is None else MONEY.scaleb(max_cost, scale)
+    expecting = averages if not needs.stated_output and averages else None
+    for model_id, model, max_tokens, quality, latency, per_in, per_out in rows:
         if model is None:
-            excluded.append((model_id, "no model profile"))
+            excluded.append((model_id, "profile"))
             continue
-        if window > model.max_tokens:
-            excluded.append((model_id, f"context window {model.max_tokens} tokens < "
-                                       f"{needs.prompt_tokens} prompt + {output} output"))
+        if window > max_tokens:
+            excluded.append((model_id, "window", max_tokens, prompt, output))
             continue
-        if needs.min_quality is not None and model.quality_score < needs.min_quality:
-            excluded.append((model_id, f"quality {model.quality_score} < required "
-                                       f"{needs.min_quality}"))
+        if min_quality is not None and quality < min_quality:
+            excluded.append((model_id, "quality", quality, min_quality))
             continue
-        latency = model.latency_p99_ms
         if latencies is not None:
             latency = latencies.get(model_id, latency)
-        if needs.max_latency_ms is not None and latency > needs.max_latency_ms:
-            excluded.append((model_id, f"p99 latency {latency} ms > "
-                                       f"{needs.max_latency_ms} ms"))
+        if max_latency is not None and latency > max_latency:
+            excluded.append((model_id, "latency", latency, max_latency))
             continue
-        # = expected_cost(), inline; in the fixed MONEY context, not the thread's
-        worst = _fma(model.cost_per_input_token, needs.prompt_tokens,
-                     _multiply(model.cost_per_output_token, output))
-        if needs.max_cost is not None and worst > needs.max_cost:
-            excluded.append((model_id, f"expected cost ${format_usd(worst)} > "
-                                       f"${format_usd(needs.max_cost)}"))
+        worst = per_in * prompt + per_out * output
+        if limit is not None and worst > limit:
+            excluded.append((model_id, "cost", worst, scale, max_cost))
             continue
         if is_healthy is not None and not is_healthy(model_id):
-            excluded.append((model_id, "circuit breaker open"))
+            excluded.append((model_id, "breaker"))
             unhealthy += 1
             continue
         cost = worst
-        if not needs.stated_output and averages:
-            expected = averages.get(model_id)
+        if expecting is not None:
+            expected = expecting.get(model_id)
             if expected is not None and expected < output:
-                cost = _fma(model.cost_per_input_token, needs.prompt_tokens,
-                            _multiply(model.cost_per_output_token, expected))
-        ranked.append((cost, -model.quality_score, latency, model_id, model))
-    if len(ranked) > 1:
-        ranked.sort(key=_RANKS["cost_optimized" if downgrade else strategy])
-    candidates = tuple([row[4] for row in ranked])
-    return Selection(candidates, tuple(excluded) if excluded else (),
-                     not candidates and unhealthy > 0)
+                cost = per_in * prompt + per_out * expected
+        ranked.append((cost, -quality, latency, model_id, model))
+    return Selection.ranked(ranked, _RANKS["cost_optimized" if downgrade else strategy],
+                            excluded, not ranked and unhealthy > 0)
 
 
-_fma = MONEY.fma
-_multiply = MONEY.multiply
+# (tier, models) -> (scale, rows): each allowed model's id, profile (None: no profile),
+# context window, quality, p99 latency, and its prices as whole numbers of 10^-scale USD,
+# scale the fewest decimal places that make every price of the tier whole. Built once per
+# tier and price book (the models mapping is replaced whole when prices change).
+_TABLES: dict[tuple[str, tuple[str, ...], int], tuple[Mapping[str, ModelProfile], int,
+                                                        list[tuple[Any, ...]]]] = {}
+
+
+def _table(tier: TierConfig, models: Mapping[str, ModelProfile]
+           ) -> tuple[int, list[tuple[Any, ...]]]:
+    key = (tier.name, tier.allowed_models, id(models))
+    known = _TABLES.get(key)
+    if known is not None and known[0] is models:
+        return known[1], known[2]
+    profiles = [models.get(model_id) for model_id in tier.allowed_models]
+    scale = max([_places(price) for m in profiles if m is not None
+                 for price in (m.cost_per_input_token, m.cost_per_output_token)] or [0])
+    rows: list[tuple[Any, ...]] = []
+    for model_id, m in zip(tier.allowed_models, profiles, strict=True):
+        if m is None:
+            rows.append((model_id, None, 0, 0.0, 0, 0, 0))
+        else:
+            rows.append((model_id, m, m.max_tokens, m.quality_score, m.latency_p99_ms,
+                         int(MONEY.scaleb(m.cost_per_input_token, scale)),
+                         int(MONEY.scaleb(m.cost_per_output_token, scale))))
+    if len(_TABLES) > 256:  # tiers x price-book versions: few; a bound all the same
+        _TABLES.clear()
+    _TABLES[key] = (models, scale, rows)  # (holding models: its id stays its own)
+    return scale, rows
+
+
+def _places(price: Decimal) -> int:
+    exponent = price.as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
+
+
 # Rows are (expected cost, -quality, p99 latency, id, profile).
 _RANKS = {
     "cost_optimized": itemgetter(0, 1, 2, 3),
