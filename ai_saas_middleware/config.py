@@ -39,7 +39,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Context, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from fnmatch import translate
 from pathlib import Path
 from types import MappingProxyType
@@ -109,12 +109,6 @@ class TierConfig:
     daily_budget: Decimal | None = None  # USD per UTC day
 
 
-# Routing compares prices as whole numbers of 10^-30 USD: exact for any price of at most
-# 30 decimal places, and an int multiply-add is a tenth of a Decimal one.
-PRICE_SCALE_PLACES = 30
-_SCALING = Context(prec=100, Emin=-999_999, Emax=999_999)  # not the app's context
-
-
 @dataclass(frozen=True, slots=True)
 class ModelProfile:
     """What routing knows of a model. Prices are exact USD per token."""
@@ -126,19 +120,6 @@ class ModelProfile:
     max_tokens: int  # context window
     quality_score: float
     latency_p99_ms: int
-    # The prices in 10^-30 USD (exact ints, for routing's comparisons), or None for a
-    # price of more decimal places (then routing works in Decimal for this model).
-    input_scaled: int | None = field(default=None, init=False, repr=False, compare=False)
-    output_scaled: int | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for name, price in (("input_scaled", self.cost_per_input_token),
-                            ("output_scaled", self.cost_per_output_token)):
-            if not isinstance(price, Decimal) or not price.is_finite():
-                continue
-            scaled = price.scaleb(PRICE_SCALE_PLACES, _SCALING)
-            if scaled == scaled.to_integral_value(context=_SCALING):
-                object.__setattr__(self, name, int(scaled))
 
 
 @dataclass(frozen=True, slots=True)
