@@ -270,26 +270,23 @@ class PriceBook:
         self.config = config
         self._keys = keys
         self.channel = keys.models_channel  # where a new version is announced
-        self._current = _config_snapshot(config)  # replaced whole, never mutated
+        # The price book in force: version and profiles, one consistent whole (replaced
+        # whole, never mutated; a plain attribute: read on every AI request).
+        self.current = _config_snapshot(config)
         self._warned_version = -1
         self.rounds = 0  # completed refreshes (tests wait on it)
 
     # ------------------------------------------------------------ the request side
 
     @property
-    def current(self) -> PriceSnapshot:
-        """The price book in force: version and profiles, one consistent whole."""
-        return self._current
-
-    @property
     def models(self) -> Mapping[str, ModelProfile]:
         """The enabled models' effective profiles (a mapping replaced whole on change)."""
-        return self._current.models
+        return self.current.models
 
     @property
     def version(self) -> int:
         """The version of :attr:`models` (0: the configuration's profiles)."""
-        return self._current.version
+        return self.current.version
 
     # ------------------------------------------------------------ the watch's side
 
@@ -302,7 +299,7 @@ class PriceBook:
         """
         raw = store.call("GET", self._keys.models_version)
         version = int(raw) if raw is not None else 0
-        if version == self._current.version:
+        if version == self.current.version:
             self.rounds += 1
             return False
         version, book = _read(store, self._keys)
@@ -312,8 +309,8 @@ class PriceBook:
             log.error("price book version %d: %d override(s) not used (the configuration's "
                       "profile stays in force for those models): %s", version,
                       len(problems), "; ".join(problems))
-        changed = snapshot != self._current
-        self._current = snapshot
+        changed = snapshot != self.current
+        self.current = snapshot
         self.rounds += 1
         if changed:
             log.info("price book version %d in force (%d models)", version,
