@@ -99,8 +99,9 @@ def decision_us(n_models: int, rounds: int = 5, loops: int = 2000) -> float:
     for _ in range(rounds):
         t = time.perf_counter()
         for _ in range(loops):
-            select_model(tier, models, needs, None, strategy="cost_optimized",
-                         averages=averages).chosen  # what admission needs of it
+            chosen = select_model(tier, models, needs, None, strategy="cost_optimized",
+                                  averages=averages).chosen  # what admission needs of it
+        assert chosen is not None
         best = min(best, (time.perf_counter() - t) / loops)
     return best * 1e6
 

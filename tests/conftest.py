@@ -9,11 +9,14 @@ each other's keys, and a spool directory of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import json
 import os
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -159,19 +162,64 @@ def reservations_held(client: redis.Redis, keys: Any) -> dict[str, str]:
     return held
 
 
-# What a gateway's watch thread sends on its own schedule, never for a request: it
-# subscribes, reads the breakers (HGETALL, TIME) and the price book's version (GET), and
-# pushes the observed statistics (EVAL; requests run their scripts by EVALSHA).
-WATCH_COMMANDS = frozenset({"cmdstat_subscribe", "cmdstat_hgetall", "cmdstat_time",
-                            "cmdstat_get", "cmdstat_eval"})
+class PrefixCommands:
+    """The commands Redis runs on this test's keys, as MONITOR shows them: those naming a
+    key under the test's prefix, the deployment's own (breakers, price book, statistics:
+    a watch thread's, never a request's) aside. Other tests' background work (lease
+    renewals, breaker threads of gateways they left open) names other prefixes, so it
+    cannot enter the count. ``count()`` first waits until MONITOR has shown every command
+    sent before it (an ECHO marker)."""
+
+    def __init__(self, url: str, prefix: str):
+        self.prefix = prefix
+        self.seen: list[str] = []
+        self._client = redis.Redis.from_url(url, decode_responses=True)
+        self._monitor = self._client.monitor()
+        self._monitor.__enter__()
+        self._markers: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        own = self.prefix + ":"
+        deployment = tuple(own + tag for tag in ("{stats}", "{breakers}", "{models}"))
+        try:
+            for entry in self._monitor.listen():
+                command = str(entry.get("command", ""))
+                with self._lock:
+                    if command.startswith("ECHO "):
+                        self._markers.add(command.split(" ", 1)[1].strip("'\""))
+                    elif own in command and not any(d in command for d in deployment):
+                        self.seen.append(command)
+        except Exception:  # the connection closed at teardown
+            return
+
+    def count(self) -> int:
+        marker = uuid.uuid4().hex
+        self._client.echo(marker)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self._lock:
+                if marker in self._markers:
+                    return len(self.seen)
+            time.sleep(0.005)
+        raise AssertionError("MONITOR did not show the marker within 10 s")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._monitor.__exit__(None, None, None)
+        with contextlib.suppress(Exception):
+            self._client.close()
 
 
-def request_commands(client: redis.Redis) -> int:
-    """Commands the server has run so far for requests, every client together: INFO
-    itself and the watch threads' commands (``WATCH_COMMANDS``) aside."""
-    stats = client.info("commandstats")
-    return sum(int(entry["calls"]) for name, entry in stats.items()
-               if name != "cmdstat_info" and name not in WATCH_COMMANDS)
+@pytest.fixture
+def prefix_commands(redis_server_url: str, key_prefix: str) -> Iterator[PrefixCommands]:
+    """``prefix_commands.count()``: how many commands Redis has run on this test's keys
+    since the fixture began (see :class:`PrefixCommands`)."""
+    watcher = PrefixCommands(redis_server_url, key_prefix)
+    yield watcher
+    watcher.close()
 
 
 def bearer(tenant: str) -> dict[str, str]:

@@ -100,7 +100,7 @@ from wsgiref.util import setup_testing_defaults
 import django
 import pytest
 import redis
-from conftest import API_KEYS, BASE_CONFIG, body_then_disconnect, request_commands
+from conftest import API_KEYS, BASE_CONFIG, PrefixCommands, body_then_disconnect
 from django_app import build_django_apps
 from flask_app import make_flask_app
 from replies import CHAT, SSE_WORDS, completion, sse_body
@@ -360,6 +360,7 @@ class Run:
     prefix: str
     replies: list[Reply] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    _commands: PrefixCommands | None = None
 
     def send(self, method: str, path: str, *, tenant: str | None = "globex",
              body: Any = CHAT, raw: bytes | None = None,
@@ -412,8 +413,17 @@ class Run:
         return int(self.rclient.get(key) or 0)
 
     def redis_commands(self) -> int:
-        """Commands the server has run so far for requests (conftest.request_commands)."""
-        return request_commands(self.rclient)
+        """Commands Redis has run on this run's keys so far (conftest.PrefixCommands: other
+        tests' background work cannot enter the count)."""
+        if self._commands is None:
+            url = "redis://{host}:{port}/{db}".format(
+                **self.rclient.connection_pool.connection_kwargs)
+            self._commands = PrefixCommands(url, self.prefix)
+        return self._commands.count()
+
+    def close(self) -> None:
+        if self._commands is not None:
+            self._commands.close()
 
     def observation(self) -> Observation:
         return Observation(list(self.replies), self.events(),
@@ -791,8 +801,11 @@ def observe(redis_server_url: str, rclient: redis.Redis,
             config = contract_config(redis_server_url, prefix, tmp_path_factory.mktemp("spool"))
             with serve(adapter, config) as server:
                 run = Run(adapter, server, rclient, prefix)
-                SCENARIOS[name](run)
-                observation = run.observation()
+                try:
+                    SCENARIOS[name](run)
+                    observation = run.observation()
+                finally:
+                    run.close()
             check_request_ids(observation)
             OBSERVED[name, adapter] = observation
         return OBSERVED[name, adapter]

@@ -32,7 +32,13 @@ import pytest
 import redis
 import yaml
 from asgiref.sync import iscoroutinefunction, sync_to_async
-from conftest import API_KEYS, BASE_CONFIG, bearer, body_then_disconnect, request_commands
+from conftest import (
+    API_KEYS,
+    BASE_CONFIG,
+    PrefixCommands,
+    bearer,
+    body_then_disconnect,
+)
 from django.core.exceptions import ImproperlyConfigured
 from django.test import AsyncClient, Client, override_settings
 from django.urls import reverse
@@ -164,11 +170,6 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
 
 def header_set(headers: Any) -> set[tuple[str, str]]:
     return {(k.lower(), v) for k, v in headers.items() if k.lower() not in ("date", "server")}
-
-
-def server_command_calls(rclient: redis.Redis) -> int:
-    """Commands the server has run so far for requests (conftest.request_commands)."""
-    return request_commands(rclient)
 
 
 def http_scope(path: str, headers: dict[str, str], *, method: str = "POST") -> dict[str, Any]:
@@ -309,12 +310,12 @@ async def test_body_between_djangos_limit_and_ours_is_served_not_400(
 
 
 async def test_ten_megabyte_body_is_413_before_it_is_read(
-        via: Via, events: Any, rclient: redis.Redis) -> None:
-    before = server_command_calls(rclient)
+        via: Via, events: Any, prefix_commands: PrefixCommands) -> None:
+    before = prefix_commands.count()
     response = await via.post("/ai/chat", raw=b"x" * TEN_MB)
     assert_error(response, 413, "request_too_large")
     assert response.content == via.apps.gateway.too_large().body
-    assert server_command_calls(rclient) == before
+    assert prefix_commands.count() == before
     assert events() == []
 
 
@@ -408,11 +409,11 @@ async def test_missing_key_is_the_cores_decision_byte_for_byte(via: Via, events:
 
 
 async def test_non_ai_requests_pass_untouched_with_no_redis_call(
-        via: Via, rclient: redis.Redis) -> None:
+        via: Via, prefix_commands: PrefixCommands) -> None:
     assert (await via.post("/ai/chat")).status_code == 200  # pool open, scripts loaded
     await via.settled()
     raw = bytes(range(256)) * (3 * 4096)  # 3 MiB: over the AI limit and Django's 2.5 MB
-    before = server_command_calls(rclient)
+    before = prefix_commands.count()
     for _ in range(3):
         assert (await via.get("/")).content == b"home"
         assert (await via.get("/aix")).status_code == 200
@@ -421,10 +422,10 @@ async def test_non_ai_requests_pass_untouched_with_no_redis_call(
         assert echoed["x-body-untouched"] == "yes"  # nothing read it before the view
         assert "x-request-id" not in echoed
         assert (await via.get("/nowhere")).status_code == 404
-    assert server_command_calls(rclient) == before
+    assert prefix_commands.count() == before
     assert (await via.post("/ai/chat")).status_code == 200
     await via.settled()
-    assert server_command_calls(rclient) > before  # the measure does see our commands
+    assert prefix_commands.count() > before  # the measure does see our commands
 
 
 # ------------------------------------------------------------------ streamed responses

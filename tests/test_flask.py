@@ -26,14 +26,13 @@ import flask
 import pytest
 import redis
 import yaml
-from conftest import bearer
+from conftest import PrefixCommands, bearer
 from flask import Flask, g, session
 from flask_app import make_flask_app
 from replies import CHAT, SSE_WORDS, sse_body
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from starlette_app import ROUTES
-from test_starlette import server_command_calls
 
 from ai_saas_middleware import ConfigError, load_config
 from ai_saas_middleware.flask import (
@@ -369,18 +368,19 @@ def test_view_that_raises_is_recorded_as_500_and_releases_its_reservation(
     assert quota_used("globex") == 46
 
 
-def test_non_ai_requests_cause_no_redis_command(client: Any, rclient: redis.Redis) -> None:
+def test_non_ai_requests_cause_no_redis_command(client: Any,
+                                                prefix_commands: PrefixCommands) -> None:
     assert client.post("/ai/chat", json=CHAT, headers=bearer("globex")).get_json()
-    before = server_command_calls(rclient)
+    before = prefix_commands.count()
     raw = bytes(range(256)) * (3 * 4096)  # over the AI body limit
     for _ in range(3):
         assert client.get("/").text == "home"
         assert client.get("/aix").status_code == 200
         assert client.post("/echo", data=raw, headers=bearer("globex")).data == raw
         assert client.get("/nowhere").status_code == 404
-    assert server_command_calls(rclient) == before
+    assert prefix_commands.count() == before
     assert client.post("/ai/chat", json=CHAT, headers=bearer("globex")).status_code == 200
-    assert server_command_calls(rclient) > before
+    assert prefix_commands.count() > before
 
 
 # ------------------------------------------------------------------ resolver and blueprint

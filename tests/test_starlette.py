@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 import redis.asyncio
-from conftest import API_KEYS, bearer, body_then_disconnect, request_commands
+from conftest import API_KEYS, PrefixCommands, bearer, body_then_disconnect
 from replies import CHAT, SSE_WORDS, sse_body
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -76,11 +76,6 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 def assert_still_serving(client: TestClient, tenant: str = "globex") -> None:
     response = client.post("/ai/chat", json=CHAT, headers=bearer(tenant))
     assert response.status_code == 200, response.text
-
-
-def server_command_calls(rclient: redis.Redis) -> int:
-    """Commands the server has run so far for requests (conftest.request_commands)."""
-    return request_commands(rclient)
 
 
 def http_scope(path: str, headers: dict[str, str], *, method: str = "POST",
@@ -324,20 +319,20 @@ def test_every_admitted_ai_request_yields_exactly_one_stream_entry(
 
 
 def test_non_ai_requests_cause_no_redis_command(client: TestClient,
-                                                rclient: redis.Redis) -> None:
+                                                prefix_commands: PrefixCommands) -> None:
     # One AI request first: the middleware's pool is open and its scripts loaded.
     assert_still_serving(client)
-    before = server_command_calls(rclient)
+    before = prefix_commands.count()
     for _ in range(5):
         assert client.get("/").text == "home"
         assert client.get("/aix").status_code == 200
         assert client.post("/echo", json=CHAT, headers=bearer("globex")).status_code == 200
         assert client.get("/nowhere").status_code == 404
-    assert server_command_calls(rclient) == before
+    assert prefix_commands.count() == before
 
     # The measure does see the middleware's commands: an AI request moves it.
     assert_still_serving(client)
-    assert server_command_calls(rclient) > before
+    assert prefix_commands.count() > before
 
 
 # ------------------------------------------------------------------ bodies pass intact

@@ -24,13 +24,11 @@ from wsgiref.validate import validator
 
 import httpx
 import pytest
-import redis
-from conftest import API_KEYS, bearer
+from conftest import API_KEYS, PrefixCommands, bearer
 from replies import CHAT, COMPLETION_TOKENS, PROMPT_TOKENS, SSE_WORDS, completion, sse_body
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from starlette_app import ROUTES
-from test_starlette import server_command_calls
 
 from ai_saas_middleware import load_config
 from ai_saas_middleware.demo import serve_wsgi_in_thread
@@ -556,9 +554,9 @@ def test_body_that_raises_half_way_is_settled_as_failed_once(
 
 
 def test_non_ai_requests_pass_untouched_with_no_redis_command(
-        app: AISaaSMiddleware, plain: PlainApp, rclient: redis.Redis) -> None:
+        app: AISaaSMiddleware, plain: PlainApp, prefix_commands: PrefixCommands) -> None:
     assert serve(app, "/ai/chat", **ai_json()).read_all()  # pool open, scripts loaded
-    before = server_command_calls(rclient)
+    before = prefix_commands.count()
     raw = bytes(range(256)) * (3 * 4096)  # 3 MiB: over the AI body limit
     for _ in range(3):
         environ = environ_for("/echo", body=raw, headers=bearer("globex"))
@@ -570,10 +568,10 @@ def test_non_ai_requests_pass_untouched_with_no_redis_command(
         assert served.read_all() == raw
         assert Served(app, environ_for("/", method="GET")).read_all() == b"home"
         assert Served(app, environ_for("/aix", method="GET")).code == 404
-    assert server_command_calls(rclient) == before
+    assert prefix_commands.count() == before
 
     assert serve(app, "/ai/chat", **ai_json()).read_all()  # the measure does move
-    assert server_command_calls(rclient) > before
+    assert prefix_commands.count() > before
 
 
 def test_request_path_is_the_utf8_text_of_path_info(make_middleware: Callable[..., Any],
