@@ -25,7 +25,15 @@ from wsgiref.validate import validator
 import httpx
 import pytest
 from conftest import API_KEYS, PrefixCommands, bearer
-from replies import CHAT, COMPLETION_TOKENS, PROMPT_TOKENS, SSE_WORDS, completion, sse_body
+from replies import (
+    CHAT,
+    COMPLETION_TOKENS,
+    PROMPT_TOKENS,
+    SSE_WORDS,
+    EveryModelDown,
+    completion,
+    sse_body,
+)
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from starlette_app import ROUTES
@@ -108,6 +116,8 @@ class PlainApp:
             return []
         if path == "/ai/boom":
             raise RuntimeError("the handler has a bug")
+        if path == "/ai/all-down":  # every model's call fails: NoHealthyModel leaves
+            environ["ai_saas.context"].execute(EveryModelDown())
         if path == "/ai/boom-mid-stream":
             def half() -> Iterator[bytes]:
                 yield sse_body()[0]
@@ -674,3 +684,15 @@ def test_gateway_is_sync_and_shared_when_given(make_config: Callable[..., dict[s
     assert serve(second, "/ai/chat", **ai_json()).done().code == 200
     assert len(events()) == 2
     gateway.close()
+
+
+def test_a_handler_that_runs_out_of_models_gets_the_503_not_a_500(
+        app: AISaaSMiddleware, events: Any) -> None:
+    served = serve(app, "/ai/all-down", **ai_json())
+    body = served.read_all()
+    assert served.status.startswith("503"), served.status
+    assert json.loads(body)["error"]["code"] == "no_healthy_model"
+    headers = dict((k.lower(), v) for k, v in served.headers)
+    assert "retry-after" in headers and "x-request-id" in headers
+    (event,) = events()
+    assert (event["status"], event["prompt_tokens"], event["cost"]) == ("503", "0", "0")

@@ -15,13 +15,15 @@
 -- The tokens, month, picodollars (a string, '0' when none) and day of a reservation
 -- member (nil when it is not one).
 local function reservation_of(member)
-  local tokens, month, money, day = string.match(
-    member, ' (%d+) (%d%d%d%d%-%d%d) (%d+) (%d%d%d%d%-%d%d%-%d%d)$')
+  -- (Tokens only, the usual case, first: one match.)
+  local tokens, month = string.match(member, ' (%d+) (%d%d%d%d%-%d%d)$')
   if tokens then
-    return tonumber(tokens), month, money, day
+    return tonumber(tokens), month, '0', nil
   end
-  tokens, month = string.match(member, ' (%d+) (%d%d%d%d%-%d%d)$')
-  return tonumber(tokens), month, '0', nil
+  local money, day
+  tokens, month, money, day = string.match(
+    member, ' (%d+) (%d%d%d%d%-%d%d) (%d+) (%d%d%d%d%-%d%d%-%d%d)$')
+  return tonumber(tokens), month, money, day
 end
 
 -- A USD amount in plain decimals ('0.000015', '12', at most 12 decimal places) as a whole

@@ -38,17 +38,18 @@ end
 local actual = tonumber(ARGV[1])
 -- (WRONGTYPE here: before any write)
 local held = redis.call('ZSCORE', KEYS[4], ARGV[4])
+-- What the member says was reserved (parsed once: whether Redis still holds it or not).
+local member_tokens, member_month, money, money_day = reservation_of(ARGV[4])
 local held_tokens, held_month = 0, nil
 if held then
-  held_tokens, held_month = reservation_of(ARGV[4])
-  held_tokens = held_tokens or 0
+  held_tokens, held_month = member_tokens or 0, member_month
 end
 local counter_base = string.sub(KEYS[1], 1, -8)
 local here = string.sub(KEYS[1], -7)
 -- Money: when admission reserved some (the member's money part), the real cost (the
 -- event's cost, in picodollars, built as a string: exact at any size) replaces it on the
 -- spend counters of the admission's month and day.
-local _, money_month, money, money_day = reservation_of(ARGV[4])
+local money_month = member_month
 local cost = nil
 if money_day then
   for i = 5, #ARGV - 1, 2 do
