@@ -7,15 +7,18 @@ concurrency (1, 16, 64) the same number of whole-reply requests goes through
 * ``raw aiohttp``: one ``ClientSession``, ``session.post(url, json=body)``, ``.json()``;
 * ``provider``: ``OpenAIProvider.acomplete(...)`` (our aiohttp transport, JSON, Reply);
 
-in alternating rounds (raw, provider, raw, provider, ...), and the table shows the median
-round. Target: the provider within 1.2x of raw aiohttp's CPU per request, and no
-collapse at 64 (CPU per request at 64 not far above that at 16).
+both on one event loop, interleaved: each round splits its requests into ``--slices``
+slices per client, run in ABBA order (raw, provider, provider, raw, ...), so a change of
+the machine's load (2 shared cores, steal time) falls on both clients alike. The table
+shows each client's median round and the median of the rounds' paired ratios
+(provider / raw of the same round). Target: the provider within 1.2x of raw aiohttp's
+CPU per request, and no collapse at 64 (CPU per request at 64 not far above that at 16).
 
 ``--clients`` adds the measurement that chose the HTTP clients: httpx's AsyncClient
 against aiohttp (async), and httpx's Client against urllib3 (sync, in threads).
 
     PYTHONPATH=. .venv/bin/python benchmarks/providers.py [--requests 2000] [--rounds 5]
-        [--clients]
+        [--slices 8] [--clients]
 """
 
 from __future__ import annotations
@@ -92,8 +95,10 @@ def measure_threads(call: Callable[[], Any], concurrency: int, requests: int
     return cpu / done * 1e6, done / wall
 
 
-async def raw_and_provider(base_url: str, concurrency: int, requests: int
+async def raw_and_provider(base_url: str, concurrency: int, requests: int, slices: int
                            ) -> dict[str, tuple[float, float]]:
+    """One round: (CPU us per request, requests per second) of each client, over
+    ``requests`` calls each split into ``slices`` interleaved slices."""
     import aiohttp
 
     url = f"{base_url}/chat/completions"
@@ -111,9 +116,19 @@ async def raw_and_provider(base_url: str, concurrency: int, requests: int
     async def ours() -> Any:
         return await provider.acomplete("bench", MESSAGES, max_tokens=16)
 
+    clients = {"raw aiohttp": raw, "provider": ours}
     try:
-        return {"raw aiohttp": await measure_async(raw, concurrency, requests),
-                "provider": await measure_async(ours, concurrency, requests)}
+        for call in clients.values():  # warm both: connections, caches
+            await measure_async(call, concurrency, concurrency * 4)
+        cpu = dict.fromkeys(clients, 0.0)
+        wall = dict.fromkeys(clients, 0.0)
+        per_slice = max(requests // slices, concurrency)
+        for i in range(slices):
+            for name in (list(clients) if i % 2 == 0 else list(clients)[::-1]):
+                us, rps = await measure_async(clients[name], concurrency, per_slice)
+                cpu[name] += us / slices
+                wall[name] += per_slice / rps
+        return {name: (cpu[name], per_slice * slices / wall[name]) for name in clients}
     finally:
         await session.close()
         await provider.aclose()
@@ -166,25 +181,30 @@ def client_choice(base_url: str, requests: int) -> list[tuple[str, int, float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per cell")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (median shown)")
+    parser.add_argument("--slices", type=int, default=8,
+                        help="interleaved slices per client in a round")
     parser.add_argument("--clients", action="store_true",
                         help="also measure httpx against aiohttp and urllib3")
     args = parser.parse_args()
     proc, base_url = start_standin()
     try:
-        print(f"provider layer vs raw aiohttp, {args.requests} whole replies per cell, "
-              f"median of {args.rounds} alternating rounds; CPU of this process only")
+        print(f"provider layer vs raw aiohttp, {args.requests} whole replies per client "
+              f"and round in {args.slices} interleaved slices, median of {args.rounds} "
+              "rounds (ratio: median of the rounds' paired ratios); CPU of this process only")
         print(f"{'concurrency':>11}  {'raw us/req':>10}  {'layer us/req':>12}  "
               f"{'ratio':>5}  {'raw req/s':>9}  {'layer req/s':>11}")
         for concurrency in CONCURRENCY:
-            rounds = [asyncio.run(raw_and_provider(base_url, concurrency, args.requests))
+            rounds = [asyncio.run(raw_and_provider(base_url, concurrency, args.requests,
+                                                   args.slices))
                       for _ in range(args.rounds)]
+            ratio = statistics.median(r["provider"][0] / r["raw aiohttp"][0] for r in rounds)
             raw_cpu = statistics.median(r["raw aiohttp"][0] for r in rounds)
             our_cpu = statistics.median(r["provider"][0] for r in rounds)
             raw_rps = statistics.median(r["raw aiohttp"][1] for r in rounds)
             our_rps = statistics.median(r["provider"][1] for r in rounds)
             print(f"{concurrency:>11}  {raw_cpu:>10.0f}  {our_cpu:>12.0f}  "
-                  f"{our_cpu / raw_cpu:>5.2f}  {raw_rps:>9.0f}  {our_rps:>11.0f}", flush=True)
+                  f"{ratio:>5.2f}  {raw_rps:>9.0f}  {our_rps:>11.0f}", flush=True)
         if args.clients:
             print("\nHTTP client choice (one round each)")
             print(f"{'client':<24}{'concurrency':>11}  {'us CPU/req':>10}  {'req/s':>7}")

@@ -32,6 +32,8 @@ from .transport import AsyncTransport, SyncTransport
 __all__ = ["Dialect", "HTTPProvider", "StreamDecoder"]
 
 _MESSAGE_LIMIT = 300  # characters of a provider's error message kept in ours
+# One encoder for every body: json.dumps with arguments builds a JSONEncoder per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class StreamDecoder:
@@ -104,9 +106,9 @@ class HTTPProvider:
         self.config = config
         self._dialect = dialect
         self._key = api_key
-        self._headers = dialect.headers(api_key)
         self._path = dialect.path
-        timeouts = {"provider": config.id, "connect_timeout_s": config.connect_timeout_s,
+        timeouts = {"provider": config.id, "headers": dialect.headers(api_key),
+                    "connect_timeout_s": config.connect_timeout_s,
                     "read_timeout_s": config.read_timeout_s,
                     "max_connections": config.max_connections}
         self._sync: SyncTransport | None = None
@@ -132,8 +134,8 @@ class HTTPProvider:
 
     def _encode(self, model: str, messages: Sequence[Message], max_tokens: int,
                 params: Mapping[str, Any], stream: bool) -> bytes:
-        body = self._dialect.body(model, messages, max_tokens, params, stream)
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return _ENCODE(self._dialect.body(model, messages, max_tokens, params, stream)
+                       ).encode()
 
     # -- whole replies
 
@@ -145,16 +147,15 @@ class HTTPProvider:
             ProviderError: a subclass saying what failed (see :mod:`.base`).
         """
         body = self._encode(model, messages, max_tokens, params, False)
-        status, headers, data = self._sync_transport().post(self._path, self._headers, body,
-                                                            model)
+        status, headers, data = self._sync_transport().post(self._path, body, model)
         return self._read_reply(status, headers, data, model)
 
     async def acomplete(self, model: str, messages: Sequence[Message], *, max_tokens: int,
                         **params: Any) -> Reply:
         """The async twin of :meth:`complete`."""
         body = self._encode(model, messages, max_tokens, params, False)
-        status, headers, data = await self._async_transport().post(self._path, self._headers,
-                                                                   body, model)
+        status, headers, data = await self._async_transport().post(self._path, body,
+                                                                   model)
         return self._read_reply(status, headers, data, model)
 
     def _read_reply(self, status: int, headers: Mapping[str, str], data: bytes, model: str
@@ -205,7 +206,7 @@ class HTTPProvider:
 
     def _deltas(self, state: ProviderStream, body: bytes, model: str) -> Iterator[str]:
         transport = self._sync_transport()
-        resp = transport.open(self._path, self._headers, body, model)
+        resp = transport.open(self._path, body, model)
         finished = False
         try:
             if not 200 <= resp.status < 300:
@@ -237,7 +238,7 @@ class HTTPProvider:
     async def _adeltas(self, state: AsyncProviderStream, body: bytes, model: str
                        ) -> AsyncIterator[str]:
         transport = self._async_transport()
-        resp = await transport.open(self._path, self._headers, body, model)
+        resp = await transport.open(self._path, body, model)
         finished = False
         try:
             if not 200 <= resp.status < 300:

@@ -41,8 +41,9 @@ def require(module: str) -> Any:
 class SyncTransport:
     """A pool of connections to one provider, for threads (urllib3)."""
 
-    def __init__(self, base_url: str, *, provider: str, connect_timeout_s: float,
-                 read_timeout_s: float, max_connections: int) -> None:
+    def __init__(self, base_url: str, *, provider: str, headers: Mapping[str, str],
+                 connect_timeout_s: float, read_timeout_s: float, max_connections: int
+                 ) -> None:
         urllib3 = require("urllib3")
         self._exc = urllib3.exceptions
         self.provider = provider
@@ -52,24 +53,26 @@ class SyncTransport:
             num_pools=1, maxsize=max_connections, block=False, retries=False,
             timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s))
         self._pool = self._manager.connection_from_url(base_url)
+        self._headers = dict(headers)
         self._prefix = urllib3.util.parse_url(base_url).path or ""
 
-    def post(self, path: str, headers: Mapping[str, str], body: bytes, model: str
+    def post(self, path: str, body: bytes, model: str
              ) -> tuple[int, Mapping[str, str], bytes]:
-        """POST and read the whole reply: (status, headers, body)."""
+        """POST (with the provider's headers) and read the whole reply: (status, headers,
+        body)."""
         try:
             resp = self._pool.urlopen("POST", self._prefix + path, body=body,
-                                      headers=headers, retries=False, redirect=False,
+                                      headers=self._headers, retries=False, redirect=False,
                                       preload_content=True)
         except Exception as exc:
             raise self._translate(exc, model) from exc
         return resp.status, resp.headers, resp.data
 
-    def open(self, path: str, headers: Mapping[str, str], body: bytes, model: str) -> Any:
+    def open(self, path: str, body: bytes, model: str) -> Any:
         """POST and return the unread response (read it with :meth:`chunks`)."""
         try:
             return self._pool.urlopen("POST", self._prefix + path, body=body,
-                                      headers=headers, retries=False, redirect=False,
+                                      headers=self._headers, retries=False, redirect=False,
                                       preload_content=False)
         except Exception as exc:
             raise self._translate(exc, model) from exc
@@ -126,13 +129,21 @@ class AsyncTransport:
 
     aiohttp's session belongs to the loop it was made on: the session is made on first
     use, and again when a call comes from another loop (a test's new loop, a server
-    restarted in-process)."""
+    restarted in-process).
 
-    def __init__(self, base_url: str, *, provider: str, connect_timeout_s: float,
-                 read_timeout_s: float, max_connections: int) -> None:
+    Per request it does no more than it must (benchmarks/README.md, "Issue 9: provider
+    layer"): the provider's headers are the session's defaults (merged once per request
+    by aiohttp, not converted from a dict), and each path's URL is parsed once."""
+
+    def __init__(self, base_url: str, *, provider: str, headers: Mapping[str, str],
+                 connect_timeout_s: float, read_timeout_s: float, max_connections: int
+                 ) -> None:
         self._aiohttp = require("aiohttp")
+        self._URL = require("yarl").URL  # aiohttp's own URL type (a dependency of it)
         self.provider = provider
         self._base_url = base_url
+        self._headers = dict(headers)
+        self._urls: dict[str, Any] = {}  # path -> yarl.URL
         self._connect_s = connect_timeout_s
         self._read_s = read_timeout_s
         self._max_connections = max_connections
@@ -147,26 +158,32 @@ class AsyncTransport:
                 connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_s,
                                               sock_read=self._read_s),
-                auto_decompress=True, raise_for_status=False)
+                headers=self._headers, auto_decompress=True, raise_for_status=False)
             self._loop = loop
         return self._session
 
-    async def post(self, path: str, headers: Mapping[str, str], body: bytes, model: str
+    def _url(self, path: str) -> Any:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = self._URL(self._base_url + path)
+        return url
+
+    async def post(self, path: str, body: bytes, model: str
                    ) -> tuple[int, Mapping[str, str], bytes]:
-        """POST and read the whole reply: (status, headers, body)."""
+        """POST (with the provider's headers) and read the whole reply: (status, headers,
+        body)."""
         try:
-            async with self._current().post(self._base_url + path, data=body,
-                                            headers=headers, allow_redirects=False) as resp:
+            async with self._current().post(self._url(path), data=body,
+                                            allow_redirects=False) as resp:
                 return resp.status, resp.headers, await resp.read()
         except Exception as exc:
             raise self._translate(exc, model) from exc
 
-    async def open(self, path: str, headers: Mapping[str, str], body: bytes, model: str
-                   ) -> Any:
+    async def open(self, path: str, body: bytes, model: str) -> Any:
         """POST and return the unread response (read it with :meth:`chunks`)."""
         try:
-            return await self._current().post(self._base_url + path, data=body,
-                                              headers=headers, allow_redirects=False)
+            return await self._current().post(self._url(path), data=body,
+                                              allow_redirects=False)
         except Exception as exc:
             raise self._translate(exc, model) from exc
 
