@@ -32,6 +32,7 @@ from decimal import Decimal
 from operator import itemgetter
 from typing import Any
 
+from .cheapest import Index
 from .config import ModelProfile, TierConfig
 from .pricing import MONEY, format_usd
 
@@ -61,7 +62,7 @@ class Selection:
     asked for; a request whose first model answers never needs it.
     """
 
-    __slots__ = ("_best", "_excluded", "_key", "_reasons", "_rows", "_sorted",
+    __slots__ = ("_best", "_excluded", "_fill", "_key", "_reasons", "_rows", "_sorted",
                  "unhealthy_only")
 
     def __init__(self, candidates: Sequence[ModelProfile],
@@ -72,6 +73,7 @@ class Selection:
         self._best: ModelProfile | None = None
         self._reasons: tuple[tuple[str, str], ...] | None = excluded  # (model id, reason)
         self._excluded: list[tuple[Any, ...]] = []  # (model id, why, facts...): unworded
+        self._fill: Callable[[], Selection] | None = None  # the general pass, when deferred
         self.unhealthy_only = unhealthy_only  # every model meeting the needs was open
 
     @classmethod
@@ -91,9 +93,28 @@ class Selection:
             selection._sorted = (rows[0][-1],)
         return selection
 
+    @classmethod
+    def deferred(cls, chosen: ModelProfile, fill: Callable[[], Selection]) -> Selection:
+        """A selection whose best candidate is known (the fast path's) and whose order and
+        exclusions the general pass (``fill``) works out only when they are asked for."""
+        selection = cls((), (), False)
+        selection._sorted = None
+        selection._best = chosen
+        selection._fill = fill
+        return selection
+
+    def _filled(self) -> None:
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            whole = fill()
+            self._rows, self._key, self._sorted = whole._rows, whole._key, whole._sorted
+            self._excluded, self._reasons = whole._excluded, whole._reasons
+
     @property
     def candidates(self) -> tuple[ModelProfile, ...]:
         """Every eligible model, best first."""
+        if self._fill is not None:
+            self._filled()
         if self._sorted is None:
             self._rows.sort(key=self._key)
             self._sorted = tuple([row[-1] for row in self._rows])
@@ -111,22 +132,30 @@ class Selection:
     @property
     def unordered(self) -> tuple[ModelProfile, ...]:
         """The candidates in no particular order (cheaper than :attr:`candidates`)."""
+        if self._fill is not None:
+            self._filled()
         if self._sorted is not None:
             return self._sorted
         return tuple([row[-1] for row in self._rows])
 
     def __len__(self) -> int:
+        if self._fill is not None:
+            self._filled()
         return len(self._sorted) if self._sorted is not None else len(self._rows)
 
     @property
     def excluded(self) -> tuple[tuple[str, str], ...]:
         """(model id, why) of every allowed model that is not a candidate."""
+        if self._fill is not None:
+            self._filled()
         if self._reasons is None:
             self._reasons = tuple([(entry[0], _reason(*entry[1:])) for entry in self._excluded])
         return self._reasons
 
     def excluded_for(self, why: str) -> list[str]:
         """The ids of the models excluded for ``why`` (e.g. ``"breaker"``)."""
+        if self._fill is not None:
+            self._filled()
         if self._reasons is not None and not self._excluded:
             return [m for m, reason in self._reasons if reason == _REASONS.get(why, why)]
         return [entry[0] for entry in self._excluded if entry[1] == why]
@@ -170,6 +199,69 @@ def select_model(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Re
         averages: model id -> average completion tokens observed on this endpoint.
         latencies: model id -> observed p99 latency (ms), instead of the profile's.
     """
+    expecting = averages if not needs.stated_output and averages else None
+    if (len(tier.allowed_models) >= FAST_PATH_MIN_MODELS
+            and needs.model is None and is_healthy is None and latencies is None
+            and (downgrade or strategy == "cost_optimized")
+            and (needs.max_cost is None or expecting is None)
+            and needs.prompt_tokens > 0 and needs.max_output_tokens > 0):
+        found = _cheapest(tier, models, needs, expecting)
+        if found is not None:
+            return Selection.deferred(found, lambda: _select(
+                tier, models, needs, is_healthy, strategy, downgrade, averages, latencies))
+    return _select(tier, models, needs, is_healthy, strategy, downgrade, averages, latencies)
+
+
+def _cheapest(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Requirements,
+              expecting: Mapping[str, int] | None) -> ModelProfile | None:
+    """The fast path (:mod:`.cheapest`): the cheapest eligible model, or None when there
+    is none (or it breaks the cost limit: then none does), for the general pass to say
+    why."""
+    output = needs.max_output_tokens
+    key = (tier.name, tier.allowed_models, id(models), needs.min_quality, needs.max_latency_ms,
+           None if expecting is None else (output, id(expecting)))
+    known = _INDEXES.get(key)
+    if known is None or known[0] is not models or known[1] is not expecting:
+        scale, rows = _table(tier, models)
+        points = []
+        for model_id, model, max_tokens, quality, latency, per_in, per_out in rows:
+            if model is None or (needs.min_quality is not None and quality < needs.min_quality) \
+                    or (needs.max_latency_ms is not None and latency > needs.max_latency_ms):
+                continue
+            weight = per_out
+            if expecting is not None:
+                expected = expecting.get(model_id)
+                weight = per_out * (expected if expected is not None and expected < output
+                                    else output)
+            points.append((max_tokens, per_in, weight, (-quality, latency, model_id), model))
+        if len(_INDEXES) > 512:  # tiers x needs x price-book and averages snapshots
+            _INDEXES.clear()
+        known = (models, expecting, Index(points), scale)
+        _INDEXES[key] = known
+    found = known[2].cheapest(needs.prompt_tokens + output, needs.prompt_tokens,
+                              1 if expecting is not None else output)
+    if found is None:
+        return None
+    cost, model = found
+    if needs.max_cost is not None and cost > MONEY.scaleb(needs.max_cost, known[3]):
+        return None  # (the cost is the worst case here: no expected completion)
+    return model  # type: ignore[no-any-return]
+
+
+# Below this many allowed models the general pass is as quick as the index (measured: 3.5
+# against 4.0 us at 5 models; 15.8 against 5.1 at 50).
+FAST_PATH_MIN_MODELS = 8
+
+# (tier, allowed, models, min quality, max latency, (output, averages) | None) ->
+# (models, averages, its Index, price scale)
+_INDEXES: dict[tuple[Any, ...], tuple[Any, Any, Index, int]] = {}
+
+
+def _select(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Requirements,
+            is_healthy: Callable[[str], bool] | None, strategy: str, downgrade: bool,
+            averages: Mapping[str, int] | None, latencies: Mapping[str, int] | None
+            ) -> Selection:
+    """The general pass: every allowed model, each kept or excluded with its reason."""
     excluded: list[tuple[Any, ...]] = []
     ranked: list[tuple[Any, ...]] = []
     unhealthy = 0
