@@ -212,9 +212,13 @@ class Gateway(_Core):
                  redis_url: str | None = None):
         super().__init__(config, redis_url=redis_url)
         store = RedisStore(self.config.redis, self.redis_url)
+        # The watch thread has a store of its own: its reads must not tell the requests'
+        # store that Redis is back while it refuses writes (OOM, READONLY), nor its
+        # failures that Redis is down.
         self._start(store, LeaseKeeper(self.config.quota.reservation_timeout_s,
                                        lambda: self.store, spool=self.spool),
-                    lambda: self.store, owns_sync_store=False)
+                    lambda: RedisStore(self.config.redis, self.redis_url),
+                    owns_sync_store=True)
 
     def _run(self, call: ScriptCall) -> Any:
         return self.store.run_script(*call)

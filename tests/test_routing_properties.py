@@ -57,7 +57,7 @@ def scenarios(draw: Any) -> dict[str, Any]:
                     if draw(st.booleans()) else []),
         "strategy": draw(st.sampled_from(["cost_optimized", "quality_first", "latency_first"])),
         "downgrade": draw(st.booleans()),
-        "fast_from": draw(st.sampled_from([0, 8])),  # the fast path always, or as shipped
+        "fast_from": draw(st.sampled_from([0, 1000])),  # the fast path when it applies, or never
         "averages": draw(st.dictionaries(
             st.sampled_from(known), st.integers(0, 2_500) | st.integers(0, 120_000),
             max_size=12)),
