@@ -200,7 +200,7 @@ def select_model(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Re
         latencies: model id -> observed p99 latency (ms), instead of the profile's.
     """
     expecting = averages if not needs.stated_output and averages else None
-    if (len(tier.allowed_models) >= FAST_PATH_MIN_MODELS
+    if (FAST_PATH_MIN_MODELS <= len(tier.allowed_models) <= FAST_PATH_MAX_MODELS
             and needs.model is None and is_healthy is None and latencies is None
             and (downgrade or strategy == "cost_optimized")
             and (needs.max_cost is None or expecting is None)
@@ -218,8 +218,10 @@ def _cheapest(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Requi
     is none (or it breaks the cost limit: then none does), for the general pass to say
     why."""
     output = needs.max_output_tokens
+    # (The averages' snapshot is replaced about once a second: it is checked, not keyed,
+    # so its new index takes the old one's place.)
     key = (tier.name, tier.allowed_models, id(models), needs.min_quality, needs.max_latency_ms,
-           None if expecting is None else (output, id(expecting)))
+           None if expecting is None else output)
     known = _INDEXES.get(key)
     if known is None or known[0] is not models or known[1] is not expecting:
         scale, rows = _table(tier, models)
@@ -252,8 +254,11 @@ def _cheapest(tier: TierConfig, models: Mapping[str, ModelProfile], needs: Requi
 # run, the index is quicker from 5 models on (3.9 against 6.0 us at 5; 4.7 against 16 at
 # 50): every tier uses it; tests set this to force the general pass.
 FAST_PATH_MIN_MODELS = 0
+# Above this many, building an index (once per price book, and per averages snapshot: about
+# once a second) costs more than the passes it saves: the general pass decides.
+FAST_PATH_MAX_MODELS = 200
 
-# (tier, allowed, models, min quality, max latency, (output, averages) | None) ->
+# (tier, allowed, models, min quality, max latency, output with averages | None) ->
 # (models, averages, its Index, price scale)
 _INDEXES: dict[tuple[Any, ...], tuple[Any, Any, Index, int]] = {}
 
