@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable
 from decimal import Decimal
 
-from .config import Config, ModelProfile, TierConfig
+from .config import Config, ModelProfile, TierConfig, any_budget
 from .pricing import MONEY, format_usd
 from .responses import refusal
 from .types import Decision
@@ -53,7 +53,7 @@ class Budgets:
         self._tenants: dict[str, tuple[Decimal | None, Decimal | None]] = {
             t.id: (t.monthly_budget, t.daily_budget) for t in config.tenants.values()
             if t.monthly_budget is not None or t.daily_budget is not None}
-        self.any = any(v != _UNSET for v in self._tiers.values()) or bool(self._tenants)
+        self.any = any_budget(config.tiers, config.tenants)
 
     @staticmethod
     def _limits(monthly: Decimal | None, daily: Decimal | None) -> tuple[int, int]:

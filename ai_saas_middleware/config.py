@@ -622,14 +622,15 @@ MONEY_PLACES = 12
 
 def _budget(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> Decimal | None:
     value: Decimal | None = r.decimal(m, key, path, default=None, maximum=MAX_BUDGET_USD)
-    if value is not None and _places(value) > MONEY_PLACES:
+    if value is not None and decimal_places(value) > MONEY_PLACES:
         r.problem(f"{path}.{key}", f"a USD amount with at most {MONEY_PLACES} decimal "
                   "places", _kind(m.get(key)))
         return None
     return value
 
 
-def _places(value: Decimal) -> int:
+def decimal_places(value: Decimal) -> int:
+    """How many decimal places ``value`` needs (0.000100 needs 4)."""
     exponent = value.normalize().as_tuple().exponent
     return max(0, -exponent) if isinstance(exponent, int) else 0
 
@@ -875,21 +876,31 @@ def _check_references(r: _Reader, tiers: Mapping[str, TierConfig],
                       repr(model_id))
 
 
+def any_budget(tiers: Mapping[str, TierConfig], tenants: Mapping[str, TenantConfig]) -> bool:
+    """Does any tier or tenant set a money budget?"""
+    limits: list[tuple[Decimal | None, Decimal | None]] = [
+        (t.monthly_budget, t.daily_budget) for t in tiers.values()]
+    limits += [(t.monthly_budget, t.daily_budget) for t in tenants.values()]
+    return any(monthly is not None or daily is not None for monthly, daily in limits)
+
+
+def check_budget_prices(r: _Reader, path: str, model: ModelProfile) -> None:
+    """A budget is counted in picodollars: every cost must be a whole number of them, so
+    every price at most 12 decimal places (a tenth of a micro-dollar per million tokens).
+    The configuration's loader and the run-time price book both check it so."""
+    for key, price in (("costPerInputToken", model.cost_per_input_token),
+                       ("costPerOutputToken", model.cost_per_output_token)):
+        if decimal_places(price) > MONEY_PLACES:
+            r.problem(f"{path}.{key}", f"a price with at most {MONEY_PLACES} decimal "
+                      "places (money budgets count picodollars)", f"{price:f}")
+
+
 def _check_budget_prices(r: _Reader, tiers: Mapping[str, TierConfig],
                          tenants: Mapping[str, TenantConfig],
                          models: Mapping[str, ModelProfile]) -> None:
-    # A budget is counted in picodollars: every cost must be a whole number of them, so
-    # every price at most 12 decimal places (a tenth of a micro-dollar per million tokens).
-    limits = [(t.monthly_budget, t.daily_budget) for t in tiers.values()]
-    limits += [(t.monthly_budget, t.daily_budget) for t in tenants.values()]
-    if all(monthly is None and daily is None for monthly, daily in limits):
-        return
-    for i, model in enumerate(models.values()):
-        for key, price in (("costPerInputToken", model.cost_per_input_token),
-                           ("costPerOutputToken", model.cost_per_output_token)):
-            if _places(price) > MONEY_PLACES:
-                r.problem(f"models[{i}].{key}", f"a price with at most {MONEY_PLACES} decimal "
-                          "places (money budgets count picodollars)", f"{price:f}")
+    if any_budget(tiers, tenants):
+        for i, model in enumerate(models.values()):
+            check_budget_prices(r, f"models[{i}]", model)
 
 
 def _build(data: Any, source: str, base: Path | None, reader: _Reader | None = None

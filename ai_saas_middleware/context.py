@@ -235,7 +235,7 @@ class RequestContext:
                                                           max_tokens=max_tokens, **params)
 
         reply = self.execute(call)
-        self._record_reply(reply)
+        self._record_provider_usage(reply)
         return reply
 
     async def acomplete(self, messages: Sequence[Message], **params: Any) -> Reply:
@@ -248,7 +248,7 @@ class RequestContext:
                 model.id, messages, max_tokens=max_tokens, **params)
 
         reply = await self.aexecute(call)
-        self._record_reply(reply)
+        self._record_provider_usage(reply)
         return reply
 
     def stream(self, messages: Sequence[Message], **params: Any) -> Iterator[str]:
@@ -281,7 +281,7 @@ class RequestContext:
                 stream.close()
             policy.ended(model, probe, None)
             self._answered(model)
-            self._record_stream(model, stream)
+            self._record_provider_usage(stream)
             return
         self.failed = True
         raise policy.none_left(self.candidates) from last
@@ -311,7 +311,7 @@ class RequestContext:
                 await stream.aclose()
             policy.ended(model, probe, None)
             self._answered(model)
-            self._record_stream(model, stream)
+            self._record_provider_usage(stream)
             return
         self.failed = True
         raise policy.none_left(self.candidates) from last
@@ -345,21 +345,14 @@ class RequestContext:
             raise ValueError(f"max_tokens must be a whole number >= 1, found {asked!r}")
         return min(asked, self.max_output_tokens)  # never more than was reserved
 
-    def _record_reply(self, reply: Reply) -> None:
-        if self.usage is None:  # the handler's own record_usage takes precedence
-            prompt = reply.prompt_tokens
-            completion = reply.completion_tokens
-            self.usage = Usage(self.ticket.prompt_estimate if prompt is None else prompt,
-                               estimate_tokens(len(reply.text)) if completion is None
-                               else completion,
-                               "provider" if prompt is not None and completion is not None
-                               else "estimate")
-
-    def _record_stream(self, model: ModelProfile, stream: Any) -> None:
+    def _record_provider_usage(self, answer: Any) -> None:
+        """The provider's usage of a :class:`Reply` or a stream (what of it the provider
+        reported, else an estimate of its text); the handler's own ``record_usage`` takes
+        precedence."""
         if self.usage is None:
-            prompt, completion = stream.prompt_tokens, stream.completion_tokens
+            prompt, completion = answer.prompt_tokens, answer.completion_tokens
             self.usage = Usage(self.ticket.prompt_estimate if prompt is None else prompt,
-                               estimate_tokens(len(stream.text)) if completion is None
+                               estimate_tokens(len(answer.text)) if completion is None
                                else completion,
                                "provider" if prompt is not None and completion is not None
                                else "estimate")
@@ -370,4 +363,4 @@ class RequestContext:
                     self.request_id, model.id, exc)
         self._answered(model)
         self.truncated = True
-        self._record_stream(model, stream)
+        self._record_provider_usage(stream)

@@ -52,7 +52,14 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
-from .config import MONEY_PLACES, Config, ModelProfile, _places, _read_models, _Reader
+from .config import (
+    Config,
+    ModelProfile,
+    _read_models,
+    _Reader,
+    any_budget,
+    check_budget_prices,
+)
 from .errors import AISaaSError, ConfigError, ConfigProblem, StoreError
 from .pricing import MONEY
 from .store.keys import KeySchema
@@ -168,22 +175,11 @@ def effective_profile(config: Config, model_id: str, fields: Mapping[str, Any]
             and profile.provider not in config.providers:
         r.problem(f"{path}.provider", "one of the providers' ids ("
                   + ", ".join(config.providers) + ")", repr(profile.provider))
-    if profile is not None and _has_budgets(config):
-        for key, price in (("costPerInputToken", profile.cost_per_input_token),
-                           ("costPerOutputToken", profile.cost_per_output_token)):
-            if _places(price) > MONEY_PLACES:  # the budgets count whole picodollars
-                r.problem(f"{path}.{key}", f"a price with at most {MONEY_PLACES} decimal "
-                          "places (money budgets count picodollars)", f"{price:f}")
+    if profile is not None and any_budget(config.tiers, config.tenants):
+        check_budget_prices(r, path, profile)
     if r.problems:
         raise ConfigError(r.problems, "the price book")
     return profile if enabled else None
-
-
-def _has_budgets(config: Config) -> bool:
-    return any(t.monthly_budget is not None or t.daily_budget is not None
-               for t in config.tiers.values()) or any(
-        t.monthly_budget is not None or t.daily_budget is not None
-        for t in config.tenants.values())
 
 
 def _encode(fields: Mapping[str, Any]) -> str:

@@ -33,7 +33,7 @@ from operator import itemgetter
 from typing import Any
 
 from .cheapest import Index
-from .config import ModelProfile, TierConfig
+from .config import ModelProfile, TierConfig, decimal_places
 from .pricing import MONEY, format_usd
 
 __all__ = ["Requirements", "Selection", "select_model"]
@@ -336,7 +336,7 @@ def _table(tier: TierConfig, models: Mapping[str, ModelProfile]
     if known is not None and known[0] is models:
         return known[1], known[2]
     profiles = [models.get(model_id) for model_id in tier.allowed_models]
-    scale = max([_places(price) for m in profiles if m is not None
+    scale = max([decimal_places(price) for m in profiles if m is not None
                  for price in (m.cost_per_input_token, m.cost_per_output_token)] or [0])
     rows: list[tuple[Any, ...]] = []
     for model_id, m in zip(tier.allowed_models, profiles, strict=True):
@@ -350,11 +350,6 @@ def _table(tier: TierConfig, models: Mapping[str, ModelProfile]
         _TABLES.clear()
     _TABLES[key] = (models, scale, rows)  # (holding models: its id stays its own)
     return scale, rows
-
-
-def _places(price: Decimal) -> int:
-    exponent = price.as_tuple().exponent
-    return max(0, -exponent) if isinstance(exponent, int) else 0
 
 
 # Rows are (expected cost, -quality, p99 latency, id, profile).

@@ -222,6 +222,16 @@ def prefix_commands(redis_server_url: str, key_prefix: str) -> Iterator[PrefixCo
     watcher.close()
 
 
+@pytest.fixture(scope="module")
+def standin() -> Iterator[Any]:
+    """A provider stand-in (tests/provider_standins.py) on loopback, for the module."""
+    from provider_standins import StandIn
+
+    server = StandIn().start()
+    yield server
+    server.stop()
+
+
 def bearer(tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEYS[tenant]}"}
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,13 +23,6 @@ from provider_standins import StandIn
 
 from ai_saas_middleware import Gateway
 from ai_saas_middleware.errors import NoHealthyModel
-
-
-@pytest.fixture(scope="module")
-def standin() -> Iterator[StandIn]:
-    server = StandIn().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

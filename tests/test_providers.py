@@ -50,13 +50,6 @@ MESSAGES = [{"role": "system", "content": "Answer briefly."},
 PROMPT_WORDS = 6  # what the stand-in counts as the prompt tokens of MESSAGES
 
 
-@pytest.fixture(scope="module")
-def standin() -> Iterator[StandIn]:
-    server = StandIn().start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
     key = f"sk-test-{uuid.uuid4().hex}"

@@ -3,7 +3,6 @@ downgrades near a limit, observed completions fed back, budgets on a web adapter
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 from conftest import bearer
@@ -127,5 +126,4 @@ def test_a_budget_refusal_on_a_web_adapter_is_a_429_in_the_documented_shape(
     assert reply.status_code == 429
     assert reply.json()["error"]["code"] == "budget_exceeded"
     assert reply.json()["error"]["type"] == "insufficient_quota"
-    assert int(reply.headers["retry-after"]) <= 86400
-    assert Decimal("0.001") > 0
+    assert 1 <= int(reply.headers["retry-after"]) <= 86400  # at midnight UTC

@@ -6,8 +6,7 @@
 --          lease until ms>'; a model without a field is closed
 -- KEYS[2]  the model's recent failures (sorted set: unique id -> ms); ops fail only
 -- ARGV[1]  op:
---   read                      -> {now_ms, {model, state, ...}} (the watch reads with
---                                plain HGETALL and TIME instead)
+--   (The watch reads the states with plain HGETALL and TIME: no script.)
 --   fail  model window_ms threshold reset_ms failure_id probe_owner|'-' channel
 --                             -> {now_ms, open 0|1, open until ms}
 --         A closed breaker logs the failure and opens once the window holds threshold
@@ -25,9 +24,6 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op = ARGV[1]
-if op == 'read' then
-  return {now, redis.call('HGETALL', KEYS[1])}
-end
 
 local model = ARGV[2]
 local state = redis.call('HGET', KEYS[1], model)
