@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -188,7 +189,7 @@ def test_breakers_and_the_price_book_are_shared_across_a_cluster(
             "model-fast", {"costPerInputToken": "0.0000002"})
         wait_until(lambda: other.prices.current.version == 1, what="the new price book")
         assert other.prices.current.models["model-fast"].cost_per_input_token == \
-            __import__("decimal").Decimal("0.0000002")
+            Decimal("0.0000002")
     finally:
         one.close()
         other.close()

@@ -136,12 +136,13 @@ def test_a_failing_models_breaker_opens_in_every_process_then_one_probe_closes_i
 
         # The model recovers: after resetTimeout, one probe succeeds and closes the breaker
         # everywhere; model-small (the cheapest) answers again in both processes.
+        # (Only a asks here: once b's view is closed it may call model-small itself, before
+        # a's view is, and the count below would race with that.)
         standin.failing.discard("model-small")
         time.sleep(2.1)
         closed_deadline = time.monotonic() + 5
         while a.ask(op="open") and time.monotonic() < closed_deadline:
             a.ask(op="run", n=1, gap=0.01)
-            b.ask(op="run", n=1, gap=0.01)
         assert standin.calls("model-small") - before == 5  # one probe, and it closed it
         wait_until(lambda: b.ask(op="open") == [], what="b to see it closed")
         assert a.ask(op="run", n=2) == [["model-small", None]] * 2
