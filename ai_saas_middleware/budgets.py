@@ -35,7 +35,7 @@ _UNSET = (-1, -1)
 
 def to_picodollars(usd: Decimal) -> int:
     """``usd`` as whole picodollars, rounded up (exact for a cost of these prices)."""
-    return int(MONEY.scaleb(usd, 12).to_integral_value(rounding="ROUND_CEILING"))
+    return int(MONEY.scaleb(usd, 12).to_integral_value(rounding="ROUND_CEILING", context=MONEY))
 
 
 def from_picodollars(amount: int | str | bytes) -> Decimal:

@@ -630,9 +630,14 @@ def _budget(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> Decimal | 
 
 
 def decimal_places(value: Decimal) -> int:
-    """How many decimal places ``value`` needs (0.000100 needs 4)."""
-    exponent = value.normalize().as_tuple().exponent
-    return max(0, -exponent) if isinstance(exponent, int) else 0
+    """How many decimal places ``value`` needs (0.000100 needs 4). Read from its digits,
+    not by ``normalize()``, which would round in the thread's decimal context (a host app
+    may have set it to 4 digits, or to trap rounding)."""
+    _sign, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int):
+        return 0
+    trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    return max(0, -exponent - trailing)
 
 
 def _read_endpoints(r: _Reader, value: Any) -> tuple[EndpointConfig, ...]:
