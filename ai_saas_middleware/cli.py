@@ -68,8 +68,6 @@ DEFAULT_REDIS_PORT = 6379
 # Names DESIGN.md gives to commands of pieces still to come: kept so that a script that
 # calls them gets a clear answer, but not listed in --help.
 RESERVED = {
-    "worker": "the billing worker",
-    "report": "the billing worker's reports",
     "dashboard": "the billing worker's dashboard",
 }
 
@@ -746,6 +744,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the port to listen on (default: {DEFAULT_REDIS_PORT}, where "
                         "redis.url points when it is not set; 0: any free port)")
     p.set_defaults(func=cmd_redis)
+
+    from .billing.commands import add_commands
+
+    add_commands(sub, command, with_config, _month)
 
     p = command(sub, "demo", "run the demo: app + middleware + traffic + summary")
     from .demo import DEMO_APPS

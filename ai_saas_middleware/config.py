@@ -14,12 +14,16 @@ The sections, all optional except that a serving deployment needs ``models``,
                         allowedModels, onUnavailable (open | closed, overrides redis.onUnavailable)
     routing             strategy, fallbackChain, circuitBreaker {errorThreshold, resetTimeout}
     cache               enabled, ttl, similarityThreshold
-    billing             provider, usageMetric, pricingRules[] {metric, rate}
+    billing             provider, usageMetric, pricingRules[] {metric, rate, tier}, markup,
+                        minimumPerRequest, marginRules[] {below, markup | pricingRules},
+                        database (SQLAlchemy URL), stripe {...}, cac, monthlyChurn, worker {...}
+                        (see docs/billing.md)
     models[]            id, provider, costPerInputToken, costPerOutputToken, maxTokens,
                         qualityScore, latencyP99Ms
     modelCatalog        path of a LiteLLM-format cost map; models[] entries may then omit
                         provider, prices and maxTokens
-    tenants[]           id, tier, apiKeys ["sha256:<hex>"], stripeCustomerId
+    tenants[]           id, tier, apiKeys ["sha256:<hex>"], stripeCustomerId, monthlyBudget,
+                        dailyBudget, cac
     endpoints[]         path (glob), methods, requiredQuality, maxLatencyMs,
                         maxCostPerRequest, defaultMaxOutputTokens
     redis               url, keyPrefix, shards, onUnavailable, socketTimeout, connectTimeout,
@@ -132,6 +136,7 @@ class TenantConfig:
     stripe_customer_id: str | None = None
     monthly_budget: Decimal | None = None  # overrides the tier's, when set
     daily_budget: Decimal | None = None
+    cac: Decimal | None = None  # customer acquisition cost (USD), overrides billing.cac
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,10 +202,49 @@ class CacheConfig:
     similarity_threshold: float = 0.85
 
 
+PRICING_METRICS = ("input_tokens", "output_tokens", "requests")
+USAGE_METRICS = ("tokens", "input_tokens", "output_tokens", "requests")
+DEFAULT_LEDGER = "sqlite:///ai-saas-ledger.sqlite3"
+
+
 @dataclass(frozen=True, slots=True)
 class PricingRule:
-    metric: str
+    metric: str  # one of PRICING_METRICS
     rate: Decimal  # USD per unit of metric
+    tier: str | None = None  # None: every tier
+
+
+@dataclass(frozen=True, slots=True)
+class MarginRule:
+    """When a tenant's gross margin in the month falls below ``below`` (a fraction), the
+    tenant is flagged; with ``markup`` or ``pricing_rules`` it is also priced that way from
+    its next event on, for the rest of the month."""
+
+    below: Decimal
+    markup: Decimal | None = None
+    pricing_rules: tuple[PricingRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StripeConfig:
+    """Where and how the worker reports usage to Stripe (Billing Meter Events)."""
+
+    api_key_env: str = "STRIPE_API_KEY"  # the name of an environment variable, never a key
+    event_name: str = "ai_usage"  # the meter's event_name
+    meter_id: str | None = None  # for reconcile; found by event_name when not given
+    api_base: str | None = None  # e.g. a stand-in server; default Stripe's own
+    meter_events_base: str | None = None  # the v2 meter event stream's host
+    interval_s: float = 10.0  # how often usage is gathered into meter events
+    stream_above: int = 100  # meter events per round above which the v2 stream is used
+    max_retries: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    batch_size: int = 1000  # stream entries read and committed per transaction
+    block_ms: int = 1000  # how long a read waits for new entries
+    claim_idle_s: float = 30.0  # a pending entry idle this long is taken from its consumer
+    trim_interval_s: float = 10.0  # how often acknowledged entries are trimmed
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +252,14 @@ class BillingConfig:
     provider: str | None = None
     usage_metric: str = "tokens"
     pricing_rules: tuple[PricingRule, ...] = ()
+    markup: Decimal | None = None  # cost-plus: price = inference cost x (1 + markup)
+    minimum_per_request: Decimal | None = None
+    margin_rules: tuple[MarginRule, ...] = ()
+    database: str = DEFAULT_LEDGER  # an SQLAlchemy URL
+    stripe: StripeConfig | None = None  # None: the worker fills the ledger only
+    cac: Decimal | None = None  # customer acquisition cost, USD, for LTV/CAC
+    monthly_churn: Decimal | None = None  # a fraction; None: observed
+    worker: WorkerConfig = WorkerConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -578,7 +630,7 @@ def _read_tenants(r: _Reader, value: Any, tiers: Mapping[str, TierConfig]
     for i, raw in enumerate(r.items(value, "tenants")):
         path = f"tenants[{i}]"
         m = r.mapping(raw, path, ("id", "tier", "apiKeys", "stripeCustomerId",
-                                  "monthlyBudget", "dailyBudget"))
+                                  "monthlyBudget", "dailyBudget", "cac"))
         if not m:
             continue
         tenant_id = r.string(m, "id", path, pattern=TENANT_ID_RE,
@@ -607,11 +659,12 @@ def _read_tenants(r: _Reader, value: Any, tiers: Mapping[str, TierConfig]
         stripe = r.string(m, "stripeCustomerId", path, default=None)
         monthly = _budget(r, m, "monthlyBudget", path)
         daily = _budget(r, m, "dailyBudget", path)
+        cac = r.decimal(m, "cac", path, default=None, maximum=MAX_BUDGET_USD)
         if tenant_id and tenant_id in tenants:
             r.problem(f"{path}.id", "a tenant id used once", f"duplicate {tenant_id!r}")
         elif tenant_id:
             tenants[tenant_id] = TenantConfig(tenant_id, tier or "", tuple(hashes), stripe,
-                                              monthly, daily)
+                                              monthly, daily, cac)
     return tenants
 
 
@@ -756,20 +809,132 @@ def _read_cache(r: _Reader, value: Any) -> CacheConfig:
     )
 
 
-def _read_billing(r: _Reader, value: Any) -> BillingConfig:
-    m = r.mapping(value, "billing", ("provider", "usageMetric", "pricingRules"))
+_BILLING_KEYS = ("provider", "usageMetric", "pricingRules", "markup", "minimumPerRequest",
+                 "marginRules", "database", "stripe", "cac", "monthlyChurn", "worker")
+MAX_RATE_USD = Decimal(1_000_000)
+
+
+def _read_rules(r: _Reader, value: Any, path: str, tiers: Mapping[str, TierConfig]
+                ) -> tuple[PricingRule, ...]:
     rules: list[PricingRule] = []
-    for i, raw in enumerate(r.items(m.get("pricingRules"), "billing.pricingRules")):
-        path = f"billing.pricingRules[{i}]"
-        rule = r.mapping(raw, path, ("metric", "rate"))
-        if rule:
-            rules.append(PricingRule(r.string(rule, "metric", path) or "",
-                                     r.decimal(rule, "rate", path) or Decimal(0)))
+    for i, raw in enumerate(r.items(value, path)):
+        at = f"{path}[{i}]"
+        rule = r.mapping(raw, at, ("metric", "rate", "tier"))
+        if not rule:
+            continue
+        r.declare(f"{at}.metric", "choice", options=PRICING_METRICS)
+        metric = r.choice(rule, "metric", at, PRICING_METRICS, None)
+        if metric is None and "metric" not in rule:
+            r.problem(f"{at}.metric", "one of " + ", ".join(PRICING_METRICS), "nothing")
+        rate = r.decimal(rule, "rate", at, maximum=MAX_RATE_USD)
+        if rate is not None and decimal_places(rate) > MONEY_PLACES:
+            r.problem(f"{at}.rate", f"at most {MONEY_PLACES} decimal places", str(rate))
+        tier = r.string(rule, "tier", at, default=None)
+        if tier is not None and tiers and tier not in tiers:
+            r.problem(f"{at}.tier", "one of the tiers " + ", ".join(tiers), repr(tier))
+        if metric is not None and rate is not None:
+            rules.append(PricingRule(metric, rate, tier))
+    return tuple(rules)
+
+
+def _fraction(r: _Reader, m: Mapping[str, Any], key: str, path: str,
+              maximum: Decimal | None = None) -> Decimal | None:
+    value: Decimal | None = r.decimal(m, key, path, default=None, maximum=maximum)
+    if value is not None and decimal_places(value) > MONEY_PLACES:
+        r.problem(f"{path}.{key}", f"at most {MONEY_PLACES} decimal places", str(value))
+        return None
+    return value
+
+
+def _read_stripe(r: _Reader, value: Any) -> StripeConfig | None:
+    path = "billing.stripe"
+    m = r.mapping(value, path, ("apiKeyEnv", "eventName", "meterId", "apiBase",
+                                "meterEventsBase", "interval", "streamAbove", "maxRetries"))
+    url = re.compile(r"^https?://[^\s/]+(/\S*)?\Z")
+    interval = r.duration(m, "interval", path, 10.0)
+    r.declare(f"{path}.interval", "duration", minimum=0.1)
+    if interval < 0.1:
+        r.problem(f"{path}.interval", "a duration of at least 0.1s", _kind(m.get("interval")))
+    stripe = StripeConfig(
+        api_key_env=r.string(m, "apiKeyEnv", path, default="STRIPE_API_KEY",
+                             pattern=re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z"),
+                             what="the name of an environment variable"),
+        event_name=r.string(m, "eventName", path, default="ai_usage",
+                            pattern=re.compile(r"^[A-Za-z0-9_.:-]{1,100}\Z"),
+                            what="a meter event name of [A-Za-z0-9_.:-]"),
+        meter_id=r.string(m, "meterId", path, default=None),
+        api_base=r.string(m, "apiBase", path, default=None, pattern=url, what="an http(s) URL"),
+        meter_events_base=r.string(m, "meterEventsBase", path, default=None, pattern=url,
+                                   what="an http(s) URL"),
+        interval_s=interval,
+        stream_above=r.integer(m, "streamAbove", path, default=100, minimum=1),
+        max_retries=r.integer(m, "maxRetries", path, default=8, minimum=0),
+    )
+    return stripe if isinstance(value, Mapping) else None
+
+
+def _read_worker(r: _Reader, value: Any) -> WorkerConfig:
+    path = "billing.worker"
+    m = r.mapping(value, path, ("batchSize", "block", "claimIdle", "trimInterval"))
+    batch = r.integer(m, "batchSize", path, default=1000, minimum=1)
+    if batch > 100_000:
+        r.problem(f"{path}.batchSize", "a whole number from 1 to 100000", str(batch))
+        batch = 1000
+    return WorkerConfig(
+        batch_size=batch,
+        block_ms=int(r.duration(m, "block", path, 1.0) * 1000),
+        claim_idle_s=r.duration(m, "claimIdle", path, 30.0),
+        trim_interval_s=r.duration(m, "trimInterval", path, 10.0),
+    )
+
+
+def _read_billing(r: _Reader, value: Any, tiers: Mapping[str, TierConfig],
+                  base: Path | None) -> BillingConfig:
+    m = r.mapping(value, "billing", _BILLING_KEYS)
+    rules = _read_rules(r, m.get("pricingRules"), "billing.pricingRules", tiers)
+    margin_rules: list[MarginRule] = []
+    for i, raw in enumerate(r.items(m.get("marginRules"), "billing.marginRules")):
+        at = f"billing.marginRules[{i}]"
+        rule = r.mapping(raw, at, ("below", "markup", "pricingRules"))
+        if not rule:
+            continue
+        below = r.decimal(rule, "below", at, minimum=Decimal(-1000), maximum=Decimal(1))
+        markup = _fraction(r, rule, "markup", at, maximum=Decimal(1000))
+        switch = _read_rules(r, rule.get("pricingRules"), f"{at}.pricingRules", tiers)
+        if below is not None:
+            margin_rules.append(MarginRule(below, markup, switch))
+    database = r.string(m, "database", "billing", default=DEFAULT_LEDGER,
+                        pattern=re.compile(r"^[a-z0-9+]+://\S*\Z"),
+                        what="an SQLAlchemy URL, e.g. sqlite:///ledger.sqlite3 or "
+                             "postgresql+psycopg://user@host/db")
+    database = _ledger_url(database, base)
+    r.declare("billing.usageMetric", "choice", options=USAGE_METRICS)
     return BillingConfig(
         provider=r.string(m, "provider", "billing", default=None),
-        usage_metric=r.string(m, "usageMetric", "billing", default="tokens"),
-        pricing_rules=tuple(rules),
+        usage_metric=r.choice(m, "usageMetric", "billing", USAGE_METRICS, "tokens"),
+        pricing_rules=rules,
+        markup=_fraction(r, m, "markup", "billing", maximum=Decimal(1000)),
+        minimum_per_request=_fraction(r, m, "minimumPerRequest", "billing",
+                                      maximum=MAX_RATE_USD),
+        margin_rules=tuple(margin_rules),
+        database=database,
+        stripe=_read_stripe(r, m.get("stripe")),
+        cac=_fraction(r, m, "cac", "billing", maximum=MAX_BUDGET_USD),
+        monthly_churn=_fraction(r, m, "monthlyChurn", "billing", maximum=Decimal(1)),
+        worker=_read_worker(r, m.get("worker")),
     )
+
+
+def _ledger_url(url: str, base: Path | None) -> str:
+    """A relative SQLite path is taken from the configuration file's folder (else the
+    working directory), so the app, the worker and ``ai-saas report`` find one ledger."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url == prefix or url.startswith(prefix + "/"):
+        return url
+    rest = url[len(prefix):]
+    if rest.startswith(":memory:") or base is None:
+        return url
+    return prefix + str((base / rest).resolve())
 
 
 def _read_http(r: _Reader, value: Any) -> HttpConfig:
@@ -930,7 +1095,7 @@ def _build(data: Any, source: str, base: Path | None, reader: _Reader | None = N
         redis=_read_redis(r, top.get("redis")),
         routing=routing,
         cache=_read_cache(r, top.get("cache")),
-        billing=_read_billing(r, top.get("billing")),
+        billing=_read_billing(r, top.get("billing"), tiers, base),
         http=_read_http(r, top.get("http")),
         quota=_read_quota(r, top.get("quota")),
         providers=MappingProxyType(providers),

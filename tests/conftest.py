@@ -318,3 +318,40 @@ def check_demo_stream(demo: Any, events: Callable[[], list[dict[str, str]]]) -> 
         (usage["prompt_tokens"], usage["completion_tokens"])
     assert event["client_disconnected"] == "false"
 
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """The session's private PostgreSQL cluster (tests/postgres.py); skipped, with the
+    reason, on a machine without PostgreSQL."""
+    from postgres import ExternalPostgres, PostgresCluster, find_bindir
+
+    url = os.environ.get("AI_SAAS_TEST_POSTGRES_URL")
+    if url:
+        yield ExternalPostgres(url)
+        return
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql): the ledger "
+                    "is tested on SQLite only")
+    cluster = PostgresCluster(bindir)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty ledger database: an SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+        return
+    cluster = request.getfixturevalue("postgres")
+    name, url = cluster.database()
+    try:
+        yield url
+    finally:
+        cluster.drop(name)

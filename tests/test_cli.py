@@ -33,7 +33,7 @@ from ai_saas_middleware.cli import build_parser, main
 # The console script pip installed beside this interpreter (`pip install -e .`).
 AI_SAAS = Path(sys.executable).parent / "ai-saas"
 VISIBLE_COMMANDS = ("check-config", "tenants", "usage", "spool", "redis", "demo")
-RESERVED = ("worker", "report", "dashboard")
+RESERVED = ("dashboard",)
 
 
 @pytest.fixture(autouse=True)
@@ -155,9 +155,8 @@ def test_a_usage_error_is_one_line_that_points_at_help(
         assert name not in err  # not offered as a choice either
 
 
-@pytest.mark.parametrize("argv", [[name] for name in RESERVED] + [["worker", "--status"],
-                                                                   ["report", "--period",
-                                                                    "2026-03"]])
+@pytest.mark.parametrize("argv", [[name] for name in RESERVED] + [["dashboard", "--port",
+                                                                   "8080"]])
 def test_reserved_commands_say_they_are_not_available_in_this_version(
         argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2

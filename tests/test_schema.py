@@ -258,7 +258,10 @@ def accepted_keys(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
         {"id": "openai", "kind": "openai", "baseUrl": "https://api.openai.com/v1",
          "apiKeyEnv": "OPENAI_API_KEY", "connectTimeout": "5s", "readTimeout": "60s",
          "maxConnections": 100},
-        {"id": "anthropic", "kind": "anthropic"}]}
+        {"id": "anthropic", "kind": "anthropic"}],
+        "billing": {"pricingRules": [{"metric": "input_tokens", "rate": "0.000005"}],
+                    "markup": "0.3", "marginRules": [{"below": "0.2", "markup": "0.5"}],
+                    "stripe": {"eventName": "ai_tokens"}, "worker": {"batchSize": 500}}}
     for data in (starter(), copy.deepcopy(BASE_CONFIG), with_providers):
         load_config(data)
     tree = ast.parse(inspect.getsource(config_module))

@@ -1,0 +1,155 @@
+"""The billing subcommands of ``ai-saas``: ``worker``, ``report``, ``billing ...``.
+
+Only argument definitions and dispatch live here; each command's work is in its own
+module (:mod:`.worker`, :mod:`.reports`, :mod:`.audit`, :mod:`.stripe_sync`,
+:mod:`.reprice`). Every handler takes the parsed arguments and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["add_commands"]
+
+Command = Callable[..., argparse.ArgumentParser]
+
+
+def _ledger(args: argparse.Namespace) -> Any:
+    from ..config import load_config
+    from .ledger import Ledger
+
+    config = load_config(args.config)
+    return config, Ledger(args.database or config.billing.database)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config, ledger = _ledger(args)
+    try:
+        before, after = ledger.migrate()
+    finally:
+        ledger.close()
+    if before == after:
+        print(f"ledger {ledger.url}: at schema version {after}, nothing to do.")
+    else:
+        print(f"ledger {ledger.url}: schema version {before} -> {after}.")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .worker import cmd_worker as run
+
+    return run(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .reports import cmd_report as run
+
+    return run(args)
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from .stripe_sync import cmd_reconcile as run
+
+    return run(args)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import cmd_audit as run
+
+    return run(args)
+
+
+def cmd_reprice(args: argparse.Namespace) -> int:
+    from .reprice import cmd_reprice as run
+
+    return run(args)
+
+
+def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
+                 month: Callable[[str], str]) -> None:
+    """Add ``worker``, ``report`` and ``billing`` to the ``ai-saas`` parser ``sub``."""
+
+    def with_database(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--database", default=None, metavar="URL",
+                       help="the ledger's SQLAlchemy URL (default: billing.database)")
+
+    p = command(sub, "worker", "move usage events from the Redis streams into the ledger",
+                "Reads every shard's stream in a consumer group, commits each batch to the "
+                "ledger (billing.database) in one transaction and acknowledges it only "
+                "then; takes over the pending entries of a worker that died; trims what "
+                "every group has acknowledged; sends usage to Stripe when billing.stripe "
+                "is set. Runs until SIGTERM or SIGINT, then finishes its batch and exits 0. "
+                "Several workers may run at once.")
+    with_config(p)
+    with_database(p)
+    p.add_argument("--status", action="store_true",
+                   help="print each shard's pending entries, lag and last event time, and "
+                        "each consumer, then exit")
+    p.add_argument("--name", default=None, metavar="NAME",
+                   help="this worker's consumer name (default: host-pid-random)")
+    p.add_argument("--once", action="store_true",
+                   help="stop when the streams hold nothing new or pending (for cron, tests)")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="--status output format (default: table)")
+    p.set_defaults(func=cmd_worker)
+
+    p = command(sub, "report", "margins, LTV/CAC and usage per tenant for one month",
+                "From the ledger: per tenant requests, tokens, inference cost, revenue, "
+                "gross margin, cache savings, top models, outcome value and cost per unit "
+                "of it, LTV/CAC with inference cost included (every assumption printed); "
+                "tenants below 3:1 or with a negative margin are flagged.")
+    with_config(p, redis=False)
+    with_database(p)
+    p.add_argument("--period", required=True, type=month, metavar="YYYY-MM",
+                   help="the month to report")
+    p.add_argument("--tenant", default=None, metavar="T", help="one tenant only")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="output format (default: table); money in JSON is a decimal string")
+    p.add_argument("--cac-file", default=None, metavar="CSV",
+                   help="a CSV of tenant_id,cac (USD) overriding billing.cac and tenants' cac")
+    p.add_argument("--fail-below", type=float, default=None, metavar="RATIO",
+                   help="exit 3 when some tenant's LTV/CAC is below RATIO (e.g. 3)")
+    p.set_defaults(func=cmd_report)
+
+    p = command(sub, "billing", "the ledger: migrate, reconcile with Stripe, audit, reprice")
+    bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+
+    a = command(bsub, "migrate", "create or upgrade the ledger's schema (versioned)")
+    with_config(a, redis=False)
+    with_database(a)
+    a.set_defaults(func=cmd_migrate)
+
+    a = command(bsub, "reconcile", "compare the ledger with Stripe's meter event summaries",
+                "Lists every tenant whose usage delivered to Stripe for the month differs "
+                "from the ledger's, and every delivery not yet confirmed; exits 1 when "
+                "there is a difference.")
+    with_config(a, redis=False)
+    with_database(a)
+    a.add_argument("--period", required=True, type=month, metavar="YYYY-MM",
+                   help="the month to reconcile")
+    a.set_defaults(func=cmd_reconcile)
+
+    a = command(bsub, "audit", "prove every event is in the spool, a stream or the ledger",
+                "Per tenant, side by side: tokens on the quota counter, reserved in flight, "
+                "in the local spool, in the streams and not yet in the ledger, and in the "
+                "ledger; exits 1 when they do not add up.")
+    with_config(a)
+    with_database(a)
+    a.add_argument("--period", required=True, type=month, metavar="YYYY-MM",
+                   help="the month to audit")
+    a.add_argument("--format", choices=("table", "json"), default="table",
+                   help="output format (default: table)")
+    a.set_defaults(func=cmd_audit)
+
+    a = command(bsub, "reprice", "price a month's events again with today's pricing rules",
+                "Explicit and logged (billing_log): each event gets the revenue the "
+                "current billing.pricingRules / markup / minimum give it and their version; "
+                "the daily aggregates are rebuilt; prints the revenue before and after.")
+    with_config(a, redis=False)
+    with_database(a)
+    a.add_argument("--period", required=True, type=month, metavar="YYYY-MM",
+                   help="the month to price again")
+    a.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
+    a.set_defaults(func=cmd_reprice)

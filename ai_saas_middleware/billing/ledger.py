@@ -1,0 +1,315 @@
+"""The billing ledger: usage events into SQL, exactly once, with their aggregates.
+
+:class:`Ledger` wraps one SQLAlchemy engine (``billing.database``: SQLite by default,
+PostgreSQL for production) and does what the worker, the reports and the Stripe
+delivery need of it:
+
+- :meth:`Ledger.record` prices a batch of events and inserts it in **one transaction**:
+  one row per ``request_id`` (``INSERT ... ON CONFLICT DO NOTHING``: a replay, a
+  redelivery or a second worker never inserts a row twice, however late), the
+  ``usage_daily`` aggregates of exactly the rows inserted, and the margin flags; the
+  caller acknowledges the stream entries only after it returns.
+- :meth:`Ledger.writing` is a write transaction: on SQLite ``BEGIN IMMEDIATE`` (several
+  workers on one file take turns instead of failing on a lock upgrade), on PostgreSQL
+  with the service scope set for row-level security.
+- :meth:`Ledger.tenant_scope` is a read transaction on one tenant's behalf: on
+  PostgreSQL, under the RLS policy (:mod:`.migrations`), no query run in it can see or
+  change another tenant's rows, whatever its ``WHERE`` says.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from ..errors import AISaaSError
+from . import tables as t
+from .events import Event
+from .migrations import LATEST, migrate
+from .rates import Plan, Pricing
+
+__all__ = ["Ledger", "LedgerError", "Recorded", "now_iso"]
+
+log = logging.getLogger("ai_saas_middleware.billing")
+
+_SUMMED = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_p", "revenue_p",
+           "cache_hits", "saved_p", "outcome_p", "outcomes")
+
+
+class LedgerError(AISaaSError):
+    """The ledger cannot be opened or used as configured (the message says why)."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(slots=True)
+class Recorded:
+    """What one :meth:`Ledger.record` did."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    flagged: tuple[tuple[str, str, str], ...] = ()  # (tenant, period, margin) newly flagged
+
+
+def _redacted(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<not an SQLAlchemy URL>"
+
+
+class Ledger:
+    """The ledger at ``url`` (an SQLAlchemy URL). Cheap to keep; open one per process."""
+
+    def __init__(self, url: str, *, pool_size: int = 2):
+        self.url = _redacted(url)
+        try:
+            parsed = make_url(url)
+            self.dialect = parsed.get_backend_name()
+            if self.dialect == "sqlite":
+                self.engine: Engine = create_engine(
+                    parsed, connect_args={"timeout": 60, "isolation_level": None})
+                event.listen(self.engine, "connect", _sqlite_connect)
+                event.listen(self.engine, "begin", _sqlite_begin)
+            elif self.dialect == "postgresql":
+                self.engine = create_engine(parsed, pool_pre_ping=True, pool_size=pool_size,
+                                            max_overflow=2, pool_recycle=1800)
+            else:
+                raise LedgerError(f"billing.database {self.url}: only sqlite:// and "
+                                  "postgresql+psycopg:// ledgers are supported")
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise LedgerError(f"billing.database {self.url}: {exc}") from None
+        self._insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions
+
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """One write transaction over every tenant (the worker's, billing's own)."""
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true)")
+            yield conn
+
+    reading = writing  # reports read every tenant the same way
+
+    @contextmanager
+    def tenant_scope(self, tenant_id: str) -> Iterator[Connection]:
+        """A transaction on behalf of ``tenant_id``: on PostgreSQL the RLS policy limits
+        every statement in it to that tenant's rows. (SQLite has no row-level security:
+        there the caller's own ``WHERE tenant_id = ...`` is all there is.)"""
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT set_config('ai_saas.tenant_id', :t, true)"),
+                             {"t": tenant_id})
+            yield conn
+
+    # -- schema
+
+    def migrate(self) -> tuple[int, int]:
+        """Create or upgrade the schema; (version before, version after)."""
+        return migrate(self)
+
+    def version(self) -> int:
+        with self.engine.connect() as conn:
+            if not self.engine.dialect.has_table(conn, t.schema_version.name):
+                return 0
+            return int(conn.execute(select(func.max(t.schema_version.c.version))).scalar() or 0)
+
+    def check_version(self) -> None:
+        found = self.version()
+        if found != LATEST:
+            raise LedgerError(f"the ledger {self.url} is at schema version {found}, this "
+                              f"package needs {LATEST}: run 'ai-saas billing migrate'")
+
+    def register(self, pricing: Pricing) -> None:
+        """Give each of ``pricing``'s plans its version (inserted when new)."""
+        versions: dict[Plan, int] = {}
+        with self.writing() as conn:
+            for plan in pricing.plans():
+                digest = plan.digest()
+                conn.execute(self._insert(t.pricing_versions).on_conflict_do_nothing(
+                    index_elements=["digest"]), {"digest": digest, "rules": plan.canonical(),
+                                                 "created_at": now_iso()})
+                versions[plan] = int(conn.execute(
+                    select(t.pricing_versions.c.version)
+                    .where(t.pricing_versions.c.digest == digest)).scalar_one())
+        pricing.bind(versions)
+
+    def log_action(self, conn: Connection, action: str, detail: str) -> None:
+        conn.execute(t.billing_log.insert(), {"at": now_iso(), "action": action,
+                                              "detail": detail})
+
+    # -- recording
+
+    def record(self, events: Sequence[Event], pricing: Pricing,
+               rejected: Iterable[tuple[str, str, str]] = ()) -> Recorded:
+        """Price ``events`` and insert them with their aggregates in one transaction;
+        ``rejected`` (stream id, reason, raw) go to ``rejected_events``. Raises the
+        database's error (nothing committed) when the transaction cannot commit."""
+        done = Recorded()
+        unique: dict[str, Event] = {}
+        for ev in events:
+            if ev.request_id in unique:
+                done.duplicates += 1
+            else:
+                unique[ev.request_id] = ev
+        rejected = list(rejected)
+        with self.writing() as conn:
+            if rejected:
+                conn.execute(self._insert(t.rejected_events).on_conflict_do_nothing(), [
+                    {"stream_id": sid, "reason": reason, "raw": raw, "rejected_at": now_iso()}
+                    for sid, reason, raw in rejected])
+                done.rejected = len(rejected)
+            if not unique:
+                return done
+            batch = list(unique.values())
+            switched = self._switched(conn, batch, pricing)
+            for ev in batch:
+                pricing.price(ev, switched.get((ev.tenant_id, ev.period)))
+            recorded_at = now_iso()
+            stmt = (self._insert(t.usage_events)
+                    .on_conflict_do_nothing(index_elements=["request_id"])
+                    .returning(t.usage_events.c.request_id))
+            inserted = set(conn.execute(stmt, [_row(ev, recorded_at) for ev in batch]).scalars())
+            done.inserted = len(inserted)
+            done.duplicates += len(batch) - len(inserted)
+            new = [ev for ev in batch if ev.request_id in inserted]
+            if new:
+                self._aggregate(conn, new)
+                if pricing.margin_rules:
+                    done.flagged = self._check_margins(conn, new, pricing, switched)
+        return done
+
+    def _aggregate(self, conn: Connection, events: list[Event]) -> None:
+        sums: dict[tuple[str, str, str], list[Any]] = {}
+        for ev in events:
+            key = (ev.tenant_id, ev.day, ev.model_id)
+            row = sums.get(key)
+            if row is None:
+                row = sums[key] = [ev.period, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+            row[1] += 1
+            row[2] += ev.status >= 400
+            row[3] += ev.prompt_tokens
+            row[4] += ev.completion_tokens
+            row[5] += ev.cost_p
+            row[6] += ev.revenue_p
+            row[7] += ev.cache == "hit"
+            row[8] += ev.saved_p
+            if ev.outcome_p is not None:
+                row[9] += ev.outcome_p
+                row[10] += 1
+        ins = self._insert(t.usage_daily)
+        stmt = ins.on_conflict_do_update(
+            index_elements=["tenant_id", "day", "model_id"],
+            set_={name: t.usage_daily.c[name] + ins.excluded[name] for name in _SUMMED})
+        # Sorted: two workers upserting the same keys lock them in one order (no deadlock).
+        conn.execute(stmt, [{"tenant_id": k[0], "day": k[1], "model_id": k[2], "period": v[0],
+                             **dict(zip(_SUMMED, v[1:], strict=True))}
+                            for k, v in sorted(sums.items())])
+
+    def _switched(self, conn: Connection, batch: list[Event], pricing: Pricing
+                  ) -> dict[tuple[str, str], int]:
+        """(tenant, period) -> the margin rule whose pricing it is switched to."""
+        if not pricing.switched:
+            return {}
+        periods = sorted({ev.period for ev in batch})
+        tenants = sorted({ev.tenant_id for ev in batch})
+        rows = conn.execute(select(t.tenant_flags.c.tenant_id, t.tenant_flags.c.period,
+                                   t.tenant_flags.c.rule)
+                            .where(t.tenant_flags.c.period.in_(periods))
+                            .where(t.tenant_flags.c.tenant_id.in_(tenants)))
+        return {(r.tenant_id, r.period): r.rule for r in rows if r.rule in pricing.switched}
+
+    def _check_margins(self, conn: Connection, new: list[Event], pricing: Pricing,
+                       switched: dict[tuple[str, str], int]) -> tuple[tuple[str, str, str], ...]:
+        """Flag each tenant of ``new`` whose margin in the month is now below a rule's
+        threshold (the most severe rule it falls under); a rule that switches pricing
+        applies from the tenant's next event."""
+        touched = sorted({(ev.tenant_id, ev.period) for ev in new})
+        d = t.usage_daily.c
+        rows = conn.execute(
+            select(d.tenant_id, d.period, func.sum(d.cost_p), func.sum(d.revenue_p))
+            .where(d.period.in_(sorted({p for _, p in touched})))
+            .where(d.tenant_id.in_(sorted({tn for tn, _ in touched})))
+            .group_by(d.tenant_id, d.period)).all()
+        existing = {(r.tenant_id, r.period): r.rule for r in conn.execute(
+            select(t.tenant_flags.c.tenant_id, t.tenant_flags.c.period, t.tenant_flags.c.rule)
+            .where(t.tenant_flags.c.tenant_id.in_(sorted({tn for tn, _ in touched}))))}
+        flagged = []
+        rules = pricing.margin_rules
+        for tenant, period, cost, revenue in rows:
+            if (tenant, period) not in touched:
+                continue
+            cost, revenue = int(cost or 0), int(revenue or 0)
+            if revenue == 0 and cost == 0:
+                continue
+            margin = (Decimal(revenue - cost) / Decimal(revenue)) if revenue else Decimal(-1)
+            under = [i for i, rule in enumerate(rules) if margin < rule.below]
+            if not under:
+                continue
+            worst = min(under, key=lambda i: rules[i].below)
+            before = existing.get((tenant, period))
+            if before is not None and rules[before].below <= rules[worst].below:
+                continue
+            plan = pricing.switched.get(worst)
+            row = {"tenant_id": tenant, "period": period, "rule": worst,
+                   "margin": f"{margin:.6f}", "flagged_at": now_iso(),
+                   "pricing_version": pricing.versions.get(plan) if plan else None}
+            if before is None:
+                conn.execute(t.tenant_flags.insert(), row)
+            else:
+                conn.execute(t.tenant_flags.update()
+                             .where(t.tenant_flags.c.tenant_id == tenant)
+                             .where(t.tenant_flags.c.period == period), row)
+            flagged.append((tenant, period, row["margin"]))
+            log.warning("billing: tenant %s's margin in %s is %s, below %s (billing."
+                        "marginRules[%d])%s", tenant, period, row["margin"], rules[worst].below,
+                        worst, "; priced by that rule from its next event" if plan else "")
+        return tuple(flagged)
+
+
+def _row(ev: Event, recorded_at: str) -> dict[str, Any]:
+    return {
+        "request_id": ev.request_id, "tenant_id": ev.tenant_id, "tier": ev.tier,
+        "model_id": ev.model_id, "provider": ev.provider, "period": ev.period, "day": ev.day,
+        "ts": ev.ts, "prompt_tokens": ev.prompt_tokens,
+        "completion_tokens": ev.completion_tokens, "usage_source": ev.usage_source,
+        "cost_p": ev.cost_p, "revenue_p": ev.revenue_p, "saved_p": ev.saved_p,
+        "outcome_p": ev.outcome_p, "status": ev.status, "latency_ms": ev.latency_ms,
+        "cache": ev.cache, "fallback_from": ev.fallback_from, "endpoint": ev.endpoint,
+        "truncated": ev.truncated, "client_disconnected": ev.client_disconnected,
+        "price_version": ev.price_version, "pricing_version": ev.pricing_version,
+        "stream_id": ev.stream_id, "recorded_at": recorded_at, "delivery": None,
+    }
+
+
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers never block the writer; synchronous=FULL: a commit the worker then
+    # acknowledges in Redis survives a power cut, not only a crash.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
