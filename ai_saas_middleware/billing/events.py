@@ -74,7 +74,9 @@ def _field(fields: dict[str, str], name: str, default: str | None = None) -> str
 def _count(fields: dict[str, str], name: str, maximum: int = _TOKENS_MAX,
            default: str | None = None) -> int:
     text = _field(fields, name, default)
-    if not text.isdigit() or len(text) > 13 or int(text) > maximum:
+    # isascii: str.isdigit() is true of '²' too, which int() refuses (a ValueError, not
+    # a Rejected, that stopped the worker on that entry for good).
+    if not (text.isascii() and text.isdigit()) or len(text) > 13 or int(text) > maximum:
         raise Rejected(f"{name} {text[:40]!r} is not a whole number from 0 to {maximum}")
     return int(text)
 
@@ -124,6 +126,88 @@ def _fields(raw: Any) -> dict[str, str]:
 def parse_entry(stream_id: str, raw: Any) -> Event:
     """The :class:`Event` of one stream entry (``raw``: redis-py's field dict or flat list,
     bytes or str); raises :class:`Rejected` when it is not a valid usage event."""
+    if isinstance(raw, list):
+        event = _parse_usual(stream_id, raw)
+        if event is not None:
+            return event
+    return _parse_checked(stream_id, raw)
+
+
+# The worker's fast path. Every entry the middleware writes has settle.lua's fields in one
+# order (settlement.py's, the spool's replay keeps it): for those, one regular expression
+# over the decoded entry does all of _parse_checked's checks at once (more than twice as
+# fast as the nineteen lookups and calls). It accepts only entries _parse_checked accepts,
+# with the same result (tests/test_event_parsing.py compares the two); anything else --
+# another order, an extra or missing field, a value out of a range or of ASCII digits, a
+# separator inside a value -- does not match and takes the checked way, which accepts or
+# rejects it with its reason. Numeric maxima are compared after the match.
+_V = "[^\x1f]"  # any character of a value but the separator the entry is joined by
+_N = "([0-9]{1,13})"  # a count: _count's digits (ASCII only), its maximum compared after
+_USUAL = re.compile("\x1f".join(f"{name}\x1f{pattern}" for name, pattern in (
+    ("request_id", "([ -~]{1,128})"),  # printable ASCII (other printable: checked way)
+    ("tenant_id", "([A-Za-z0-9_.-]{1,64})"),  # is_valid_tenant_id's characters
+    ("tier", f"({_V}{{0,64}})"),
+    ("model_id", f"({_V}{{0,200}})"),
+    ("provider", f"({_V}{{0,100}})"),
+    ("prompt_tokens", _N),
+    ("completion_tokens", _N),
+    ("usage_source", f"({_V}{{0,16}})"),
+    ("cost", "([0-9]{1,20})(?:\\.([0-9]{1,12}))?"),  # unsigned; _MONEY_MAX compared after
+    ("latency_ms", _N),
+    ("status", "([0-9]{1,3})"),  # 0 to 999
+    ("cache", f"({_V}{{0,8}})"),
+    ("fallback_from", f"({_V}{{0,200}})"),
+    ("outcome_value", "((-?)([0-9]{1,20})(?:\\.([0-9]{1,12}))?)?"),  # empty: none
+    ("ts", "((\\d{4}-(?:0[1-9]|1[0-2]))-([0-3]\\d)T\\d{2}:\\d{2}:\\d{2}"
+           "(?:\\.\\d{1,9})?Z)"),
+    ("endpoint", f"({_V}{{0,200}})"),
+    ("client_disconnected", "(true|false)"),
+    ("price_version", _N),
+    ("truncated", "(true|false)"),
+)), re.ASCII)
+_PICO = 10 ** 12
+_INT_MAX = 2 ** 31 - 1
+
+
+def _picodollars(whole: str, frac: str | None) -> int:
+    return int(whole) * _PICO + (int(frac.ljust(12, "0")) if frac else 0)
+
+
+def _parse_usual(stream_id: str, raw: list[Any]) -> Event | None:
+    """The event of an entry in the middleware's own layout, or None: not in that layout
+    (or not all bytes, or not UTF-8): then only :func:`_parse_checked` can tell."""
+    try:
+        match = _USUAL.fullmatch(b"\x1f".join(raw).decode())
+    except (TypeError, UnicodeDecodeError):
+        return None
+    if match is None:
+        return None
+    (request_id, tenant_id, tier, model_id, provider, prompt, completion, usage_source,
+     cost_whole, cost_frac, latency, status, cache, fallback_from, outcome, negative,
+     outcome_whole, outcome_frac, ts, period, day, endpoint, disconnected, price_version,
+     truncated) = match.groups()
+    prompt_tokens, completion_tokens = int(prompt), int(completion)
+    latency_ms, price_v = int(latency), int(price_version)
+    cost_p = _picodollars(cost_whole, cost_frac)
+    outcome_abs = _picodollars(outcome_whole, outcome_frac) if outcome else 0
+    if (prompt_tokens > _TOKENS_MAX or completion_tokens > _TOKENS_MAX
+            or latency_ms > _INT_MAX or price_v > _INT_MAX
+            or cost_p > _MONEY_MAX_P or outcome_abs > _MONEY_MAX_P):
+        return None  # out of range: the checked way says which
+    outcome_p = (-outcome_abs if negative else outcome_abs) if outcome else None
+    return Event(
+        request_id=request_id, tenant_id=tenant_id, tier=tier, model_id=model_id,
+        provider=provider, period=period, day=f"{period}-{day}", ts=ts,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        usage_source=usage_source, cost_p=cost_p, saved_p=0,
+        outcome_p=outcome_p, status=int(status), latency_ms=latency_ms, cache=cache,
+        fallback_from=fallback_from, endpoint=endpoint, truncated=truncated == "true",
+        client_disconnected=disconnected == "true", price_version=price_v,
+        stream_id=stream_id)
+
+
+def _parse_checked(stream_id: str, raw: Any) -> Event:
+    """:func:`parse_entry` for any entry, field by field (each failure with its reason)."""
     fields = _fields(raw)
     request_id = _text(fields, "request_id", 128)
     if not request_id or not request_id.isprintable():
