@@ -29,6 +29,8 @@ from ai_saas_middleware.billing.ledger import Ledger
 from ai_saas_middleware.billing.worker import GROUP, Worker, status
 from ai_saas_middleware.budgets import from_picodollars
 from ai_saas_middleware.cli import main
+from ai_saas_middleware.config import load_config
+from ai_saas_middleware.pricing import format_usd
 from ai_saas_middleware.store.keys import KeySchema
 
 FAST = {"claimIdle": "1s", "trimInterval": "0.2s", "block": "0.2s"}
@@ -308,3 +310,31 @@ def test_worker_status_shows_pending_lag_and_last_event_per_shard(
     assert main(["worker", "--status", "-c", str(path)]) == 0
     table = capsys.readouterr().out
     assert "pending" in table.splitlines()[0] and "stuck (5 pending" in table
+
+
+def test_usage_shows_the_same_totals_after_the_worker_moved_and_trimmed_the_events(
+        billing_config: Callable[..., dict[str, Any]], raw_client: redis.Redis,
+        key_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, billing_config())
+    keys = KeySchema(key_prefix, 16)
+    settle_events(raw_client, keys, 0, 300, tenants(3), Expected())
+    capsys.readouterr()
+    assert main(["usage", "-c", str(path), "--month", "2026-11"]) == 0
+    before = capsys.readouterr().out
+
+    worker = Worker(load_config(path))
+    worker.drain(30)
+    worker.close()
+    settle_events(raw_client, keys, 300, 30, tenants(3), Expected())  # not moved yet
+    assert sum(raw_client.xlen(s) for s in keys.streams()) == 30
+
+    assert main(["usage", "-c", str(path), "--month", "2026-11"]) == 0
+    after = capsys.readouterr().out
+    settle_events(raw_client, keys, 300, 30, tenants(3), Expected())  # replays: no change
+    assert main(["usage", "-c", str(path), "--month", "2026-11"]) == 0
+    assert capsys.readouterr().out == after
+    reference = Expected()
+    settle_events(raw_client, KeySchema(key_prefix + "x", 16), 0, 330, tenants(3), reference)
+    assert "total cost: $" in before and after != before
+    total = sum(reference.cost.values())
+    assert f"total cost: ${format_usd(total)}" in after
