@@ -602,7 +602,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(render_table(results))
     differing = list(_iter_differing(results))
     if differing:
-        print(f"ai-saas: {len(differing)} tenants do not add up for {args.period}: "
+        some = "1 tenant does" if len(differing) == 1 else f"{len(differing)} tenants do"
+        print(f"ai-saas: {some} not add up for {args.period}: "
               + ", ".join(f"{r.tenant_id} ({r.difference:+d} tokens)"
                           if r.difference is not None else r.tenant_id for r in differing),
               file=sys.stderr)
