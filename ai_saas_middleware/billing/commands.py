@@ -25,7 +25,7 @@ def _ledger(args: argparse.Namespace) -> Any:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    config, ledger = _ledger(args)
+    _, ledger = _ledger(args)
     try:
         before, after = ledger.migrate()
     finally:
@@ -40,31 +40,31 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import cmd_worker as run
 
-    return run(args)
+    return int(run(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .reports import cmd_report as run
 
-    return run(args)
+    return int(run(args))
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from .stripe_sync import cmd_reconcile as run
 
-    return run(args)
+    return int(run(args))
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import cmd_audit as run
 
-    return run(args)
+    return int(run(args))
 
 
 def cmd_reprice(args: argparse.Namespace) -> int:
     from .reprice import cmd_reprice as run
 
-    return run(args)
+    return int(run(args))
 
 
 def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
