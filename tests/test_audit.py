@@ -270,3 +270,27 @@ def test_the_command_prints_json_and_a_table(deployment: Deployment,
     assert header.split() == ["tenant", "counter", "in", "flight", "spool", "stream",
                               "ledger", "rejected", "twice", "expected", "diff", "status"]
     assert f"every tenant adds up for {PERIOD}." in out
+
+
+def test_through_the_worker_it_adds_up_and_a_loss_before_the_worker_is_caught(
+        deployment: Deployment) -> None:
+    from ai_saas_middleware.billing.worker import Worker
+
+    with TestClient(make_starlette_app(deployment.raw)) as client:
+        ids = [chat(client, ("acme", "globex")[n % 2], 7 + n, 11 + n) for n in range(8)]
+    [(stream, entry_id, fields)] = [e for e in deployment.entries()
+                                    if e[2]["request_id"] == ids[3]]
+    deployment.rclient.xdel(stream, entry_id)  # lost before the worker saw it
+    worker = Worker(deployment.raw, ledger_url=deployment.ledger_url)
+    try:
+        assert worker.drain(30) == 7
+    finally:
+        worker.close()
+
+    report = deployment.audit()
+
+    assert report["acme"].status == "ok" and report["acme"].ledger.events == 4
+    globex = report["globex"]
+    assert globex.status == "differs"
+    assert globex.ledger.events == 3 and globex.stream.events == 0
+    assert globex.difference == int(fields["prompt_tokens"]) + int(fields["completion_tokens"])

@@ -29,7 +29,7 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,6 +438,13 @@ def audit(config: Config, store: RedisStore, ledger: Ledger, period: str, *,
         counters.update(shard.counters)
         members.update(shard.members)
     expired = time.time() >= _month_start(period) + QUOTA_TTL_S
+    # (settled is in_ledger and stream_only, which share no request id)
+    by_ledger: dict[str, list[int]] = {}
+    for seen in in_ledger.values():
+        by_ledger.setdefault(seen.tenant_id, []).append(seen.tokens)
+    by_stream: dict[str, list[int]] = {}
+    for seen in stream_only.values():
+        by_stream.setdefault(seen.tenant_id, []).append(seen.tokens)
     results = []
     for tenant in sorted(tn for tn in everyone if is_valid_tenant_id(tn)):
         held = {}
@@ -445,10 +452,10 @@ def audit(config: Config, store: RedisStore, ledger: Ledger, period: str, *,
             parts = member.split(" ")
             if len(parts) >= 3 and parts[2] == period and parts[1].isdigit():
                 held[member] = int(parts[1])
-        mine = [s for s in settled.values() if s.tenant_id == tenant]
-        ledger_count = _count(s.tokens for r, s in in_ledger.items() if s.tenant_id == tenant)
-        stream_count = _count(s.tokens for s in stream_only.values() if s.tenant_id == tenant)
-        settled_count = _count(s.tokens for s in mine)
+        ledger_count = _count(by_ledger.get(tenant, []))
+        stream_count = _count(by_stream.get(tenant, []))
+        settled_count = Count(ledger_count.events + stream_count.events,
+                              ledger_count.tokens + stream_count.tokens)
         waiting = spool_only.get(tenant, [])
         spool_count = _count(tokens for _, tokens, _ in waiting)
         in_spool_all = len(spool_ids.get(tenant, ()))
@@ -560,10 +567,6 @@ def render_table(results: list[TenantAudit]) -> str:
     return "\n".join(lines)
 
 
-def _iter_differing(results: list[TenantAudit]) -> Iterator[TenantAudit]:
-    return (r for r in results if not r.ok)
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     """``ai-saas billing audit --period YYYY-MM``: 0 when every tenant adds up, 1 when
     some do not (listed on stderr)."""
@@ -600,7 +603,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
               "(stream + ledger) + settled twice + rejected + in flight; the spool is not "
               "on the counter until replayed")
         print(render_table(results))
-    differing = list(_iter_differing(results))
+    differing = [r for r in results if not r.ok]
     if differing:
         some = "1 tenant does" if len(differing) == 1 else f"{len(differing)} tenants do"
         print(f"ai-saas: {some} not add up for {args.period}: "
