@@ -23,7 +23,6 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -34,8 +33,9 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from ..errors import AISaaSError
 from . import tables as t
+from .clock import now_iso
 from .events import Event
-from .migrations import LATEST, migrate
+from .migrations import LATEST, STEPS
 from .rates import Plan, Pricing
 
 __all__ = ["Ledger", "LedgerError", "Recorded", "now_iso"]
@@ -48,10 +48,6 @@ _SUMMED = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_p",
 
 class LedgerError(AISaaSError):
     """The ledger cannot be opened or used as configured (the message says why)."""
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(slots=True)
@@ -123,8 +119,34 @@ class Ledger:
     # -- schema
 
     def migrate(self) -> tuple[int, int]:
-        """Create or upgrade the schema; (version before, version after)."""
-        return migrate(self)
+        """Create or upgrade the schema (:mod:`.migrations`); (version before, after)."""
+        before = current = self.version()
+        for number, step in enumerate(STEPS, start=1):
+            if number <= current:
+                continue
+            with self.writing() as conn:
+                if self.dialect == "postgresql":
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727274101)")
+                if conn.dialect.has_table(conn, t.schema_version.name):
+                    done = int(conn.execute(select(func.max(t.schema_version.c.version)))
+                               .scalar() or 0)
+                    if done >= number:  # another process applied it meanwhile
+                        current = done
+                        continue
+                step(conn, self.dialect)
+                conn.execute(t.schema_version.insert(), {"version": number,
+                                                         "applied_at": now_iso()})
+                self.log_action(conn, "migrate", f"schema version {number}: "
+                                f"{(step.__doc__ or '').splitlines()[0]}")
+                current = number
+        if self.dialect == "postgresql":
+            with self.engine.connect() as conn:
+                bypass = conn.execute(text("SELECT rolsuper OR rolbypassrls FROM pg_roles "
+                                           "WHERE rolname = current_user")).scalar()
+            if bypass:
+                log.warning("billing: the ledger's database role is a superuser or has "
+                            "BYPASSRLS: PostgreSQL applies no row-level security to it")
+        return before, current
 
     def version(self) -> int:
         with self.engine.connect() as conn:

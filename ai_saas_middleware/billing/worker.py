@@ -149,9 +149,11 @@ class Worker:
             if delay:
                 self._stopping.wait(delay)
             try:
-                self.step(self.settings.block_ms)
+                handled = self.step(self.settings.block_ms)
                 self.upkeep()
                 delay = 0.0
+                if not handled and self.store.cluster:  # a cluster's reads do not block
+                    self._stopping.wait(self.settings.block_ms / 1000)
             except (RedisError, OSError, AISaaSError, SQLAlchemyError) as exc:
                 delay = min(max(delay * 2, 0.25), 5.0)
                 self._failed(exc, delay)
@@ -165,7 +167,7 @@ class Worker:
         deadline = time.monotonic() + timeout_s
         before = self.progress.inserted
         delay = 0.0
-        while True:
+        while not self.stopping:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the streams were not drained within {timeout_s}s")
             if delay:
