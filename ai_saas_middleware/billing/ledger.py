@@ -208,7 +208,9 @@ class Ledger:
             inserted = self._insert_events(conn, batch, now_iso())
             done.inserted = len(inserted)
             done.duplicates += len(batch) - len(inserted)
-            new = [ev for ev in batch if ev.request_id in inserted]
+            # Usually every row is new: then no pass over the batch to find which.
+            new = batch if len(inserted) == len(batch) else [
+                ev for ev in batch if ev.request_id in inserted]
             if new:
                 self._aggregate(conn, new)
                 if pricing.margin_rules:
@@ -254,6 +256,9 @@ class Ledger:
             existing.update(r[0] for r in conn.exec_driver_sql(
                 "SELECT request_id FROM usage_events WHERE request_id IN "
                 f"({','.join('?' * len(chunk))})", tuple(chunk)))
+        if not existing:  # the usual case: no filtering pass
+            conn.exec_driver_sql(_SQLITE_INSERT, rows)
+            return set(ids)
         new = [row for row in rows if row[0] not in existing]
         if new:
             conn.exec_driver_sql(_SQLITE_INSERT, new)

@@ -236,10 +236,11 @@ class Worker:
             for stream, entries in _stream_replies(reply):
                 # A pending entry deleted meanwhile comes back with no fields: nothing to
                 # record, but acknowledged, or it would stay pending forever.
-                gone = [_text(eid) for eid, fields in entries if not fields]
-                if gone:
+                batch = [(stream, _text(eid), fields) for eid, fields in entries if fields]
+                if len(batch) < len(entries):  # the rare case: a second pass, for those
+                    gone = [_text(eid) for eid, fields in entries if not fields]
                     self.redis.execute_command("XACK", stream, GROUP, *gone)
-                yield [(stream, _text(eid), fields) for eid, fields in entries if fields]
+                yield batch
 
     def step(self, block_ms: int = 0) -> int:
         """Read, commit and acknowledge one batch; the number of entries handled."""
