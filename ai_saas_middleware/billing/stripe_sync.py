@@ -1,0 +1,478 @@
+"""Usage from the ledger to Stripe, exactly once, and ``ai-saas billing reconcile``.
+
+Delivery state lives in the ledger, never only in memory:
+
+1. :meth:`Deliverer.gather` claims, in one write transaction, the events no meter event
+   carries yet (``usage_events.delivery IS NULL``) of every tenant that has a Stripe
+   customer, groups them per tenant x month, and writes one ``stripe_deliveries`` row
+   per group (``pending``), its ``identifier`` derived from what it carries (tenant,
+   month and a SHA-256 of the event name and the sorted request ids); each event's
+   ``delivery`` names it. The claim is ``UPDATE ... WHERE delivery IS NULL``: on SQLite
+   inside ``BEGIN IMMEDIATE`` (one writer at a time), on PostgreSQL under READ
+   COMMITTED, where an UPDATE that waited on another worker's claim re-checks
+   ``delivery IS NULL`` once that commits and skips the rows it took. No event is ever
+   claimed twice.
+2. :meth:`Deliverer.send` sends every pending delivery (the v2 meter event stream when
+   more than ``billing.stripe.streamAbove`` are pending) and marks each ``delivered``
+   once Stripe has it. A crash between Stripe's answer and that mark leaves it
+   ``pending``; the next run sends the same identifier again and Stripe counts it once.
+
+Timeline of a crash (why the identifier, not the ledger, is what makes it once)::
+
+    worker A                     ledger                    Stripe
+    gather: claim e1..e9  ---->  delivery d (pending)
+    send d                --------------------------------> stores d, answers 200
+    (killed)                     d still pending
+    worker B: send d      --------------------------------> "already exists": counted once
+    mark d delivered      ---->  d delivered
+
+Tenants without a customer (``customer_of`` answers ``None``) keep their events
+undelivered: they are billed through Stripe from the moment a customer is set, backlog
+included. Finding them costs one index probe per tenant per gather (a loose scan of the
+partial index ``usage_events_undelivered``), never a rescan of their events; the
+deliverer asks ``customer_of`` about such a tenant again at most once a minute and logs
+it once.
+
+Concurrent senders (two workers) may both send a pending delivery; Stripe's identifier
+dedup makes that count once. Stripe keeps identifiers for at least 24 hours, which is
+far longer than any delivery stays pending but for a Stripe outage of a day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection, func, select, text, update
+
+from ..config import Config, StripeConfig
+from ..errors import ConfigError, ConfigProblem
+from . import tables as t
+from .ledger import Ledger, now_iso
+from .stripe_client import MeterEvent, StripeMeter, StripeRefused, StripeUnavailable
+
+__all__ = ["Deliverer", "Difference", "Reconciliation", "Row", "Sent", "cmd_reconcile",
+           "customers_of", "identifier_of", "reconcile", "units"]
+
+log = logging.getLogger("ai_saas_middleware.billing")
+
+CLAIM_LIMIT = 100_000  # events one tenant's claim takes per gather (bounds a transaction)
+_NO_CUSTOMER_RECHECK_S = 60.0
+_ID_CHUNK = 500  # request ids per UPDATE ... IN (...)
+
+_DISTINCT_UNDELIVERED = text(
+    # A loose index scan: one probe of usage_events_undelivered per tenant, however many
+    # undelivered events each has.
+    "WITH RECURSIVE u(tenant_id) AS ("
+    " SELECT MIN(tenant_id) FROM usage_events WHERE delivery IS NULL"
+    " UNION ALL"
+    " SELECT (SELECT MIN(e.tenant_id) FROM usage_events e"
+    "         WHERE e.delivery IS NULL AND e.tenant_id > u.tenant_id)"
+    " FROM u WHERE u.tenant_id IS NOT NULL)"
+    " SELECT tenant_id FROM u WHERE tenant_id IS NOT NULL")
+
+
+def units(metric: str, prompt_tokens: int, completion_tokens: int) -> int:
+    """Whole units of ``billing.usageMetric`` one event carries."""
+    if metric == "input_tokens":
+        return prompt_tokens
+    if metric == "output_tokens":
+        return completion_tokens
+    if metric == "requests":
+        return 1
+    return prompt_tokens + completion_tokens
+
+
+def _unix(ts: str) -> int:
+    return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp())
+
+
+def identifier_of(tenant: str, period: str, event_name: str, request_ids: list[str]) -> str:
+    """The meter event identifier of a group: at most 64 + 1 + 7 + 1 + 24 = 97 characters
+    (Stripe takes 100), the same for the same events wherever computed."""
+    digest = hashlib.sha256("\n".join([event_name, *sorted(request_ids)]).encode())
+    return f"{tenant}.{period}.{digest.hexdigest()[:24]}"
+
+
+def customers_of(config: Config) -> Callable[[str], str | None]:
+    """``customer_of`` for the configuration's tenants (``tenants[].stripeCustomerId``)."""
+    table = {tid: tc.stripe_customer_id for tid, tc in config.tenants.items()}
+    return table.get
+
+
+@dataclass(slots=True)
+class Sent:
+    """What one :meth:`Deliverer.send` did."""
+
+    delivered: int = 0  # Stripe took it now
+    duplicates: int = 0  # Stripe had it already (a re-send after a crash): delivered
+    failed: int = 0  # Stripe refused it for good (state failed, last_error says why)
+    pending: int = 0  # left for the next round (Stripe unreachable or refusing the key)
+    errors: list[str] = field(default_factory=list)
+
+
+class Deliverer:
+    """Moves the ledger's usage to Stripe (see the module docstring).
+
+    ``customer_of(tenant)`` answers the tenant's Stripe customer id or ``None``;
+    ``meter`` is the Stripe side (default: a :class:`StripeMeter` of
+    ``config.billing.stripe``, which raises :class:`StripeUnavailable` when the API key's
+    environment variable is unset). ``clock`` times :meth:`tick`.
+    """
+
+    def __init__(self, config: Config, ledger: Ledger, customer_of: Callable[[str], str | None],
+                 *, meter: StripeMeter | None = None,
+                 clock: Callable[[], float] = time.monotonic, claim_limit: int = CLAIM_LIMIT):
+        stripe = config.billing.stripe
+        if stripe is None:
+            raise ConfigError([ConfigProblem("billing.stripe", "a mapping (where to send "
+                                             "usage)", "nothing")])
+        self.stripe: StripeConfig = stripe
+        self.metric = config.billing.usage_metric
+        self.ledger = ledger
+        self.customer_of = customer_of
+        self.meter = meter if meter is not None else StripeMeter(stripe)
+        self._clock = clock
+        self._claim_limit = claim_limit
+        self._last: float | None = None
+        self._no_customer: dict[str, float] = {}  # tenant -> when customer_of said None
+
+    # -- gathering
+
+    def _customer(self, tenant: str) -> str | None:
+        asked = self._no_customer.get(tenant)
+        now = self._clock()
+        if asked is not None and now - asked < _NO_CUSTOMER_RECHECK_S:
+            return None
+        customer = self.customer_of(tenant)
+        if customer:
+            self._no_customer.pop(tenant, None)
+            return customer
+        if asked is None:
+            log.warning("stripe: tenant %s has usage but no stripeCustomerId: its events "
+                        "wait in the ledger, undelivered, until it has one", tenant)
+        self._no_customer[tenant] = now
+        return None
+
+    def gather(self) -> int:
+        """Claim the undelivered events of tenants with a customer into pending
+        deliveries, in one transaction; the number of deliveries created."""
+        created = 0
+        ue = t.usage_events.c
+        with self.ledger.writing() as conn:
+            tenants = [row[0] for row in conn.execute(_DISTINCT_UNDELIVERED)]
+            for tenant in tenants:
+                customer = self._customer(tenant)
+                if customer is None:
+                    continue
+                claim = "~" + uuid.uuid4().hex  # seen by no one: replaced before commit
+                picked = (select(ue.request_id)
+                          .where(ue.tenant_id == tenant, ue.delivery.is_(None))
+                          .limit(self._claim_limit).scalar_subquery())
+                rows = conn.execute(
+                    update(t.usage_events)
+                    .where(ue.request_id.in_(picked), ue.delivery.is_(None))
+                    .values(delivery=claim)
+                    .returning(ue.request_id, ue.period, ue.ts, ue.prompt_tokens,
+                               ue.completion_tokens)).all()
+                groups: dict[str, list[Any]] = {}
+                for row in rows:
+                    groups.setdefault(row.period, []).append(row)
+                for period, group in sorted(groups.items()):
+                    created += self._delivery(conn, tenant, customer, period, group)
+        if created:
+            log.info("stripe: gathered %d meter event(s)", created)
+        return created
+
+    def _delivery(self, conn: Connection, tenant: str, customer: str, period: str,
+                  group: list[Any]) -> int:
+        ids = [row.request_id for row in group]
+        ident = identifier_of(tenant, period, self.stripe.event_name, ids)
+        value = sum(units(self.metric, r.prompt_tokens, r.completion_tokens) for r in group)
+        conn.execute(t.stripe_deliveries.insert(), {
+            "identifier": ident, "tenant_id": tenant, "customer": customer,
+            "event_name": self.stripe.event_name, "period": period, "value": value,
+            "timestamp": max(_unix(r.ts) for r in group), "events": len(group),
+            "state": "pending", "attempts": 0, "created_at": now_iso(),
+            "delivered_at": None, "last_error": None})
+        for start in range(0, len(ids), _ID_CHUNK):
+            conn.execute(update(t.usage_events)
+                         .where(t.usage_events.c.request_id.in_(ids[start:start + _ID_CHUNK]))
+                         .values(delivery=ident))
+        return 1
+
+    # -- sending
+
+    def _pending(self) -> list[Any]:
+        d = t.stripe_deliveries.c
+        with self.ledger.reading() as conn:
+            return list(conn.execute(
+                select(d.identifier, d.event_name, d.customer, d.value, d.timestamp,
+                       d.attempts)
+                .where(d.state == "pending").order_by(d.created_at, d.identifier)).all())
+
+    def _mark(self, identifiers: list[str], attempts: int, state: str = "delivered",
+              error: str | None = None) -> None:
+        d = t.stripe_deliveries.c
+        with self.ledger.writing() as conn:
+            conn.execute(
+                update(t.stripe_deliveries)
+                .where(d.identifier.in_(identifiers), d.state == "pending")
+                .values(state=state, attempts=d.attempts + attempts, last_error=error,
+                        delivered_at=now_iso() if state == "delivered" else None))
+
+    def send(self) -> Sent:
+        """Send every pending delivery to Stripe, marking each as Stripe takes it."""
+        done = Sent()
+        rows = self._pending()
+        if not rows:
+            return done
+        events = [MeterEvent(r.identifier, r.event_name, r.customer, int(r.value),
+                             int(r.timestamp)) for r in rows]
+        attempts = {r.identifier: int(r.attempts) for r in rows}
+        if len(rows) > self.stripe.stream_above:
+            self._send_stream(events, attempts, done)
+        else:
+            self._send_each(events, attempts, done)
+        if done.delivered or done.duplicates or done.failed:
+            log.info("stripe: %d meter event(s) delivered, %d already there, %d refused, "
+                     "%d pending", done.delivered, done.duplicates, done.failed, done.pending)
+        return done
+
+    def _send_each(self, events: list[MeterEvent], attempts: dict[str, int],
+                   done: Sent) -> None:
+        for i, ev in enumerate(events):
+            try:
+                duplicate, made = self.meter.create(ev, attempts[ev.identifier])
+            except StripeRefused as exc:
+                self._mark([ev.identifier], 1, "failed", exc.reason)
+                log.error("stripe: meter event %s refused: %s", ev.identifier, exc.reason)
+                done.failed += 1
+                done.errors.append(exc.reason)
+                continue
+            except StripeUnavailable as exc:
+                # Stripe is down or refuses our key: the rest waits for the next round.
+                self._mark([ev.identifier], self.stripe.max_retries + 1, "pending", str(exc))
+                done.pending += len(events) - i
+                done.errors.append(str(exc))
+                log.error("stripe: %s; %d meter event(s) wait for the next round", exc,
+                          len(events) - i)
+                return
+            self._mark([ev.identifier], made)
+            if duplicate:
+                done.duplicates += 1
+            else:
+                done.delivered += 1
+
+    def _send_stream(self, events: list[MeterEvent], attempts: dict[str, int],
+                     done: Sent) -> None:
+        sent = 0
+        try:
+            # One attempt base for the whole stream: the largest a delivery in it has seen.
+            for batch, made in self.meter.stream(events, max(attempts.values())):
+                self._mark([ev.identifier for ev in batch], made)
+                sent += len(batch)
+                done.delivered += len(batch)
+        except StripeRefused as exc:
+            batch_ids = [ev.identifier for ev in events[sent:sent + 100]]
+            self._mark(batch_ids, 1, "failed", exc.reason)
+            done.failed += len(batch_ids)
+            done.pending += len(events) - sent - len(batch_ids)
+            done.errors.append(exc.reason)
+            log.error("stripe: a meter event stream batch of %d was refused: %s",
+                      len(batch_ids), exc.reason)
+        except StripeUnavailable as exc:
+            self._mark([ev.identifier for ev in events[sent:sent + 100]],
+                       self.stripe.max_retries + 1, "pending", str(exc))
+            done.pending += len(events) - sent
+            done.errors.append(str(exc))
+            log.error("stripe: %s; %d meter event(s) wait for the next round", exc,
+                      len(events) - sent)
+
+    # -- the worker's calls
+
+    def flush(self) -> Sent:
+        """Gather everything undelivered and send it now (the worker's shutdown)."""
+        while self.gather():
+            pass
+        sent = self.send()
+        self._last = self._clock()
+        return sent
+
+    def tick(self) -> Sent | None:
+        """:meth:`flush` when ``billing.stripe.interval`` has passed since the last one
+        (the worker calls this after every batch); ``None`` when it was not yet time."""
+        if self._last is not None and self._clock() - self._last < self.stripe.interval_s:
+            return None
+        return self.flush()
+
+
+# --------------------------------------------------------------------------- reconcile
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """One way the ledger and Stripe disagree for a customer in a month."""
+
+    customer: str
+    tenants: tuple[str, ...]
+    kind: str  # missing_in_stripe | extra_in_stripe | undelivered | pending | failed
+    units: int | Decimal
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.customer} ({', '.join(self.tenants)}): {self.kind}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    customer: str
+    tenants: tuple[str, ...]
+    ledger: int  # units of the month's events
+    delivered: int  # units of its delivered meter events
+    stripe: Decimal  # what Stripe's event summaries add up to
+
+
+def _month_bounds(period: str) -> tuple[int, int]:
+    year, month = int(period[:4]), int(period[5:7])
+    start = datetime(year, month, 1, tzinfo=timezone.utc)
+    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+    return int(start.timestamp()), int(end.timestamp())
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """What :func:`reconcile` found: a row per customer, every difference, and notes
+    (usage of tenants not billed through Stripe)."""
+
+    rows: list[Row]
+    differences: list[Difference]
+    notes: list[str]
+
+
+def reconcile(ledger: Ledger, meter: StripeMeter, metric: str, period: str,
+              customer_of: Callable[[str], str | None]) -> Reconciliation:
+    """Compare, per Stripe customer, the ledger's units for ``period`` with Stripe's
+    meter event summaries (see :class:`Reconciliation`)."""
+    ue, d = t.usage_events.c, t.stripe_deliveries.c
+    tokens = {"tokens": ue.prompt_tokens + ue.completion_tokens,
+              "input_tokens": ue.prompt_tokens, "output_tokens": ue.completion_tokens}
+    amount = func.sum(tokens[metric]) if metric in tokens else func.count()
+    with ledger.reading() as conn:
+        totals = {r[0]: int(r[1] or 0) for r in conn.execute(
+            select(ue.tenant_id, amount).where(ue.period == period).group_by(ue.tenant_id))}
+        waiting = {r[0]: (int(r[1]), int(r[2] or 0)) for r in conn.execute(
+            select(ue.tenant_id, func.count(), amount)
+            .where(ue.period == period, ue.delivery.is_(None)).group_by(ue.tenant_id))}
+        deliveries = conn.execute(
+            select(d.tenant_id, d.customer, d.state, func.count(), func.sum(d.value),
+                   func.max(d.last_error))
+            .where(d.period == period).group_by(d.tenant_id, d.customer, d.state)).all()
+    by_customer: dict[str, dict[str, Any]] = {}
+
+    def entry(customer: str) -> dict[str, Any]:
+        return by_customer.setdefault(customer, {"tenants": set(), "ledger": 0,
+                                                 "delivered": 0})
+
+    differences: list[Difference] = []
+    for tenant, total in sorted(totals.items()):
+        customer = customer_of(tenant)
+        if customer is None:
+            continue  # listed below as undelivered, with the reason
+        e = entry(customer)
+        e["tenants"].add(tenant)
+        e["ledger"] += total
+    for tenant, customer, state, count, value, error in deliveries:
+        e = entry(customer)
+        e["tenants"].add(tenant)
+        if state == "delivered":
+            e["delivered"] += int(value or 0)
+        else:
+            detail = f"{count} meter event(s) of {int(value or 0)} {metric} {state}"
+            if error:
+                detail += f" (last error: {error})"
+            differences.append(Difference(customer, (tenant,), state, int(value or 0), detail))
+    notes = []
+    for tenant, (count, value) in sorted(waiting.items()):
+        customer = customer_of(tenant)
+        if customer is None:
+            # Not billed through Stripe (yet): a fact to show, not a disagreement.
+            notes.append(f"{tenant}: {count} event(s) of {value} {metric} not billed "
+                         "through Stripe: the tenant has no stripeCustomerId")
+            continue
+        differences.append(Difference(customer, (tenant,), "undelivered", value,
+                                      f"{count} event(s) of {value} {metric} not yet "
+                                      "gathered into a meter event"))
+    start, end = _month_bounds(period)
+    meter_id = meter.meter_id()
+    rows = []
+    for customer, e in sorted(by_customer.items()):
+        seen = meter.summary(meter_id, customer, start, end)
+        tenants = tuple(sorted(e["tenants"]))
+        rows.append(Row(customer, tenants, e["ledger"], e["delivered"], seen))
+        if seen < e["delivered"]:
+            differences.append(Difference(customer, tenants, "missing_in_stripe",
+                                          e["delivered"] - seen,
+                                          f"delivered {e['delivered']} {metric}, Stripe "
+                                          f"has {seen}: {e['delivered'] - seen} missing"))
+        elif seen > e["delivered"]:
+            differences.append(Difference(customer, tenants, "extra_in_stripe",
+                                          seen - e["delivered"],
+                                          f"delivered {e['delivered']} {metric}, Stripe "
+                                          f"has {seen}: {seen - e['delivered']} extra"))
+    return Reconciliation(rows, differences, notes)
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """``ai-saas billing reconcile --period YYYY-MM``: 0 when the ledger and Stripe agree,
+    1 when they differ (each difference listed), 2 when they cannot be compared."""
+    import sys
+
+    from ..config import load_config
+
+    config = load_config(args.config)
+    if config.billing.stripe is None:
+        print("ai-saas: billing reconcile: no billing.stripe section in the configuration: "
+              "nothing is sent to Stripe, so there is nothing to reconcile", file=sys.stderr)
+        return 2
+    ledger = Ledger(args.database or config.billing.database)
+    try:
+        ledger.check_version()
+        meter = StripeMeter(config.billing.stripe, backoff_cap_s=5.0)
+        found = reconcile(ledger, meter, config.billing.usage_metric, args.period,
+                          customers_of(config))
+    except StripeUnavailable as exc:
+        print(f"ai-saas: billing reconcile: {exc}", file=sys.stderr)
+        return 2
+    except StripeRefused as exc:
+        print(f"ai-saas: billing reconcile: Stripe refused: {exc.reason}", file=sys.stderr)
+        return 2
+    finally:
+        ledger.close()
+    metric = config.billing.usage_metric
+    print(f"ledger {ledger.url} against Stripe (event {config.billing.stripe.event_name}), "
+          f"{args.period}, in {metric}:")
+    header = ("customer", "tenants", "ledger", "delivered", "stripe")
+    table = [header] + [(r.customer, ",".join(r.tenants), str(r.ledger), str(r.delivered),
+                         str(r.stripe)) for r in found.rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(line, widths, strict=True))))
+    for note in found.notes:
+        print(f"note: {note}")
+    if not found.differences:
+        print("no differences.")
+        return 0
+    print(f"{len(found.differences)} difference(s):")
+    for diff in found.differences:
+        print(f"  {diff}")
+    return 1
