@@ -26,6 +26,7 @@ Programmable faults: :attr:`StripeStandIn.rate_limit_burst` (the next N meter ev
 requests get 429, with :attr:`retry_after` as ``Retry-After``),
 :attr:`StripeStandIn.fail_after_commit` (the next N store their events, then answer 500),
 :meth:`StripeStandIn.expire_sessions` (every session token issued so far expires now),
+:attr:`StripeStandIn.refuse_customers` (400 "No such customer"),
 :attr:`StripeStandIn.hold` (after storing, a v1 event waits until released: a test kills
 the sender meanwhile).
 
@@ -79,6 +80,7 @@ class StripeStandIn:
     rate_limit_burst: int = 0
     retry_after: str | None = "0"
     fail_after_commit: int = 0
+    refuse_customers: set[str] = field(default_factory=set)  # 400 "No such customer"
     hold: threading.Event | None = None  # set: v1 events wait after storing until released
     held: threading.Event = field(default_factory=threading.Event)  # one is being held
     events: dict[str, Stored] = field(default_factory=dict)
@@ -284,6 +286,14 @@ class _Handler(BaseHTTPRequestHandler):
         if key and self._replayed(key, fingerprint):
             return
         s = self.state
+        customer = fields.get("payload[stripe_customer_id]", "")
+        if customer in s.refuse_customers:
+            status, body = _error(400, "invalid_request_error",
+                                  f"No such customer: '{customer}'",
+                                  param="payload[stripe_customer_id]",
+                                  code="resource_missing")
+            self._finish(key, fingerprint, status, body, committed=False)
+            return
         with s.lock:
             s.received[ident] += 1
             known = ident in s.events

@@ -249,6 +249,26 @@ def test_a_5xx_after_commit_counts_once(
     exactly_once(standin, usage)
 
 
+def test_a_refusal_marks_the_delivery_failed_and_reconcile_lists_it(
+        setup: Callable[..., tuple[Config, Path]], standin: Running,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config, path = setup()
+    usage = Usage(config)
+    usage.add("acme", 2)
+    usage.add("hooli", 2)
+    standin.state.refuse_customers = {"cus_hooli"}
+    sent = Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    assert (sent.delivered, sent.failed) == (1, 1)
+    failed = next(d for d in usage.deliveries() if d.tenant_id == "hooli")
+    assert failed.state == "failed" and "No such customer: 'cus_hooli'" in failed.last_error
+    assert standin.state.requests.count(("POST", "/v1/billing/meter_events")) == 2  # no retry
+    code, out, _ = reconcile(path, capsys)
+    assert code == 1
+    assert "cus_hooli (hooli): failed: 1 meter event(s) of" in out
+    assert "No such customer" in out
+    assert standin.state.violations == []
+
+
 CRASHING_SENDER = """
 import sys
 from ai_saas_middleware import load_config

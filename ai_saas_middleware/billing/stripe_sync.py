@@ -57,7 +57,7 @@ from ..config import Config, StripeConfig
 from ..errors import ConfigError, ConfigProblem
 from . import tables as t
 from .ledger import Ledger, now_iso
-from .stripe_client import MeterEvent, StripeMeter, StripeRefused, StripeUnavailable
+from .stripe_client import STREAM_BATCH, MeterEvent, StripeMeter, StripeRefused, StripeUnavailable
 
 __all__ = ["Deliverer", "Difference", "Reconciliation", "Row", "Sent", "cmd_reconcile",
            "customers_of", "identifier_of", "reconcile", "units"]
@@ -282,7 +282,7 @@ class Deliverer:
                 sent += len(batch)
                 done.delivered += len(batch)
         except StripeRefused as exc:
-            batch_ids = [ev.identifier for ev in events[sent:sent + 100]]
+            batch_ids = [ev.identifier for ev in events[sent:sent + STREAM_BATCH]]
             self._mark(batch_ids, 1, "failed", exc.reason)
             done.failed += len(batch_ids)
             done.pending += len(events) - sent - len(batch_ids)
@@ -290,7 +290,7 @@ class Deliverer:
             log.error("stripe: a meter event stream batch of %d was refused: %s",
                       len(batch_ids), exc.reason)
         except StripeUnavailable as exc:
-            self._mark([ev.identifier for ev in events[sent:sent + 100]],
+            self._mark([ev.identifier for ev in events[sent:sent + STREAM_BATCH]],
                        self.stripe.max_retries + 1, "pending", str(exc))
             done.pending += len(events) - sent
             done.errors.append(str(exc))
@@ -324,7 +324,8 @@ class Difference:
 
     customer: str
     tenants: tuple[str, ...]
-    kind: str  # missing_in_stripe | extra_in_stripe | undelivered | pending | failed
+    # missing_in_stripe | extra_in_stripe | undelivered | pending | failed | ledger_mismatch
+    kind: str
     units: int | Decimal
     detail: str
 
@@ -380,7 +381,7 @@ def reconcile(ledger: Ledger, meter: StripeMeter, metric: str, period: str,
 
     def entry(customer: str) -> dict[str, Any]:
         return by_customer.setdefault(customer, {"tenants": set(), "ledger": 0,
-                                                 "delivered": 0})
+                                                 "delivered": 0, "carried": 0})
 
     differences: list[Difference] = []
     for tenant, total in sorted(totals.items()):
@@ -393,6 +394,7 @@ def reconcile(ledger: Ledger, meter: StripeMeter, metric: str, period: str,
     for tenant, customer, state, count, value, error in deliveries:
         e = entry(customer)
         e["tenants"].add(tenant)
+        e["carried"] += int(value or 0)
         if state == "delivered":
             e["delivered"] += int(value or 0)
         else:
@@ -408,6 +410,7 @@ def reconcile(ledger: Ledger, meter: StripeMeter, metric: str, period: str,
             notes.append(f"{tenant}: {count} event(s) of {value} {metric} not billed "
                          "through Stripe: the tenant has no stripeCustomerId")
             continue
+        entry(customer)["carried"] += value
         differences.append(Difference(customer, (tenant,), "undelivered", value,
                                       f"{count} event(s) of {value} {metric} not yet "
                                       "gathered into a meter event"))
@@ -418,6 +421,15 @@ def reconcile(ledger: Ledger, meter: StripeMeter, metric: str, period: str,
         seen = meter.summary(meter_id, customer, start, end)
         tenants = tuple(sorted(e["tenants"]))
         rows.append(Row(customer, tenants, e["ledger"], e["delivered"], seen))
+        if e["carried"] != e["ledger"]:
+            # The meter events (sent or not) and the ungathered events should add up to
+            # the month's usage; they do not when usageMetric changed mid-month, or rows
+            # were changed by hand.
+            differences.append(Difference(customer, tenants, "ledger_mismatch",
+                                          e["ledger"] - e["carried"],
+                                          f"the month's events add up to {e['ledger']} "
+                                          f"{metric}, its meter events and ungathered "
+                                          f"events to {e['carried']}"))
         if seen < e["delivered"]:
             differences.append(Difference(customer, tenants, "missing_in_stripe",
                                           e["delivered"] - seen,
