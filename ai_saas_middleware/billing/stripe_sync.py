@@ -7,11 +7,11 @@ Delivery state lives in the ledger, never only in memory:
    customer, groups them per tenant x month, and writes one ``stripe_deliveries`` row
    per group (``pending``), its ``identifier`` derived from what it carries (tenant,
    month and a SHA-256 of the event name and the sorted request ids); each event's
-   ``delivery`` names it. The claim is ``UPDATE ... WHERE delivery IS NULL``: on SQLite
-   inside ``BEGIN IMMEDIATE`` (one writer at a time), on PostgreSQL under READ
-   COMMITTED, where an UPDATE that waited on another worker's claim re-checks
-   ``delivery IS NULL`` once that commits and skips the rows it took. No event is ever
-   claimed twice.
+   ``delivery`` names it (set by primary key, for exactly the rows claimed). The claim
+   is ``SELECT ... WHERE delivery IS NULL FOR UPDATE``: on SQLite inside ``BEGIN
+   IMMEDIATE`` (one writer at a time), on PostgreSQL under READ COMMITTED, where a claim
+   that waited on another worker's locks re-checks ``delivery IS NULL`` once that
+   commits and skips the rows it took. No event is ever claimed twice.
 2. :meth:`Deliverer.send` sends every pending delivery (the v2 meter event stream when
    more than ``billing.stripe.streamAbove`` are pending) and marks each ``delivered``
    once Stripe has it. A crash between Stripe's answer and that mark leaves it
@@ -44,7 +44,6 @@ import argparse
 import hashlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -71,11 +70,16 @@ _ID_CHUNK = 500  # request ids per UPDATE ... IN (...)
 _DISTINCT_UNDELIVERED = text(
     # A loose index scan: one probe of usage_events_undelivered per tenant, however many
     # undelivered events each has.
+    # ORDER BY ... LIMIT 1 rather than MIN(): under PostgreSQL's row-level security the
+    # policy's filter is evaluated on each row, so MIN() cannot stop at the index's first
+    # entry; an ordered index scan with LIMIT 1 does.
     "WITH RECURSIVE u(tenant_id) AS ("
-    " SELECT MIN(tenant_id) FROM usage_events WHERE delivery IS NULL"
+    " SELECT (SELECT e.tenant_id FROM usage_events e WHERE e.delivery IS NULL"
+    "         ORDER BY e.tenant_id LIMIT 1)"
     " UNION ALL"
-    " SELECT (SELECT MIN(e.tenant_id) FROM usage_events e"
-    "         WHERE e.delivery IS NULL AND e.tenant_id > u.tenant_id)"
+    " SELECT (SELECT e.tenant_id FROM usage_events e"
+    "         WHERE e.delivery IS NULL AND e.tenant_id > u.tenant_id"
+    "         ORDER BY e.tenant_id LIMIT 1)"
     " FROM u WHERE u.tenant_id IS NOT NULL)"
     " SELECT tenant_id FROM u WHERE tenant_id IS NOT NULL")
 
@@ -168,21 +172,26 @@ class Deliverer:
         created = 0
         ue = t.usage_events.c
         with self.ledger.writing() as conn:
+            if self.ledger.dialect == "postgresql":
+                # Statistics lag a bulk insert until autovacuum analyzes the table; a
+                # bitmap scan planned on them reads every undelivered row per probe of
+                # the loose scan (16 s instead of 0.1 s for 100,000 events). The ordered
+                # index scan is right at any size. For this transaction only.
+                conn.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
             tenants = [row[0] for row in conn.execute(_DISTINCT_UNDELIVERED)]
             for tenant in tenants:
                 customer = self._customer(tenant)
                 if customer is None:
                     continue
-                claim = "~" + uuid.uuid4().hex  # seen by no one: replaced before commit
-                picked = (select(ue.request_id)
-                          .where(ue.tenant_id == tenant, ue.delivery.is_(None))
-                          .limit(self._claim_limit).scalar_subquery())
+                # FOR UPDATE (PostgreSQL; SQLite's BEGIN IMMEDIATE already excludes every
+                # other writer): a row another worker is claiming is waited for, then
+                # re-checked, and skipped once its delivery is set. What this returns is
+                # ours alone until commit.
                 rows = conn.execute(
-                    update(t.usage_events)
-                    .where(ue.request_id.in_(picked), ue.delivery.is_(None))
-                    .values(delivery=claim)
-                    .returning(ue.request_id, ue.period, ue.ts, ue.prompt_tokens,
-                               ue.completion_tokens)).all()
+                    select(ue.request_id, ue.period, ue.ts, ue.prompt_tokens,
+                           ue.completion_tokens)
+                    .where(ue.tenant_id == tenant, ue.delivery.is_(None))
+                    .limit(self._claim_limit).with_for_update()).all()
                 groups: dict[str, list[Any]] = {}
                 for row in rows:
                     groups.setdefault(row.period, []).append(row)
