@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -82,9 +81,19 @@ def setup(make_config: Callable[..., dict[str, Any]], standin: Running, ledger_u
 
 
 def meter(config: Config, sleeps: list[float] | None = None) -> StripeMeter:
+    """A meter with short backoff; given ``sleeps``, it waits on a fake clock instead
+    and records each delay there."""
     assert config.billing.stripe is not None
+    if sleeps is None:
+        return StripeMeter(config.billing.stripe, backoff_s=0.001, backoff_cap_s=0.01)
+    now = [0.0]
+
+    def sleep(delay: float) -> None:
+        sleeps.append(delay)
+        now[0] += delay
+
     return StripeMeter(config.billing.stripe, backoff_s=0.001, backoff_cap_s=0.01,
-                       sleep=(sleeps.append if sleeps is not None else time.sleep))
+                       sleep=sleep, clock=lambda: now[0])
 
 
 class Usage:
@@ -231,6 +240,25 @@ def test_retries_spent_leave_it_pending_for_the_next_round(
     assert all(s < 0.02 for s in sleeps[:2])  # jittered backoff within its cap
     sent = deliverer.flush()
     assert sent.delivered == 2
+    exactly_once(standin, usage)
+
+
+def test_a_flush_budget_ends_retrying_and_keeps_the_rest_pending(
+        setup: Callable[..., tuple[Config, Path]], standin: Running) -> None:
+    config, _ = setup(maxRetries=50)
+    usage = Usage(config)
+    usage.add("acme", 2)
+    standin.state.rate_limit_burst = 1000  # Stripe unwell for longer than the budget
+    standin.state.retry_after = "1"
+    sleeps: list[float] = []
+    deliverer = Deliverer(config, usage.ledger, customers_of(config),
+                          meter=meter(config, sleeps))
+    sent = deliverer.flush(budget_s=3.5)  # on the fake clock: 3 retries of 1 s fit
+    assert sent.pending == 1 and sleeps == [1.0, 1.0, 1.0]
+    [pending] = usage.deliveries()
+    assert pending.state == "pending" and "RateLimitError (429)" in pending.last_error
+    standin.state.rate_limit_burst = 0
+    assert deliverer.flush().delivered == 1
     exactly_once(standin, usage)
 
 

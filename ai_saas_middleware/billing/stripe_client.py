@@ -120,14 +120,17 @@ def _message(exc: Exception) -> str:
 class StripeMeter:
     """Meter events to Stripe, per ``billing.stripe`` (see the module docstring).
 
-    ``sleep`` and ``rng`` are the backoff's clock and jitter (tests pass their own to see
-    the delays without waiting them); ``backoff_s`` is the first retry's mean delay.
+    ``sleep``, ``clock`` and ``rng`` are the backoff's wait, time and jitter (tests pass
+    their own to see the delays without waiting them); ``backoff_s`` is the first retry's
+    mean delay. :attr:`deadline` (an instant on ``clock``), when set, ends retrying
+    early: a retry whose backoff would end past it is not made.
     Raises :class:`StripeUnavailable` when the API key's environment variable is unset.
     """
 
     def __init__(self, config: StripeConfig, *, backoff_s: float = 0.25,
-                 backoff_cap_s: float = 20.0, timeout_s: float = 30.0,
+                 backoff_cap_s: float = 20.0, timeout_s: float = 10.0,
                  sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic,
                  rng: Callable[[], float] = random.random):
         stripe = _sdk()
         key = os.environ.get(config.api_key_env, "")
@@ -138,6 +141,7 @@ class StripeMeter:
         self.backoff_s = backoff_s
         self.backoff_cap_s = backoff_cap_s
         self._sleep = sleep
+        self.clock = clock
         self._rng = rng
         bases: dict[str, str] = {}
         if config.api_base:
@@ -148,6 +152,7 @@ class StripeMeter:
         self._client = stripe.StripeClient(
             key, base_addresses=bases, max_network_retries=0,
             http_client=stripe.RequestsClient(timeout=timeout_s))
+        self.deadline: float | None = None  # on `clock`: no retry sleeps past it
         self._session_token: str | None = None
         self._session_expires = 0.0  # unix seconds
         self.sessions_created = 0
@@ -190,10 +195,11 @@ class StripeMeter:
             except s.StripeError as exc:
                 if not self._transient(exc):
                     raise StripeRefused(_message(exc)) from None
-                if attempt >= self.config.max_retries:
+                delay = self._delay(attempt, exc)
+                late = self.deadline is not None and self.clock() + delay > self.deadline
+                if attempt >= self.config.max_retries or late:
                     raise StripeUnavailable(f"{what}: gave up after {attempt + 1} attempts: "
                                             f"{_message(exc)}") from None
-                delay = self._delay(attempt, exc)
                 log.warning("stripe: %s: %s; retrying in %.2fs (attempt %d of %d)", what,
                             _message(exc), delay, attempt + 2, self.config.max_retries + 1)
                 self._sleep(delay)

@@ -308,11 +308,17 @@ class Deliverer:
 
     # -- the worker's calls
 
-    def flush(self) -> Sent:
-        """Gather everything undelivered and send it now (the worker's shutdown)."""
+    def flush(self, budget_s: float | None = None) -> Sent:
+        """Gather everything undelivered and send it now. ``budget_s`` bounds the time
+        spent retrying an unwell Stripe (the worker's shutdown passes a few seconds):
+        what is not sent by then stays pending in the ledger for the next run."""
         while self.gather():
             pass
-        sent = self.send()
+        self.meter.deadline = None if budget_s is None else self.meter.clock() + budget_s
+        try:
+            sent = self.send()
+        finally:
+            self.meter.deadline = None
         self._last = self._clock()
         return sent
 
