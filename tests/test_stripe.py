@@ -348,11 +348,15 @@ def test_the_v2_stream_renews_an_expired_session(
             usage.add(tid, 1)
         standin.state.expire_after_calls = 1  # the second batch meets an expired token
         standin.state.rate_limit_burst = 1
+        standin.state.fail_after_commit = 1  # the first batch stored, then a 500
         m = meter(cfg)
         sent = Deliverer(cfg, usage.ledger, customers_of(cfg), meter=m).flush()
         assert sent.delivered == 230
         assert standin.state.expired_answers == 1 and m.sessions_created == 2
-        assert standin.state.stream_calls >= 4  # 100 + 100 + 30, one expired, one 429
+        # 100 + 100 + 30, plus a 429, a 500 after commit (re-sent: dropped as already
+        # held) and an expired session.
+        assert standin.state.stream_calls == 6
+        assert max(standin.state.received.values()) == 2
         assert {e.via for e in standin.state.events.values()} == {"v2"}
         exactly_once(standin, usage)
     finally:
@@ -403,6 +407,40 @@ def test_two_deliverers_at_once_never_claim_an_event_twice(
     assert errors == []
     Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
     assert usage.undelivered() == {}
+    exactly_once(standin, usage)
+
+
+def test_two_gathers_at_the_same_moment_split_a_backlog_without_overlap(
+        setup: Callable[..., tuple[Config, Path]], standin: Running) -> None:
+    config, _ = setup()
+    usage = Usage(config)
+    for tenant in ("acme", "globex", "hooli", "umbrella"):
+        usage.add(tenant, 500)
+    barrier = threading.Barrier(2)
+    created: list[int] = []
+    errors: list[BaseException] = []
+
+    def gather() -> None:
+        ledger = Ledger(config.billing.database)
+        try:
+            deliverer = Deliverer(config, ledger, customers_of(config), meter=meter(config))
+            barrier.wait(30)
+            created.append(deliverer.gather())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            ledger.close()
+
+    threads = [threading.Thread(target=gather) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert errors == [] and len(created) == 2
+    deliveries = usage.deliveries()
+    assert sum(created) == len(deliveries) >= 4
+    assert sum(d.events for d in deliveries) == 2000  # each event claimed by one of them
+    Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
     exactly_once(standin, usage)
 
 
