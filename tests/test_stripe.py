@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from ai_saas_middleware import load_config
 from ai_saas_middleware.billing import tables as t
@@ -441,6 +441,37 @@ def test_two_gathers_at_the_same_moment_split_a_backlog_without_overlap(
     assert sum(created) == len(deliveries) >= 4
     assert sum(d.events for d in deliveries) == 2000  # each event claimed by one of them
     Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    exactly_once(standin, usage)
+
+
+def test_tick_waits_for_its_interval_and_survives_a_failing_ledger(
+        setup: Callable[..., tuple[Config, Path]], standin: Running,
+        caplog: pytest.LogCaptureFixture) -> None:
+    config, _ = setup(interval="10s")
+    usage = Usage(config)
+    now = [0.0]
+    deliverer = Deliverer(config, usage.ledger, customers_of(config), meter=meter(config),
+                          clock=lambda: now[0])
+    usage.add("acme", 2)
+    first = deliverer.tick()
+    assert first is not None and first.delivered == 1
+    usage.add("acme", 2)
+    now[0] = 9.9
+    assert deliverer.tick() is None  # not yet time
+    now[0] = 10.0
+    second = deliverer.tick()
+    assert second is not None and second.delivered == 1
+    usage.add("globex", 1)
+    with usage.ledger.writing() as conn:  # the ledger breaks under it
+        conn.execute(text("ALTER TABLE stripe_deliveries RENAME TO stripe_deliveries_away"))
+    now[0] = 20.0
+    assert deliverer.tick() is None
+    assert "the delivery round failed on the ledger" in caplog.text
+    with usage.ledger.writing() as conn:
+        conn.execute(text("ALTER TABLE stripe_deliveries_away RENAME TO stripe_deliveries"))
+    now[0] = 30.0
+    third = deliverer.tick()
+    assert third is not None and third.delivered == 1
     exactly_once(standin, usage)
 
 

@@ -51,6 +51,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, func, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import Config, StripeConfig
 from ..errors import ConfigError, ConfigProblem
@@ -324,10 +325,18 @@ class Deliverer:
 
     def tick(self) -> Sent | None:
         """:meth:`flush` when ``billing.stripe.interval`` has passed since the last one
-        (the worker calls this after every batch); ``None`` when it was not yet time."""
+        (the worker calls this after every batch); ``None`` when it was not yet time, or
+        when the ledger failed the round (logged; its transactions rolled back, so the
+        next tick starts from a consistent ledger): delivery never stops ingestion."""
         if self._last is not None and self._clock() - self._last < self.stripe.interval_s:
             return None
-        return self.flush()
+        try:
+            return self.flush()
+        except SQLAlchemyError as exc:
+            self._last = self._clock()
+            log.error("stripe: the delivery round failed on the ledger, retried in %ss: "
+                      "%s", self.stripe.interval_s, type(exc).__name__)
+            return None
 
 
 # --------------------------------------------------------------------------- reconcile
