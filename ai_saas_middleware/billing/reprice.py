@@ -16,7 +16,9 @@
    the number of events and of changed ones, and the revenue before and after, in total
    and per tenant.
 
-``--dry-run`` does the same work in a transaction that is rolled back and registers no
+On PostgreSQL the transaction holds ``usage_daily`` in ``EXCLUSIVE`` mode: workers keep
+reading, and their next batch waits for the reprice to commit (then adds to the rebuilt
+sums). ``--dry-run`` does the same work in a transaction that is rolled back and registers no
 plan: nothing is written (a plan not yet in the ledger shows as version ``new``).
 """
 
@@ -29,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..budgets import from_picodollars
@@ -45,6 +47,7 @@ __all__ = ["Repriced", "cmd_reprice", "reprice"]
 PAGE = 5000  # events read and updated at a time (keyset pages: bounded memory)
 _EVENT_FIELDS = tuple(f.name for f in fields(Event) if f.name not in ("revenue_p",
                                                                       "pricing_version"))
+_FIELD_COUNT = len(_EVENT_FIELDS)
 
 
 @dataclass(slots=True)
@@ -125,6 +128,12 @@ def reprice(ledger: Ledger, config: Config, period: str, *, dry_run: bool = Fals
     with _transaction(ledger, dry_run) as conn:
         if dry_run:
             _known_versions(conn, pricing)
+        elif ledger.dialect == "postgresql":
+            # A worker's batch upserts usage_daily after inserting its rows: held here
+            # until this commits, its sums land on the rebuilt ones instead of being
+            # overwritten by a rebuild that could not see its uncommitted rows. (SQLite:
+            # BEGIN IMMEDIATE already admits one writer at a time.) Reads go on.
+            conn.exec_driver_sql(f"LOCK TABLE {t.usage_daily.name} IN EXCLUSIVE MODE")
         done.versions = {name: pricing.versions.get(plan)
                          for name, plan in _plan_names(pricing).items()}
         flags = {r.tenant_id: (int(r.rule), r.flagged_at) for r in conn.execute(
@@ -134,6 +143,7 @@ def reprice(ledger: Ledger, config: Config, period: str, *, dry_run: bool = Fals
         columns = [e[name] for name in _EVENT_FIELDS] + [e.revenue_p, e.pricing_version,
                                                          e.recorded_at]
         last = ""
+        daily: dict[tuple[str, str, str], int] = {}
         while True:
             page = conn.execute(select(*columns).where(e.period == period)
                                 .where(e.request_id > last).order_by(e.request_id)
@@ -143,7 +153,7 @@ def reprice(ledger: Ledger, config: Config, period: str, *, dry_run: bool = Fals
             last = page[-1].request_id
             changes = []
             for row in page:
-                ev = Event(**{name: getattr(row, name) for name in _EVENT_FIELDS})
+                ev = Event(*row[:_FIELD_COUNT])  # the columns are selected in field order
                 flag = flags.get(ev.tenant_id)
                 # Recorded after the flag: the worker priced it by the switched plan.
                 switched = flag[0] if flag is not None and row.recorded_at > flag[1] else None
@@ -153,18 +163,27 @@ def reprice(ledger: Ledger, config: Config, period: str, *, dry_run: bool = Fals
                 done.counts[tenant] = done.counts.get(tenant, 0) + 1
                 done.before_p[tenant] = done.before_p.get(tenant, 0) + int(row.revenue_p)
                 done.after_p[tenant] = done.after_p.get(tenant, 0) + ev.revenue_p
+                key = (tenant, ev.day, ev.model_id)
+                daily[key] = daily.get(key, 0) + ev.revenue_p
                 if ev.revenue_p != row.revenue_p or ev.pricing_version != row.pricing_version:
                     changes.append({"rid": ev.request_id, "revenue": ev.revenue_p,
                                     "version": ev.pricing_version})
-            if changes:
-                done.changed += len(changes)
+            done.changed += len(changes)
+            if changes and not dry_run:
                 conn.execute(update, changes)
+        if dry_run:
+            return done  # the transaction is rolled back: nothing was written
+        # The aggregates' revenue, summed from every row of the period as now priced
+        # (a correlated UPDATE would scan a tenant's month once per day x model).
         d = t.usage_daily.c
-        rebuilt = (select(func.coalesce(func.sum(e.revenue_p), 0))
-                   .where(e.tenant_id == d.tenant_id).where(e.day == d.day)
-                   .where(e.model_id == d.model_id).scalar_subquery())
-        conn.execute(t.usage_daily.update().where(d.period == period)
-                     .values(revenue_p=rebuilt))
+        conn.execute(t.usage_daily.update().where(d.period == period).values(revenue_p=0))
+        if daily:
+            conn.execute(t.usage_daily.update()
+                         .where(d.tenant_id == bindparam("tn")).where(d.day == bindparam("dy"))
+                         .where(d.model_id == bindparam("md"))
+                         .values(revenue_p=bindparam("revenue")),
+                         [{"tn": k[0], "dy": k[1], "md": k[2], "revenue": v}
+                          for k, v in sorted(daily.items())])
         for tenant, (rule, _) in sorted(flags.items()):
             conn.execute(t.tenant_flags.update()
                          .where(t.tenant_flags.c.tenant_id == tenant)
