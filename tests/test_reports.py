@@ -655,3 +655,11 @@ def test_the_minimum_per_request() -> None:
     with_markup = Plan.of((), Decimal("1"), Decimal("0.001"))
     assert priced(with_markup, one(1, 1, "0")) == Decimal("0.001")  # 0 x 2 -> the minimum
     assert priced(Plan.of((), None, None), one(1000, 1000, "3")) == Decimal(0)  # nothing set
+
+
+def test_reprice_of_an_unmigrated_ledger_is_one_line(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'empty.sqlite3'}")
+    status, out, err = run(["billing", "reprice", "-c", config, "--period", "2026-11"], capsys)
+    assert (status, out) == (1, "")
+    assert "run 'ai-saas billing migrate'" in err and "Traceback" not in err
