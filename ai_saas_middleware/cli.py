@@ -253,24 +253,27 @@ def _tenant_tier(config: Config, store: Any, keys: Any, tenant_id: str) -> str |
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from .report import TenantUsage, format_table, read_events, summarize
+    from .report import TenantUsage, format_table, summarize, usage_events
     from .store.keys import KeySchema, is_valid_tenant_id
 
     config = _config(args.config)
     store = _store(config, args.redis_url)
     try:
         keys = KeySchema(config.redis.key_prefix, config.redis.shards)
+        ledger = config.billing.database
         tenant: str | None = args.tenant
         tier = _tenant_tier(config, store, keys, tenant) if tenant is not None else None
         if tenant is not None and tier is None:
             # A tenant since removed from the config still has its usage shown.
-            rows = summarize(read_events(store, keys, tenant_id=tenant, month=args.month)) \
+            rows = summarize(usage_events(store, keys, ledger, tenant_id=tenant,
+                                          month=args.month)) \
                 if is_valid_tenant_id(tenant) else {}
             if not rows:
                 raise UnknownTenant(f"no tenant {tenant!r}: it is neither in "
                                     f"{config.source} nor stored in Redis")
         else:
-            rows = summarize(read_events(store, keys, tenant_id=tenant, month=args.month))
+            rows = summarize(usage_events(store, keys, ledger, tenant_id=tenant,
+                                          month=args.month))
         when = f" in {args.month}" if args.month else ""
         if tenant is not None and not rows:
             rows = {tenant: TenantUsage(tenant, tier=tier or "")}

@@ -14,7 +14,27 @@ from .pricing import MONEY, format_usd
 from .store.keys import KeySchema
 from .store.redis import RedisStore
 
-__all__ = ["TenantUsage", "format_table", "read_events", "summarize"]
+__all__ = ["TenantUsage", "format_table", "read_events", "summarize", "usage_events"]
+
+
+def usage_events(store: RedisStore, keys: KeySchema, ledger_url: str | None, *,
+                 tenant_id: str | None = None, month: str | None = None
+                 ) -> Iterator[dict[str, str]]:
+    """Every usage event once: the billing ledger's (when there is one: the worker trims
+    what it has moved there from the streams), then the streams' not in it yet."""
+    seen: set[str] = set()
+    if ledger_url is not None:
+        try:
+            from .billing.readback import ledger_events
+        except ImportError:  # no billing extra: no ledger either
+            pass
+        else:
+            for event in ledger_events(ledger_url, tenant_id=tenant_id, month=month):
+                seen.add(event["request_id"])
+                yield event
+    for event in read_events(store, keys, tenant_id=tenant_id, month=month):
+        if event.get("request_id") not in seen:
+            yield event
 
 
 def read_events(store: RedisStore, keys: KeySchema, *, tenant_id: str | None = None,

@@ -110,7 +110,7 @@ class PostgresCluster:
 class ExternalPostgres(PostgresCluster):
     """A server the environment gives (``AI_SAAS_TEST_POSTGRES_URL``, a superuser URL)."""
 
-    def __init__(self, url: str):  # noqa: D107 - no cluster of our own
+    def __init__(self, url: str):
         self._url = url
         from urllib.parse import urlsplit
         parts = urlsplit(url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 __all__ = ["add_commands"]
@@ -24,8 +25,20 @@ def _ledger(args: argparse.Namespace) -> Any:
     return config, Ledger(args.database or config.billing.database)
 
 
+def _ratio(text: str) -> Decimal:
+    # A decimal, not a float: compared exactly with the report's decimal LTV/CAC.
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite():
+        raise argparse.ArgumentTypeError(f"expected a ratio, a decimal number (e.g. 3), "
+                                         f"found {text!r}")
+    return value
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
-    config, ledger = _ledger(args)
+    _, ledger = _ledger(args)
     try:
         before, after = ledger.migrate()
     finally:
@@ -40,31 +53,31 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import cmd_worker as run
 
-    return run(args)
+    return int(run(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .reports import cmd_report as run
 
-    return run(args)
+    return int(run(args))
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from .stripe_sync import cmd_reconcile as run
 
-    return run(args)
+    return int(run(args))
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import cmd_audit as run
 
-    return run(args)
+    return int(run(args))
 
 
 def cmd_reprice(args: argparse.Namespace) -> int:
     from .reprice import cmd_reprice as run
 
-    return run(args)
+    return int(run(args))
 
 
 def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
@@ -109,8 +122,9 @@ def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
                    help="output format (default: table); money in JSON is a decimal string")
     p.add_argument("--cac-file", default=None, metavar="CSV",
                    help="a CSV of tenant_id,cac (USD) overriding billing.cac and tenants' cac")
-    p.add_argument("--fail-below", type=float, default=None, metavar="RATIO",
-                   help="exit 3 when some tenant's LTV/CAC is below RATIO (e.g. 3)")
+    p.add_argument("--fail-below", type=_ratio, default=None, metavar="RATIO",
+                   help="exit 3 when some tenant's LTV/CAC is below RATIO (e.g. 3), listing "
+                        "them on stderr")
     p.set_defaults(func=cmd_report)
 
     p = command(sub, "billing", "the ledger: migrate, reconcile with Stripe, audit, reprice")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
-from ..budgets import to_picodollars
 from ..pricing import MONEY
 from ..store.keys import is_valid_tenant_id
 
@@ -22,6 +21,8 @@ _TS = re.compile(r"(\d{4}-(?:0[1-9]|1[0-2]))-([0-3]\d)T\d{2}:\d{2}:\d{2}(?:\.\d{
 _PLAIN_DECIMAL = re.compile(r"-?\d{1,20}(?:\.\d{1,12})?\Z")
 _TOKENS_MAX = 10 ** 12
 _MONEY_MAX = Decimal(9_000_000)  # USD per event: fits 64-bit picodollars
+_MONEY_MAX_P = 9_000_000 * 10 ** 12
+_SEP = "\x1f"
 
 
 class Rejected(ValueError):
@@ -80,16 +81,17 @@ def _count(fields: dict[str, str], name: str, maximum: int = _TOKENS_MAX,
 
 def _money(fields: dict[str, str], name: str, default: str | None = None,
            signed: bool = False) -> int:
+    """A plain decimal string (at most 12 places) as whole picodollars, exactly: by its
+    digits, with no decimal context (and ten times faster than ``Decimal``)."""
     text = _field(fields, name, default)
     if not _PLAIN_DECIMAL.match(text) or (text.startswith("-") and not signed):
         raise Rejected(f"{name} {text[:40]!r} is not a plain decimal with at most 12 places")
-    try:
-        amount = Decimal(text)
-    except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
-        raise Rejected(f"{name} {text[:40]!r} is not a decimal") from None
-    if abs(amount) > _MONEY_MAX:
+    negative = text.startswith("-")
+    whole, _, frac = text.lstrip("-").partition(".")
+    amount = int(whole) * 10 ** 12 + (int(frac.ljust(12, "0")) if frac else 0)
+    if amount > _MONEY_MAX_P:
         raise Rejected(f"{name} {text[:40]!r} is over {_MONEY_MAX} per event")
-    return to_picodollars(amount)
+    return -amount if negative else amount
 
 
 def _text(fields: dict[str, str], name: str, limit: int, default: str = "") -> str:
@@ -99,18 +101,30 @@ def _text(fields: dict[str, str], name: str, limit: int, default: str = "") -> s
     return value
 
 
+def _fields(raw: Any) -> dict[str, str]:
+    """The entry's fields as text. The usual case (redis-py's flat list of bytes) is
+    decoded in one piece: joined by a separator, decoded, split; a value that holds the
+    separator itself makes the pieces miscount, and takes the slow way."""
+    try:
+        if isinstance(raw, list) and len(raw) % 2 == 0:
+            try:
+                parts = b"\x1f".join(raw).decode().split(_SEP)
+            except TypeError:  # not all bytes
+                parts = []
+            if len(parts) == len(raw):
+                return dict(zip(parts[::2], parts[1::2], strict=True))
+        items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2],
+                                                                strict=False)
+        return {(k.decode() if isinstance(k, bytes) else str(k)):
+                (v.decode() if isinstance(v, bytes) else str(v)) for k, v in items}
+    except UnicodeDecodeError:
+        raise Rejected("a field is not UTF-8") from None
+
+
 def parse_entry(stream_id: str, raw: Any) -> Event:
     """The :class:`Event` of one stream entry (``raw``: redis-py's field dict or flat list,
     bytes or str); raises :class:`Rejected` when it is not a valid usage event."""
-    if isinstance(raw, dict):
-        items = raw.items()
-    else:
-        items = zip(raw[::2], raw[1::2], strict=False)
-    try:
-        fields = {(k.decode() if isinstance(k, bytes) else k):
-                  (v.decode() if isinstance(v, bytes) else v) for k, v in items}
-    except UnicodeDecodeError:
-        raise Rejected("a field is not UTF-8") from None
+    fields = _fields(raw)
     request_id = _text(fields, "request_id", 128)
     if not request_id or not request_id.isprintable():
         raise Rejected("no printable request_id")

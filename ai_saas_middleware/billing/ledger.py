@@ -23,7 +23,6 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -34,8 +33,9 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ..errors import AISaaSError
 from . import tables as t
+from .clock import now_iso
 from .events import Event
-from .migrations import LATEST, migrate
+from .migrations import LATEST, STEPS
 from .rates import Plan, Pricing
 
 __all__ = ["Ledger", "LedgerError", "Recorded", "now_iso"]
@@ -48,10 +48,6 @@ _SUMMED = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_p",
 
 class LedgerError(AISaaSError):
     """The ledger cannot be opened or used as configured (the message says why)."""
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(slots=True)
@@ -107,7 +103,20 @@ class Ledger:
                 conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true)")
             yield conn
 
-    reading = writing  # reports read every tenant the same way
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """One read transaction over every tenant (reports, audit, ``ai-saas usage``): on
+        SQLite a deferred ``BEGIN``, which takes no write lock (the worker keeps writing
+        beside a report), on PostgreSQL with the service scope."""
+        with self.engine.connect() as conn:
+            conn.info["ai_saas_read"] = True
+            try:
+                with conn.begin():
+                    if self.dialect == "postgresql":
+                        conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true)")
+                    yield conn
+            finally:
+                conn.info.pop("ai_saas_read", None)
 
     @contextmanager
     def tenant_scope(self, tenant_id: str) -> Iterator[Connection]:
@@ -123,8 +132,34 @@ class Ledger:
     # -- schema
 
     def migrate(self) -> tuple[int, int]:
-        """Create or upgrade the schema; (version before, version after)."""
-        return migrate(self)
+        """Create or upgrade the schema (:mod:`.migrations`); (version before, after)."""
+        before = current = self.version()
+        for number, step in enumerate(STEPS, start=1):
+            if number <= current:
+                continue
+            with self.writing() as conn:
+                if self.dialect == "postgresql":
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(727274101)")
+                if conn.dialect.has_table(conn, t.schema_version.name):
+                    done = int(conn.execute(select(func.max(t.schema_version.c.version)))
+                               .scalar() or 0)
+                    if done >= number:  # another process applied it meanwhile
+                        current = done
+                        continue
+                step(conn, self.dialect)
+                conn.execute(t.schema_version.insert(), {"version": number,
+                                                         "applied_at": now_iso()})
+                self.log_action(conn, "migrate", f"schema version {number}: "
+                                f"{(step.__doc__ or '').splitlines()[0]}")
+                current = number
+        if self.dialect == "postgresql":
+            with self.engine.connect() as conn:
+                bypass = conn.execute(text("SELECT rolsuper OR rolbypassrls FROM pg_roles "
+                                           "WHERE rolname = current_user")).scalar()
+            if bypass:
+                log.warning("billing: the ledger's database role is a superuser or has "
+                            "BYPASSRLS: PostgreSQL applies no row-level security to it")
+        return before, current
 
     def version(self) -> int:
         with self.engine.connect() as conn:
@@ -183,11 +218,7 @@ class Ledger:
             switched = self._switched(conn, batch, pricing)
             for ev in batch:
                 pricing.price(ev, switched.get((ev.tenant_id, ev.period)))
-            recorded_at = now_iso()
-            stmt = (self._insert(t.usage_events)
-                    .on_conflict_do_nothing(index_elements=["request_id"])
-                    .returning(t.usage_events.c.request_id))
-            inserted = set(conn.execute(stmt, [_row(ev, recorded_at) for ev in batch]).scalars())
+            inserted = self._insert_events(conn, batch, now_iso())
             done.inserted = len(inserted)
             done.duplicates += len(batch) - len(inserted)
             new = [ev for ev in batch if ev.request_id in inserted]
@@ -196,6 +227,33 @@ class Ledger:
                 if pricing.margin_rules:
                     done.flagged = self._check_margins(conn, new, pricing, switched)
         return done
+
+    def _insert_events(self, conn: Connection, batch: list[Event], recorded_at: str
+                       ) -> set[str]:
+        """Insert the rows of ``batch`` not in the ledger yet; the request ids inserted.
+
+        Straight through the driver (SQLAlchemy's per-row parameter processing cost more
+        than the database). PostgreSQL: one ``INSERT ... SELECT FROM unnest(...) ON
+        CONFLICT DO NOTHING RETURNING``, so a row another worker inserted meanwhile is
+        neither inserted nor counted. SQLite: the write transaction holds the database's
+        one write lock (``BEGIN IMMEDIATE``), so the ids found absent stay absent until
+        the plain ``INSERT`` (which would fail, not double, if they did not)."""
+        rows = [_row(ev, recorded_at) for ev in batch]
+        if self.dialect == "postgresql":
+            columns = list(zip(*rows, strict=True))
+            return set(conn.exec_driver_sql(_PG_INSERT, tuple(list(c) for c in columns))
+                       .scalars())
+        existing: set[str] = set()
+        ids = [ev.request_id for ev in batch]
+        for lo in range(0, len(ids), 5000):
+            chunk = ids[lo:lo + 5000]
+            existing.update(r[0] for r in conn.exec_driver_sql(
+                "SELECT request_id FROM usage_events WHERE request_id IN "
+                f"({','.join('?' * len(chunk))})", tuple(chunk)))
+        new = [row for row in rows if row[0] not in existing]
+        if new:
+            conn.exec_driver_sql(_SQLITE_INSERT, new)
+        return {row[0] for row in new}
 
     def _aggregate(self, conn: Connection, events: list[Event]) -> None:
         sums: dict[tuple[str, str, str], list[Any]] = {}
@@ -215,14 +273,14 @@ class Ledger:
             if ev.outcome_p is not None:
                 row[9] += ev.outcome_p
                 row[10] += 1
-        ins = self._insert(t.usage_daily)
-        stmt = ins.on_conflict_do_update(
-            index_elements=["tenant_id", "day", "model_id"],
-            set_={name: t.usage_daily.c[name] + ins.excluded[name] for name in _SUMMED})
+        mark = "%s" if self.dialect == "postgresql" else "?"
+        columns = ("tenant_id", "day", "model_id", "period", *_SUMMED)
+        sql = (f"INSERT INTO usage_daily ({', '.join(columns)}) VALUES "
+               f"({', '.join([mark] * len(columns))}) ON CONFLICT (tenant_id, day, model_id) "
+               "DO UPDATE SET " + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}"
+                                           for c in _SUMMED))
         # Sorted: two workers upserting the same keys lock them in one order (no deadlock).
-        conn.execute(stmt, [{"tenant_id": k[0], "day": k[1], "model_id": k[2], "period": v[0],
-                             **dict(zip(_SUMMED, v[1:], strict=True))}
-                            for k, v in sorted(sums.items())])
+        conn.exec_driver_sql(sql, [(*k, *v) for k, v in sorted(sums.items())])
 
     def _switched(self, conn: Connection, batch: list[Event], pricing: Pricing
                   ) -> dict[tuple[str, str], int]:
@@ -285,19 +343,30 @@ class Ledger:
         return tuple(flagged)
 
 
-def _row(ev: Event, recorded_at: str) -> dict[str, Any]:
-    return {
-        "request_id": ev.request_id, "tenant_id": ev.tenant_id, "tier": ev.tier,
-        "model_id": ev.model_id, "provider": ev.provider, "period": ev.period, "day": ev.day,
-        "ts": ev.ts, "prompt_tokens": ev.prompt_tokens,
-        "completion_tokens": ev.completion_tokens, "usage_source": ev.usage_source,
-        "cost_p": ev.cost_p, "revenue_p": ev.revenue_p, "saved_p": ev.saved_p,
-        "outcome_p": ev.outcome_p, "status": ev.status, "latency_ms": ev.latency_ms,
-        "cache": ev.cache, "fallback_from": ev.fallback_from, "endpoint": ev.endpoint,
-        "truncated": ev.truncated, "client_disconnected": ev.client_disconnected,
-        "price_version": ev.price_version, "pricing_version": ev.pricing_version,
-        "stream_id": ev.stream_id, "recorded_at": recorded_at, "delivery": None,
-    }
+_COLUMNS = ("request_id", "tenant_id", "tier", "model_id", "provider", "period", "day", "ts",
+            "prompt_tokens", "completion_tokens", "usage_source", "cost_p", "revenue_p",
+            "saved_p", "outcome_p", "status", "latency_ms", "cache", "fallback_from",
+            "endpoint", "truncated", "client_disconnected", "price_version",
+            "pricing_version", "stream_id", "recorded_at")
+_PG_TYPES = {"prompt_tokens": "bigint", "completion_tokens": "bigint", "cost_p": "bigint",
+             "revenue_p": "bigint", "saved_p": "bigint", "outcome_p": "bigint",
+             "status": "integer", "latency_ms": "integer", "truncated": "boolean",
+             "client_disconnected": "boolean", "price_version": "integer",
+             "pricing_version": "integer"}
+_PG_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
+              + ", ".join(f"%s::{_PG_TYPES.get(c, 'text')}[]" for c in _COLUMNS)
+              + ") ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
+_SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES "
+                  f"({', '.join('?' * len(_COLUMNS))})")
+assert set(_COLUMNS) | {"delivery"} == set(t.usage_events.c.keys())
+
+
+def _row(ev: Event, recorded_at: str) -> tuple[Any, ...]:
+    return (ev.request_id, ev.tenant_id, ev.tier, ev.model_id, ev.provider, ev.period, ev.day,
+            ev.ts, ev.prompt_tokens, ev.completion_tokens, ev.usage_source, ev.cost_p,
+            ev.revenue_p, ev.saved_p, ev.outcome_p, ev.status, ev.latency_ms, ev.cache,
+            ev.fallback_from, ev.endpoint, ev.truncated, ev.client_disconnected,
+            ev.price_version, ev.pricing_version, ev.stream_id, recorded_at)
 
 
 def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -311,5 +380,5 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    conn.exec_driver_sql("BEGIN" if conn.info.get("ai_saas_read") else "BEGIN IMMEDIATE")
 

@@ -12,8 +12,7 @@ each has a row-level security policy (see :mod:`.migrations`).
 
 from __future__ import annotations
 
-from sqlalchemy import (BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table,
-                        Text)
+from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, MetaData, String, Table, Text
 
 __all__ = ["TENANT_TABLES", "billing_log", "metadata", "pricing_versions", "rejected_events",
            "schema_version", "stripe_deliveries", "tenant_flags", "usage_daily",

@@ -1,0 +1,537 @@
+"""The billing worker: usage events from the Redis streams into the ledger, exactly once.
+
+One consumer group, :data:`GROUP`, over every shard stream. A worker:
+
+1. reads a batch with ``XREADGROUP`` (its own pending entries first, after a start or a
+   failure: what it read but could not commit is read again);
+2. parses and prices it, and commits it to the ledger in **one transaction**
+   (:meth:`Ledger.record`, which inserts each ``request_id`` once, forever);
+3. acknowledges the entries (``XACK``) **only after** the commit. A crash before the
+   ``XACK`` leaves them pending; they are read again (by this worker when it restarts
+   under the same name, else taken by another with ``XAUTOCLAIM`` once idle for
+   ``billing.worker.claimIdle``), and the ledger's key makes the second insert a no-op;
+4. every ``trimInterval``: claims entries idle too long, trims each stream below what
+   *every* consumer group has acknowledged (``XTRIM MINID``: never an entry some group
+   has not acknowledged), forgets consumers gone for an hour with nothing pending, logs
+   progress and lag, and lets the Stripe delivery run (:mod:`.stripe_sync`).
+
+``stop()`` (SIGTERM, SIGINT in ``ai-saas worker``) lets the batch in hand finish, then
+the worker returns; its longest wait is one ``XREADGROUP`` block (1 s by default).
+Several workers may run at once, on one ledger (SQLite included).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from ..config import Config, load_config
+from ..errors import AISaaSError
+from ..store.keys import KeySchema
+from ..store.redis import RedisStore
+from .events import Event, Rejected, parse_entry
+from .ledger import Ledger
+from .rates import Pricing
+
+__all__ = ["GROUP", "ShardStatus", "Worker", "cmd_worker", "status"]
+
+log = logging.getLogger("ai_saas_middleware.billing")
+
+GROUP = "ai-saas-billing"
+_FORGET_CONSUMER_MS = 3_600_000  # a consumer idle this long with nothing pending is removed
+_PROGRESS_S = 10.0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _next_id(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def _older(a: str, b: str) -> bool:
+    am, _, asq = a.partition("-")
+    bm, _, bsq = b.partition("-")
+    return (int(am), int(asq or 0)) < (int(bm), int(bsq or 0))
+
+
+@dataclass
+class Progress:
+    """What a worker has done since it started."""
+
+    read: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    claimed: int = 0
+    trimmed: int = 0
+    failures: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """One billing worker (a consumer of :data:`GROUP`).
+
+    Args:
+        config: the configuration (a :class:`Config`, a path or a mapping).
+        ledger_url: overrides ``billing.database``.
+        name: the consumer name (default ``<host>-<pid>-<random>``). A worker restarted
+            under its old name reads its own pending entries first.
+        redis_url: overrides ``redis.url``.
+    """
+
+    def __init__(self, config: Config | Any, *, ledger_url: str | None = None,
+                 name: str | None = None, redis_url: str | None = None):
+        self.config = load_config(config)
+        billing = self.config.billing
+        self.settings = billing.worker
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**4):04x}"
+        self.keys = KeySchema(self.config.redis.key_prefix, self.config.redis.shards)
+        self.streams = self.keys.streams()
+        # Reads block: the socket waits longer than the block, unlike the hot path's store.
+        cfg = replace(self.config.redis, socket_timeout_s=self.settings.block_ms / 1000 + 10,
+                      connect_timeout_s=max(self.config.redis.connect_timeout_s, 2.0))
+        self.store = RedisStore(cfg, redis_url or self.config.redis.url
+                                or os.environ.get("REDIS_URL"))
+        self.redis = self.store.client
+        # Replies as Redis sends them (flat lists of bytes): redis-py's own turn every
+        # entry into a dict first, which costs more than the rest of the parse.
+        for command in ("XREADGROUP", "XAUTOCLAIM", "XINFO GROUPS", "XINFO CONSUMERS",
+                        "XINFO STREAM", "XPENDING"):
+            self.redis.set_response_callback(command, lambda reply, **_: reply)
+        self.ledger = Ledger(ledger_url or billing.database)
+        self.ledger.migrate()
+        self.pricing = Pricing(billing)
+        self.ledger.register(self.pricing)
+        self.progress = Progress()
+        self._stopping = threading.Event()
+        self._recover = True  # read this consumer's own pending entries first
+        self._groups_made = False
+        self._last_upkeep = 0.0
+        self._last_progress = time.monotonic()
+        self.deliverer = self._deliverer()
+
+    # -- life
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from :meth:`run` (signal-safe)."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def close(self) -> None:
+        self.store.close()
+        self.ledger.close()
+
+    def run(self) -> None:
+        """Work until :meth:`stop`. Redis or the ledger being down is waited out (with
+        backoff), never fatal."""
+        log.info("billing worker %s: started on %d streams, ledger %s", self.name,
+                 len(self.streams), self.ledger.url)
+        delay = 0.0
+        while not self.stopping:
+            if delay:
+                self._stopping.wait(delay)
+            try:
+                handled = self.step(self.settings.block_ms)
+                self.upkeep()
+                delay = 0.0
+                if not handled and self.store.cluster:  # a cluster's reads do not block
+                    self._stopping.wait(self.settings.block_ms / 1000)
+            except (RedisError, OSError, AISaaSError, SQLAlchemyError) as exc:
+                delay = min(max(delay * 2, 0.25), 5.0)
+                self._failed(exc, delay)
+        self._final_delivery()
+        self._log_progress(final=True)
+
+    def drain(self, timeout_s: float = 60.0) -> int:
+        """Work until the streams hold nothing new and nothing pending for :data:`GROUP`
+        (entries pending on another consumer are claimed once idle for ``claimIdle``);
+        returns the events inserted meanwhile. Raises ``TimeoutError`` past ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        before = self.progress.inserted
+        delay = 0.0
+        while not self.stopping:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the streams were not drained within {timeout_s}s")
+            if delay:
+                time.sleep(delay)
+            try:
+                handled = self.step(100)
+                self.upkeep(force=handled == 0)
+                delay = 0.0
+                if handled == 0 and self._outstanding() == 0:
+                    break
+            except (RedisError, OSError, AISaaSError, SQLAlchemyError) as exc:
+                delay = min(max(delay * 2, 0.1), 2.0)
+                self._failed(exc, delay)
+        self._final_delivery()
+        return self.progress.inserted - before
+
+    def _failed(self, exc: BaseException, delay: float) -> None:
+        self.progress.failures += 1
+        self._recover = True  # what was read and not committed is read again
+        what = "the ledger" if isinstance(exc, SQLAlchemyError) else "Redis"
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300] \
+            if isinstance(exc, DBAPIError) else str(exc).splitlines()[0][:300] if str(exc) \
+            else type(exc).__name__
+        log.warning("billing worker %s: %s failed (%s); retrying in %.2fs, nothing "
+                    "acknowledged", self.name, what, detail, delay)
+
+    # -- one batch
+
+    def _ensure_groups(self) -> None:
+        if self._groups_made:
+            return
+        for stream in self.streams:
+            try:
+                self.redis.execute_command("XGROUP", "CREATE", stream, GROUP, "0", "MKSTREAM")
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._groups_made = True
+
+    def _read(self, block_ms: int) -> list[tuple[str, str, Any]]:
+        """(stream, entry id, fields) of the next batch: this consumer's own pending
+        entries while recovering, else new ones."""
+        count = self.settings.batch_size
+        out: list[tuple[str, str, Any]] = []
+        if self._recover:
+            for reply in self._xreadgroup(self.streams, "0", count, None):
+                out += reply
+            if out:
+                return out
+            self._recover = False
+        for reply in self._xreadgroup(self.streams, ">", count, block_ms or None):
+            out += reply
+        return out
+
+    def _xreadgroup(self, streams: list[str], start: str, count: int, block: int | None
+                    ) -> Iterable[list[tuple[str, str, Any]]]:
+        # A cluster keeps each shard's stream on its own slot: one read per stream there
+        # (without blocking: a block on each would add up), one read for all elsewhere.
+        groups = [[s] for s in streams] if self.store.cluster else [streams]
+        for group in groups:
+            args: list[Any] = ["XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count]
+            if block is not None and not self.store.cluster:
+                args += ["BLOCK", block]
+            args += ["STREAMS", *group, *([start] * len(group))]
+            reply = self.redis.execute_command(*args)
+            for stream, entries in _stream_replies(reply):
+                # A pending entry deleted meanwhile comes back with no fields: nothing to
+                # record, but acknowledged, or it would stay pending forever.
+                gone = [_text(eid) for eid, fields in entries if not fields]
+                if gone:
+                    self.redis.execute_command("XACK", stream, GROUP, *gone)
+                yield [(stream, _text(eid), fields) for eid, fields in entries if fields]
+
+    def step(self, block_ms: int = 0) -> int:
+        """Read, commit and acknowledge one batch; the number of entries handled."""
+        self._ensure_groups()
+        batch = self._read(block_ms)
+        if not batch:
+            return 0
+        self._commit(batch)
+        return len(batch)
+
+    def _commit(self, batch: list[tuple[str, str, Any]]) -> None:
+        events: list[Event] = []
+        rejected: list[tuple[str, str, str]] = []
+        for stream, entry_id, fields in batch:
+            where = f"{stream} {entry_id}"
+            try:
+                events.append(parse_entry(where, fields))
+            except Rejected as exc:
+                rejected.append((where, str(exc), _raw(fields)))
+                log.error("billing worker %s: stream entry %s is not a usage event (%s); "
+                          "kept in rejected_events", self.name, where, exc)
+        done = self.ledger.record(events, self.pricing, rejected)  # raises: nothing acked
+        self._ack(batch)
+        p = self.progress
+        p.read += len(batch)
+        p.inserted += done.inserted
+        p.duplicates += done.duplicates
+        p.rejected += done.rejected
+
+    def _ack(self, batch: list[tuple[str, str, Any]]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id, _ in batch:
+            by_stream.setdefault(stream, []).append(entry_id)
+        if self.store.cluster:
+            for stream, ids in by_stream.items():
+                self.redis.execute_command("XACK", stream, GROUP, *ids)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.execute_command("XACK", stream, GROUP, *ids)
+        pipe.execute()
+
+    # -- upkeep
+
+    def upkeep(self, force: bool = False) -> None:
+        """Claim, trim, forget, log, deliver: every ``trimInterval`` (or now)."""
+        now = time.monotonic()
+        if self.deliverer is not None:
+            self.deliverer.tick()
+        if now - self._last_progress >= _PROGRESS_S:
+            self._log_progress()
+        if not force and now - self._last_upkeep < self.settings.trim_interval_s:
+            return
+        self._last_upkeep = now
+        self._claim()
+        for stream in self.streams:
+            self._trim(stream)
+
+    def _claim(self) -> None:
+        idle_ms = int(self.settings.claim_idle_s * 1000)
+        for stream in self.streams:
+            cursor = "0-0"
+            while not self.stopping:
+                reply = self.redis.execute_command(
+                    "XAUTOCLAIM", stream, GROUP, self.name, idle_ms, cursor,
+                    "COUNT", self.settings.batch_size)
+                cursor = _text(reply[0])
+                entries = [(stream, _text(eid), fields) for eid, fields in reply[1] if fields]
+                if entries:
+                    self.progress.claimed += len(entries)
+                    log.info("billing worker %s: took over %d entries of %s idle over "
+                             "%.0fs", self.name, len(entries), stream,
+                             self.settings.claim_idle_s)
+                    self._commit(entries)
+                if cursor == "0-0":
+                    break
+
+    def _trim(self, stream: str) -> None:
+        groups = [_pairs(g) for g in self.redis.execute_command("XINFO", "GROUPS", stream)]
+        if not groups:
+            return
+        floor: str | None = None
+        for group in groups:
+            name = _text(group[b"name"])
+            if int(group[b"pending"]) > 0:
+                pending = self.redis.execute_command("XPENDING", stream, name)
+                keep = _text(pending[1])  # the oldest entry some consumer still holds
+            else:
+                keep = _next_id(_text(group[b"last-delivered-id"]))
+            if floor is None or _older(keep, floor):
+                floor = keep
+            if name == GROUP:
+                self._forget_consumers(stream)
+        if floor is not None and floor != "0-1":
+            trimmed = int(self.redis.execute_command("XTRIM", stream, "MINID", "~", floor))
+            self.progress.trimmed += trimmed
+
+    def _forget_consumers(self, stream: str) -> None:
+        for consumer in self.redis.execute_command("XINFO", "CONSUMERS", stream, GROUP):
+            info = _pairs(consumer)
+            name = _text(info[b"name"])
+            if (name != self.name and int(info[b"pending"]) == 0
+                    and int(info[b"idle"]) > _FORGET_CONSUMER_MS):
+                self.redis.execute_command("XGROUP", "DELCONSUMER", stream, GROUP, name)
+
+    def _outstanding(self) -> int:
+        """Entries of :data:`GROUP` not yet acknowledged, over every stream (lag +
+        pending)."""
+        total = 0
+        for stream in self.streams:
+            for group in self.redis.execute_command("XINFO", "GROUPS", stream):
+                info = _pairs(group)
+                if _text(info[b"name"]) == GROUP:
+                    lag = info.get(b"lag")
+                    total += int(info[b"pending"])
+                    if lag is None:  # Redis < 7, or a lag Redis cannot tell
+                        last = self.redis.execute_command("XINFO", "STREAM", stream)
+                        lag = 0 if _text(_pairs(last)[b"last-generated-id"]) == \
+                            _text(info[b"last-delivered-id"]) else 1
+                    total += int(lag)
+        return total
+
+    def _log_progress(self, final: bool = False) -> None:
+        now = time.monotonic()
+        p = self.progress
+        elapsed = max(now - p.started, 1e-9)
+        try:
+            lag = self._outstanding()
+        except (RedisError, OSError, AISaaSError):
+            lag = -1
+        self._last_progress = now
+        log.info("billing worker %s: %s%d events read, %d inserted, %d duplicates, %d "
+                 "rejected, %d taken over, %d trimmed, %.0f/s; %s outstanding",
+                 self.name, "stopped: " if final else "", p.read, p.inserted, p.duplicates,
+                 p.rejected, p.claimed, p.trimmed, p.read / elapsed,
+                 "?" if lag < 0 else lag)
+
+    # -- Stripe
+
+    def _deliverer(self) -> Any:
+        if self.config.billing.stripe is None:
+            return None
+        from .stripe_sync import Deliverer
+
+        return Deliverer(self.config, self.ledger, customers(self.config, self.store))
+
+    def _final_delivery(self) -> None:
+        if self.deliverer is None:
+            return
+        try:
+            self.deliverer.flush()
+        except Exception as exc:
+            log.warning("billing worker %s: the last Stripe delivery failed (%s); it is "
+                        "sent at the next start", self.name, exc)
+
+
+def customers(config: Config, store: RedisStore) -> Callable[[str], str | None]:
+    """``tenant id -> Stripe customer id``: the configuration's, else the Redis-stored
+    tenant's (looked up once per worker and tenant)."""
+    from ..tenants import TenantAdmin
+
+    admin = TenantAdmin(config, store)
+    cache: dict[str, str | None] = {}
+
+    def customer_of(tenant_id: str) -> str | None:
+        if tenant_id in config.tenants:
+            return config.tenants[tenant_id].stripe_customer_id
+        if tenant_id not in cache:
+            try:
+                cache[tenant_id] = admin.get(tenant_id).stripe_customer_id
+            except AISaaSError:
+                cache[tenant_id] = None
+        return cache[tenant_id]
+
+    return customer_of
+
+
+def _stream_replies(reply: Any) -> list[tuple[str, list[Any]]]:
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3
+        return [(_text(k), v[0] if v and isinstance(v[0], list) and len(v) == 1
+                 and isinstance(v[0][0], list) else v) for k, v in reply.items()]
+    return [(_text(stream), entries) for stream, entries in reply]
+
+
+def _pairs(value: Any) -> dict[bytes, Any]:
+    if isinstance(value, dict):
+        return {(k if isinstance(k, bytes) else str(k).encode()): v for k, v in value.items()}
+    return {(k if isinstance(k, bytes) else str(k).encode()): v
+            for k, v in zip(value[::2], value[1::2], strict=True)}
+
+
+def _raw(fields: Any) -> str:
+    items = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2],
+                                                                 strict=False)
+    return json.dumps({(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)):
+                       (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+                       for k, v in items})[:100_000]
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStatus:
+    stream: str
+    length: int
+    pending: int
+    lag: int | None
+    last_event_ms: int | None  # the newest entry's time
+    consumers: tuple[tuple[str, int, int], ...]  # (name, pending, idle ms)
+
+
+def status(config: Config, redis_url: str | None = None) -> list[ShardStatus]:
+    """Each shard stream's state for :data:`GROUP` (``ai-saas worker --status``)."""
+    keys = KeySchema(config.redis.key_prefix, config.redis.shards)
+    store = RedisStore(config.redis, redis_url or config.redis.url
+                       or os.environ.get("REDIS_URL"))
+    out = []
+    try:
+        for stream in keys.streams():
+            length = int(store.call("XLEN", stream))
+            pending, lag = 0, None
+            consumers: tuple[tuple[str, int, int], ...] = ()
+            last_ms = None
+            if length or store.call("EXISTS", stream):
+                info = _pairs(store.call("XINFO", "STREAM", stream))
+                last = _text(info[b"last-generated-id"])
+                last_ms = int(last.split("-")[0]) or None
+                for group in store.call("XINFO", "GROUPS", stream):
+                    g = _pairs(group)
+                    if _text(g[b"name"]) == GROUP:
+                        pending = int(g[b"pending"])
+                        lag = int(g[b"lag"]) if g.get(b"lag") is not None else None
+                        consumers = tuple(
+                            (_text(c[b"name"]), int(c[b"pending"]), int(c[b"idle"]))
+                            for c in map(_pairs, store.call("XINFO", "CONSUMERS", stream,
+                                                            GROUP)))
+                if lag is None and not consumers and pending == 0:
+                    lag = length  # no worker has read this stream yet
+            out.append(ShardStatus(stream, length, pending, lag, last_ms, consumers))
+    finally:
+        store.close()
+    return out
+
+
+def _format_status(rows: list[ShardStatus]) -> str:
+    def when(ms: int | None) -> str:
+        if ms is None:
+            return "-"
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+    lines = [("stream", "entries", "pending", "lag", "last event", "consumers")]
+    for r in rows:
+        lines.append((r.stream, str(r.length), str(r.pending),
+                      "?" if r.lag is None else str(r.lag), when(r.last_event_ms),
+                      ", ".join(f"{n} ({p} pending, idle {i // 1000}s)"
+                                for n, p, i in r.consumers) or "-"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in lines)
+
+
+def cmd_worker(args: Any) -> int:
+    """``ai-saas worker``: run until SIGTERM/SIGINT (or ``--once``), or ``--status``."""
+    config = load_config(args.config)
+    if args.status:
+        rows = status(config, args.redis_url)
+        if args.format == "json":
+            print(json.dumps([{"stream": r.stream, "entries": r.length, "pending": r.pending,
+                               "lag": r.lag, "last_event_ms": r.last_event_ms,
+                               "consumers": [{"name": n, "pending": p, "idle_ms": i}
+                                             for n, p, i in r.consumers]} for r in rows],
+                             indent=2))
+        else:
+            print(_format_status(rows))
+        return 0
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    worker = Worker(config, ledger_url=args.database, name=args.name,
+                    redis_url=args.redis_url)
+    previous = {sig: signal.signal(sig, lambda *_: worker.stop())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if args.once:
+            worker.drain(timeout_s=float("inf"))
+        else:
+            worker.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        worker.close()
+    return 0
