@@ -567,3 +567,40 @@ def test_the_api_key_never_reaches_a_log(
     text = caplog.text + out + err + json.dumps(sent.errors)
     for key in (API_KEY, wrong):
         assert key not in text
+
+
+def test_the_worker_moves_settled_usage_through_the_ledger_to_stripe_once(
+        make_config: Callable[..., dict[str, Any]], ledger_url: str, standin: Running,
+        redis_server_url: str, key_prefix: str) -> None:
+    import redis
+    from billing_events import Expected, settle_events, tenants
+
+    from ai_saas_middleware.billing.worker import Worker
+    from ai_saas_middleware.store.keys import KeySchema
+
+    names = tenants(12)
+    raw = make_config()
+    raw["tenants"] = [{"id": n, "tier": "pro", "apiKeys": [],
+                       **({"stripeCustomerId": f"cus_{n}"} if i % 3 else {})}
+                      for i, n in enumerate(names)]
+    raw["billing"] = {"database": ledger_url,
+                      "worker": {"claimIdle": "1s", "trimInterval": "0.2s", "block": "0.2s"},
+                      "stripe": {"apiKeyEnv": KEY_ENV, "apiBase": standin.url,
+                                 "meterEventsBase": standin.url, "streamAbove": 4}}
+    config = load_config(raw)
+    client = redis.Redis.from_url(redis_server_url)
+    expected = Expected()
+    try:
+        settle_events(client, KeySchema(key_prefix, 16), 0, 3000, names, expected)
+    finally:
+        client.close()
+    standin.state.rate_limit_burst = 2
+    standin.state.fail_after_commit = 1
+    worker = Worker(config)
+    try:
+        assert worker.drain(60) == 3000
+    finally:
+        worker.close()
+    billed = {f"cus_{n}": expected.tokens[n] for i, n in enumerate(names) if i % 3}
+    assert {c: int(v) for c, v in standin.state.totals().items()} == billed
+    assert standin.state.violations == []
