@@ -533,6 +533,12 @@ def test_reconcile_explains_what_stops_it_without_a_traceback(
     code, _, err = reconcile(other, capsys)
     assert code == 2 and "no billing.stripe section" in err and "Traceback" not in err
 
+    unmigrated = tmp_path / "unmigrated.yaml"
+    unmigrated.write_text(yaml.safe_dump({**raw, "billing": {
+        **raw["billing"], "database": f"sqlite:///{tmp_path / 'empty.sqlite3'}"}}))
+    code, _, err = reconcile(unmigrated, capsys)
+    assert code == 2 and "run 'ai-saas billing migrate'" in err
+
     monkeypatch.delenv(KEY_ENV)
     code, _, err = reconcile(path, capsys)
     assert code == 2 and f"the environment variable {KEY_ENV}" in err

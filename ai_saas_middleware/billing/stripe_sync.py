@@ -56,7 +56,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..config import Config, StripeConfig
 from ..errors import ConfigError, ConfigProblem
 from . import tables as t
-from .ledger import Ledger, now_iso
+from .ledger import Ledger, LedgerError, now_iso
 from .stripe_client import STREAM_BATCH, MeterEvent, StripeMeter, StripeRefused, StripeUnavailable
 
 __all__ = ["Deliverer", "Difference", "Reconciliation", "Row", "Sent", "cmd_reconcile",
@@ -479,7 +479,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print("ai-saas: billing reconcile: no billing.stripe section in the configuration: "
               "nothing is sent to Stripe, so there is nothing to reconcile", file=sys.stderr)
         return 2
-    ledger = Ledger(args.database or config.billing.database)
+    try:
+        ledger = Ledger(args.database or config.billing.database)
+    except LedgerError as exc:
+        print(f"ai-saas: billing reconcile: {exc}", file=sys.stderr)
+        return 2
     try:
         ledger.check_version()
         meter = StripeMeter(config.billing.stripe, backoff_cap_s=5.0)
@@ -490,6 +494,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return 2
     except StripeRefused as exc:
         print(f"ai-saas: billing reconcile: Stripe refused: {exc.reason}", file=sys.stderr)
+        return 2
+    except LedgerError as exc:  # e.g. not migrated: "run 'ai-saas billing migrate'"
+        print(f"ai-saas: billing reconcile: {exc}", file=sys.stderr)
         return 2
     finally:
         ledger.close()
