@@ -1,7 +1,7 @@
 """The billing subcommands of ``ai-saas``: ``worker``, ``report``, ``billing ...``.
 
 Only argument definitions and dispatch live here; each command's work is in its own
-module (:mod:`.worker`, :mod:`.reports`, :mod:`.audit`, :mod:`.stripe_sync`,
+module (:mod:`.worker`, :mod:`.reports`, :mod:`.audit`, :mod:`.stripe_reconcile`,
 :mod:`.reprice`). Every handler takes the parsed arguments and returns the exit status.
 """
 
@@ -63,7 +63,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .stripe_sync import cmd_reconcile as run
+    from .stripe_reconcile import cmd_reconcile as run
 
     return int(run(args))
 
