@@ -52,9 +52,11 @@ from sqlalchemy import Connection, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import Config, StripeConfig
-from ..errors import ConfigError, ConfigProblem
+from ..errors import AISaaSError, ConfigError, ConfigProblem
+from ..store.redis import RedisStore
 from . import tables as t
-from .ledger import Ledger, now_iso
+from .clock import now_iso
+from .ledger import Ledger
 from .stripe_client import STREAM_BATCH, MeterEvent, StripeMeter, StripeRefused, StripeUnavailable
 
 __all__ = ["Deliverer", "Sent", "customers_of", "identifier_of", "units"]
@@ -104,10 +106,29 @@ def identifier_of(tenant: str, period: str, event_name: str, request_ids: list[s
     return f"{tenant}.{period}.{digest.hexdigest()[:24]}"
 
 
-def customers_of(config: Config) -> Callable[[str], str | None]:
-    """``customer_of`` for the configuration's tenants (``tenants[].stripeCustomerId``)."""
+def customers_of(config: Config, store: RedisStore | None = None
+                 ) -> Callable[[str], str | None]:
+    """``tenant id -> Stripe customer id``: ``tenants[].stripeCustomerId``, else (with a
+    ``store``) the Redis-stored tenant's, looked up once per tenant."""
     table = {tid: tc.stripe_customer_id for tid, tc in config.tenants.items()}
-    return table.get
+    if store is None:
+        return table.get
+    from ..tenants import TenantAdmin
+
+    admin = TenantAdmin(config, store)
+    stored: dict[str, str | None] = {}
+
+    def customer_of(tenant_id: str) -> str | None:
+        if tenant_id in table:
+            return table[tenant_id]
+        if tenant_id not in stored:
+            try:
+                stored[tenant_id] = admin.get(tenant_id).stripe_customer_id
+            except AISaaSError:  # not stored (or Redis unreachable: asked again later)
+                return None
+        return stored[tenant_id]
+
+    return customer_of
 
 
 @dataclass(slots=True)
