@@ -23,6 +23,8 @@ import yaml
 from billing_events import Expected, settle_events, tenants
 from faults import wait_until
 from sqlalchemy import func, select
+from stripe_standin import API_KEY as STRIPE_KEY
+from stripe_standin import start as start_stripe
 
 from ai_saas_middleware.billing import tables as t
 from ai_saas_middleware.billing.ledger import Ledger
@@ -174,12 +176,21 @@ def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
 
 def test_killed_workers_lose_and_double_nothing(
         billing_config: Callable[..., dict[str, Any]], ledger_url: str,
-        raw_client: redis.Redis, key_prefix: str, tmp_path: Path) -> None:
+        raw_client: redis.Redis, key_prefix: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """100,000 events from 500 tenants written while workers run; the first worker is
     killed with SIGKILL twice mid-run and restarted (once under a new name, once under
-    its own); a second worker runs beside it part of the time."""
+    its own); a second worker runs beside it part of the time. Every tenant has a Stripe
+    customer, and Stripe's stand-in answers a 429 burst and a 500 after commit meanwhile:
+    it ends up holding each tenant's usage exactly once."""
     total = 100_000
-    config = billing_config(worker={"batchSize": 500})
+    monkeypatch.setenv("AI_SAAS_TEST_STRIPE_KEY", STRIPE_KEY)  # the workers inherit it
+    stripe = start_stripe()
+    config = billing_config(worker={"batchSize": 500}, stripe={
+        "apiKeyEnv": "AI_SAAS_TEST_STRIPE_KEY", "apiBase": stripe.url,
+        "meterEventsBase": stripe.url, "interval": "0.5s", "streamAbove": 50})
+    config["tenants"] = [{"id": tn, "tier": "pro", "apiKeys": [],
+                          "stripeCustomerId": f"cus_{tn}"} for tn in tenants(500)]
     path = write_config(tmp_path, config)
     keys = KeySchema(key_prefix, 16)
     expected = Expected()
@@ -199,6 +210,9 @@ def test_killed_workers_lose_and_double_nothing(
     w1.wait()
     w1 = start_worker(path, "w1b", log)  # a new name: w1's pending entries are claimed
     w2 = start_worker(path, "w2", log)
+    with stripe.state.lock:
+        stripe.state.rate_limit_burst = 5
+        stripe.state.fail_after_commit = 3
     wait_until(lambda: ledger_count(ledger_url) > 50_000, 120, "the workers' progress")
     w1.send_signal(signal.SIGKILL)
     w1.wait()
@@ -212,6 +226,10 @@ def test_killed_workers_lose_and_double_nothing(
                lambda: f"every event in the ledger ({ledger_count(ledger_url)} of {total})")
     w1.send_signal(signal.SIGTERM)
     assert w1.wait(timeout=30) == 0, log.read_text()
+    # What the last round left pending goes out with one more run to the end.
+    last = subprocess.run([sys.executable, "-m", "ai_saas_middleware.cli", "worker", "-c",
+                           str(path), "--once"], capture_output=True, timeout=120)
+    assert last.returncode == 0, last.stderr
 
     totals, count = ledger_totals(ledger_url)
     assert count == total
@@ -220,9 +238,18 @@ def test_killed_workers_lose_and_double_nothing(
     ledger = Ledger(ledger_url)
     with ledger.reading() as conn:
         ids = set(conn.execute(select(t.usage_events.c.request_id)).scalars())
+        undelivered = conn.execute(select(func.count()).select_from(t.usage_events)
+                                   .where(t.usage_events.c.delivery.is_(None))).scalar()
+        states = dict(conn.execute(select(t.stripe_deliveries.c.state, func.count())
+                                   .group_by(t.stripe_deliveries.c.state)).all())
     ledger.close()
     assert ids == expected.ids
     assert all(raw_client.xpending(s, GROUP)["pending"] == 0 for s in keys.streams())
+    assert undelivered == 0 and set(states) == {"delivered"}
+    stripe.close()
+    assert stripe.state.violations == []
+    assert stripe.state.totals() == {f"cus_{tn}": Decimal(n)
+                                     for tn, n in expected.tokens.items()}
 
 
 def test_sigterm_finishes_the_batch_and_exits_0_within_seconds(

@@ -1,7 +1,7 @@
 """The billing subcommands of ``ai-saas``: ``worker``, ``report``, ``billing ...``.
 
 Only argument definitions and dispatch live here; each command's work is in its own
-module (:mod:`.worker`, :mod:`.reports`, :mod:`.audit`, :mod:`.stripe_sync`,
+module (:mod:`.worker`, :mod:`.reports`, :mod:`.audit`, :mod:`.stripe_reconcile`,
 :mod:`.reprice`). Every handler takes the parsed arguments and returns the exit status.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 __all__ = ["add_commands"]
@@ -22,6 +23,18 @@ def _ledger(args: argparse.Namespace) -> Any:
 
     config = load_config(args.config)
     return config, Ledger(args.database or config.billing.database)
+
+
+def _ratio(text: str) -> Decimal:
+    # A decimal, not a float: compared exactly with the report's decimal LTV/CAC.
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite():
+        raise argparse.ArgumentTypeError(f"expected a ratio, a decimal number (e.g. 3), "
+                                         f"found {text!r}")
+    return value
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -50,7 +63,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .stripe_sync import cmd_reconcile as run
+    from .stripe_reconcile import cmd_reconcile as run
 
     return int(run(args))
 
@@ -109,8 +122,9 @@ def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
                    help="output format (default: table); money in JSON is a decimal string")
     p.add_argument("--cac-file", default=None, metavar="CSV",
                    help="a CSV of tenant_id,cac (USD) overriding billing.cac and tenants' cac")
-    p.add_argument("--fail-below", type=float, default=None, metavar="RATIO",
-                   help="exit 3 when some tenant's LTV/CAC is below RATIO (e.g. 3)")
+    p.add_argument("--fail-below", type=_ratio, default=None, metavar="RATIO",
+                   help="exit 3 when some tenant's LTV/CAC is below RATIO (e.g. 3), listing "
+                        "them on stderr")
     p.set_defaults(func=cmd_report)
 
     p = command(sub, "billing", "the ledger: migrate, reconcile with Stripe, audit, reprice")

@@ -103,7 +103,20 @@ class Ledger:
                 conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true)")
             yield conn
 
-    reading = writing  # reports read every tenant the same way
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """One read transaction over every tenant (reports, audit, ``ai-saas usage``): on
+        SQLite a deferred ``BEGIN``, which takes no write lock (the worker keeps writing
+        beside a report), on PostgreSQL with the service scope."""
+        with self.engine.connect() as conn:
+            conn.info["ai_saas_read"] = True
+            try:
+                with conn.begin():
+                    if self.dialect == "postgresql":
+                        conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true)")
+                    yield conn
+            finally:
+                conn.info.pop("ai_saas_read", None)
 
     @contextmanager
     def tenant_scope(self, tenant_id: str) -> Iterator[Connection]:
@@ -399,5 +412,5 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    conn.exec_driver_sql("BEGIN" if conn.info.get("ai_saas_read") else "BEGIN IMMEDIATE")
 

@@ -30,7 +30,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -383,39 +383,18 @@ class Worker:
     def _deliverer(self) -> Any:
         if self.config.billing.stripe is None:
             return None
-        from .stripe_sync import Deliverer
+        from .stripe_sync import Deliverer, customers_of
 
-        return Deliverer(self.config, self.ledger, customers(self.config, self.store))
+        return Deliverer(self.config, self.ledger, customers_of(self.config, self.store))
 
     def _final_delivery(self) -> None:
         if self.deliverer is None:
             return
         try:
-            self.deliverer.flush()
+            self.deliverer.flush(budget_s=5.0)
         except Exception as exc:
             log.warning("billing worker %s: the last Stripe delivery failed (%s); it is "
                         "sent at the next start", self.name, exc)
-
-
-def customers(config: Config, store: RedisStore) -> Callable[[str], str | None]:
-    """``tenant id -> Stripe customer id``: the configuration's, else the Redis-stored
-    tenant's (looked up once per worker and tenant)."""
-    from ..tenants import TenantAdmin
-
-    admin = TenantAdmin(config, store)
-    cache: dict[str, str | None] = {}
-
-    def customer_of(tenant_id: str) -> str | None:
-        if tenant_id in config.tenants:
-            return config.tenants[tenant_id].stripe_customer_id
-        if tenant_id not in cache:
-            try:
-                cache[tenant_id] = admin.get(tenant_id).stripe_customer_id
-            except AISaaSError:
-                cache[tenant_id] = None
-        return cache[tenant_id]
-
-    return customer_of
 
 
 def _stream_replies(reply: Any) -> list[tuple[str, list[Any]]]:
