@@ -191,7 +191,7 @@ def one_run(variant: str, args: argparse.Namespace, url: str, admin: redis.Redis
     create_groups(admin, streams)
     expected = Expected()
     settle_events(admin, keys, 0, args.events, tenants(args.tenants), expected,
-                  run=prefix)
+                  run=prefix, days=args.days)
     worker = None
     if variant != "floor":
         assert ledger is not None
@@ -343,10 +343,12 @@ def report(runs: dict[str, list[Run]], args: argparse.Namespace, facts: dict[str
            batch: int) -> dict[str, Any]:
     med = statistics.median
     summary: dict[str, Any] = {"machine": facts, "events": args.events,
-                               "tenants": args.tenants, "rounds": args.rounds,
+                               "tenants": args.tenants, "days": args.days,
+                               "rounds": args.rounds,
                                "batch_size": batch, "variants": {}}
     print("\n".join(f"  {k}: {v}" for k, v in facts.items()))
-    print(f"\n{args.events} events, {args.tenants} tenants, {SHARDS} streams, batchSize "
+    print(f"\n{args.events} events, {args.tenants} tenants, {args.days} day(s), {SHARDS} "
+          f"streams, batchSize "
           f"{batch} (XREADGROUP COUNT, per stream), {args.rounds} round(s), medians\n")
     print(f"{'variant':<11} {'events/s wall':>14} {'events/s CPU':>13} {'% floor (wall)':>15}"
           f" {'% floor (CPU)':>14} {'max lag':>8} {'drain s':>8}")
@@ -379,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--tenants", type=int, default=500)
+    parser.add_argument("--days", type=int, default=1,
+                        help="the events' days (default 1: a live stream's batch is of one "
+                             "day; 28 spreads them over a month, one daily aggregate row "
+                             "per event in a batch)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None,
                         help="billing.worker.batchSize (default: the config's default)")

@@ -39,11 +39,14 @@ class Expected:
         self.ids.add(request_id)
 
 
-def event_fields(i: int, tenant: str, run: str) -> tuple[str, int, int, Decimal, list[str]]:
+def event_fields(i: int, tenant: str, run: str, days: int = 28
+                 ) -> tuple[str, int, int, Decimal, list[str]]:
+    """Event ``i``'s id, tokens, cost and fields; its day is one of the month's first
+    ``days`` (a live stream's events are of one day; a month's, of many)."""
     prompt, completion = 10 + i % 97, 1 + i % 31
     cost = PRICE_IN * prompt + PRICE_OUT * completion
     request_id = f"{run}-{i:07d}"
-    day = 1 + i % 28
+    day = 1 + i % days
     fields = ["request_id", request_id, "tenant_id", tenant, "tier", "pro",
               "model_id", "model-large", "provider", "openai",
               "prompt_tokens", str(prompt), "completion_tokens", str(completion),
@@ -60,14 +63,14 @@ def tenants(n: int) -> list[str]:
 
 def settle_events(client: redis.Redis, keys: KeySchema, start: int, count: int,
                   tenant_ids: list[str], expected: Expected, run: str = "r",
-                  chunk: int = 2000) -> None:
+                  chunk: int = 2000, days: int = 28) -> None:
     """Settle events ``start .. start+count-1`` (tenant ``i mod len(tenant_ids)``)."""
     sha = client.script_load(load_script("settle"))
     for lo in range(start, start + count, chunk):
         pipe = client.pipeline(transaction=False)
         for i in range(lo, min(lo + chunk, start + count)):
             tenant = tenant_ids[i % len(tenant_ids)]
-            request_id, prompt, completion, cost, fields = event_fields(i, tenant, run)
+            request_id, prompt, completion, cost, fields = event_fields(i, tenant, run, days)
             tk = keys.tenant(tenant)
             member = reservation_member(request_id, prompt + completion, MONTH)
             pipe.evalsha(sha, 4, tk.quota(MONTH), tk.stream, tk.settled(request_id),

@@ -218,21 +218,27 @@ class Ledger:
             switched = self._switched(conn, batch, pricing)
             for ev in batch:
                 pricing.price(ev, switched.get((ev.tenant_id, ev.period)))
+            # The rows and, in the same statements, the daily aggregates of exactly the
+            # rows inserted.
             inserted = self._insert_events(conn, batch, now_iso())
             done.inserted = len(inserted)
             done.duplicates += len(batch) - len(inserted)
-            # Usually every row is new: then no pass over the batch to find which.
-            new = batch if len(inserted) == len(batch) else [
-                ev for ev in batch if ev.request_id in inserted]
-            if new:
-                self._aggregate(conn, new)
-                if pricing.margin_rules:
-                    done.flagged = self._check_margins(conn, new, pricing, switched)
+            if inserted and pricing.margin_rules:
+                # Usually every row is new: then no pass over the batch to find which.
+                new = batch if len(inserted) == len(batch) else [
+                    ev for ev in batch if ev.request_id in inserted]
+                done.flagged = self._check_margins(conn, new, pricing, switched)
         return done
 
     def _insert_events(self, conn: Connection, batch: list[Event], recorded_at: str
                        ) -> set[str]:
-        """Insert the rows of ``batch`` not in the ledger yet; the request ids inserted.
+        """Insert the rows of ``batch`` not in the ledger yet, and add exactly those rows
+        to ``usage_daily``; the request ids inserted.
+
+        The aggregates are summed by the database from the rows it has just inserted
+        (``GROUP BY`` in its own code: the sums a Python loop and a row-per-key upsert
+        took cost the worker more than the rest of the insert), sorted by key so that two
+        workers upserting the same keys lock them in one order (no deadlock).
 
         Straight through the driver (SQLAlchemy's per-row parameter processing cost more
         than the database). PostgreSQL: the rows are copied (binary ``COPY``) into a
@@ -262,6 +268,10 @@ class Ledger:
                     conn.invalidate(exc)
                 raise DBAPIError.instance(_PG_COPY, None, exc, dbapi_error) from None
             return set(conn.exec_driver_sql(_PG_MOVE).scalars())
+        # The batch's rows are the ones after the highest rowid now: SQLite gives a new
+        # row max(rowid) + 1, and no other writer runs until this transaction ends.
+        floor = conn.exec_driver_sql("SELECT coalesce(max(rowid), 0) FROM usage_events"
+                                     ).scalar()
         existing: set[str] = set()
         ids = [ev.request_id for ev in batch]
         for lo in range(0, len(ids), 5000):
@@ -269,40 +279,11 @@ class Ledger:
             existing.update(r[0] for r in conn.exec_driver_sql(
                 "SELECT request_id FROM usage_events WHERE request_id IN "
                 f"({','.join('?' * len(chunk))})", tuple(chunk)))
-        if not existing:  # the usual case: no filtering pass
-            conn.exec_driver_sql(_SQLITE_INSERT, rows)
-            return set(ids)
-        new = [row for row in rows if row[0] not in existing]
+        new = rows if not existing else [row for row in rows if row[0] not in existing]
         if new:
             conn.exec_driver_sql(_SQLITE_INSERT, new)
-        return {row[0] for row in new}
-
-    def _aggregate(self, conn: Connection, events: list[Event]) -> None:
-        sums: dict[tuple[str, str, str], list[Any]] = {}
-        for ev in events:
-            key = (ev.tenant_id, ev.day, ev.model_id)
-            row = sums.get(key)
-            if row is None:
-                row = sums[key] = [ev.period, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-            row[1] += 1
-            row[2] += ev.status >= 400
-            row[3] += ev.prompt_tokens
-            row[4] += ev.completion_tokens
-            row[5] += ev.cost_p
-            row[6] += ev.revenue_p
-            row[7] += ev.cache == "hit"
-            row[8] += ev.saved_p
-            if ev.outcome_p is not None:
-                row[9] += ev.outcome_p
-                row[10] += 1
-        mark = "%s" if self.dialect == "postgresql" else "?"
-        columns = ("tenant_id", "day", "model_id", "period", *_SUMMED)
-        sql = (f"INSERT INTO usage_daily ({', '.join(columns)}) VALUES "
-               f"({', '.join([mark] * len(columns))}) ON CONFLICT (tenant_id, day, model_id) "
-               "DO UPDATE SET " + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}"
-                                           for c in _SUMMED))
-        # Sorted: two workers upserting the same keys lock them in one order (no deadlock).
-        conn.exec_driver_sql(sql, [(*k, *v) for k, v in sorted(sums.items())])
+            conn.exec_driver_sql(_SQLITE_DAILY, (floor,))
+        return set(ids) if not existing else {row[0] for row in new}
 
     def _switched(self, conn: Connection, batch: list[Event], pricing: Pricing
                   ) -> dict[tuple[str, str], int]:
@@ -380,9 +361,33 @@ _PG_STAGING = ("CREATE TEMPORARY TABLE IF NOT EXISTS usage_events_incoming "
 _PG_COPY = f"COPY usage_events_incoming ({', '.join(_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 # Binary COPY sends each value in its column's own format: text serves the varchar columns.
 _PG_COPY_TYPES = [_PG_TYPES.get(c, "text") for c in _COLUMNS]
-_PG_MOVE = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} "
-            "FROM usage_events_incoming ON CONFLICT (request_id) DO NOTHING RETURNING "
-            "request_id")
+_DAILY_COLUMNS = ("tenant_id", "day", "model_id", "period", *_SUMMED)
+
+
+def _daily_upsert(source: str, where: str) -> str:
+    """``INSERT INTO usage_daily`` the sums of ``source``'s rows (``where``), per key, in
+    key order; a key already there has them added."""
+    return (f"INSERT INTO usage_daily ({', '.join(_DAILY_COLUMNS)}) "
+            "SELECT tenant_id, day, model_id, min(period), count(*), "
+            "sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), sum(prompt_tokens), "
+            "sum(completion_tokens), sum(cost_p), sum(revenue_p), "
+            "sum(CASE WHEN cache = 'hit' THEN 1 ELSE 0 END), sum(saved_p), "
+            "coalesce(sum(outcome_p), 0), count(outcome_p) "
+            f"FROM {source} WHERE {where} GROUP BY tenant_id, day, model_id "
+            "ORDER BY tenant_id, day, model_id "
+            "ON CONFLICT (tenant_id, day, model_id) DO UPDATE SET "
+            + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in _SUMMED))
+
+
+# One statement: the staged rows not in the ledger yet are inserted, and the same rows
+# (RETURNING *: exactly those inserted, never one another worker inserted meanwhile) are
+# summed into usage_daily.
+_PG_MOVE = (f"WITH moved AS (INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
+            f"SELECT {', '.join(_COLUMNS)} FROM usage_events_incoming "
+            "ON CONFLICT (request_id) DO NOTHING RETURNING *), "
+            f"daily AS ({_daily_upsert('moved', 'true')}) "
+            "SELECT request_id FROM moved")
+_SQLITE_DAILY = _daily_upsert("usage_events", "rowid > ?")
 _SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES "
                   f"({', '.join('?' * len(_COLUMNS))})")
 assert set(_COLUMNS) | {"delivery"} == set(t.usage_events.c.keys())

@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -119,6 +120,9 @@ class Worker:
         self.ledger.register(self.pricing)
         self.progress = Progress()
         self._stopping = threading.Event()
+        self._committer = ThreadPoolExecutor(max_workers=1,
+                                             thread_name_prefix="ai-saas-billing-commit")
+        self._inflight: Future[None] | None = None
         self._recover = True  # read this consumer's own pending entries first
         self._groups_made = False
         self._last_upkeep = 0.0
@@ -136,8 +140,20 @@ class Worker:
         return self._stopping.is_set()
 
     def close(self) -> None:
+        self._settle_quietly()
+        self._committer.shutdown(wait=True)
         self.store.close()
         self.ledger.close()
+
+    def _settle_quietly(self) -> None:
+        """Wait for the batch in flight; a failure only logged (its entries stay pending,
+        read again at the next start or taken over by another worker)."""
+        try:
+            self.settle()
+        except (RedisError, OSError, AISaaSError, SQLAlchemyError) as exc:
+            log.warning("billing worker %s: the last batch was not committed (%s); it is "
+                        "read again", self.name, str(exc).splitlines()[0][:300] if str(exc)
+                        else type(exc).__name__)
 
     def run(self) -> None:
         """Work until :meth:`stop`. Redis or the ledger being down is waited out (with
@@ -157,6 +173,7 @@ class Worker:
             except (RedisError, OSError, AISaaSError, SQLAlchemyError) as exc:
                 delay = min(max(delay * 2, 0.25), 5.0)
                 self._failed(exc, delay)
+        self._settle_quietly()
         self._final_delivery()
         self._log_progress(final=True)
 
@@ -181,10 +198,14 @@ class Worker:
             except (RedisError, OSError, AISaaSError, SQLAlchemyError) as exc:
                 delay = min(max(delay * 2, 0.1), 2.0)
                 self._failed(exc, delay)
+        self._settle_quietly()
         self._final_delivery()
         return self.progress.inserted - before
 
     def _failed(self, exc: BaseException, delay: float) -> None:
+        # Nothing in flight when the pending entries are read again (it would be read
+        # twice: harmless, the ledger's key sees to it, but wasted).
+        self._settle_quietly()
         self.progress.failures += 1
         self._recover = True  # what was read and not committed is read again
         what = "the ledger" if isinstance(exc, SQLAlchemyError) else "Redis"
@@ -243,15 +264,33 @@ class Worker:
                 yield batch
 
     def step(self, block_ms: int = 0) -> int:
-        """Read, commit and acknowledge one batch; the number of entries handled."""
+        """Read and parse a batch and hand it to the committer thread, which commits it to
+        the ledger and only then acknowledges it, while this thread reads and parses the
+        next: the database's own time overlaps the reading. The entries read; a failure of
+        the batch before is raised here (none of it was acknowledged)."""
         self._ensure_groups()
-        batch = self._read(block_ms)
+        # With a batch in flight, never block: its acknowledgement would wait on the read.
+        batch = self._read(0 if self._inflight is not None else block_ms)
         if not batch:
+            self.settle()
             return 0
-        self._commit(batch)
+        events, rejected = self._parse(batch)
+        self.settle()
+        self._inflight = self._committer.submit(self._record, batch, events, rejected)
         return len(batch)
 
+    def settle(self) -> None:
+        """Wait for the batch in flight: committed and acknowledged, or its error raised."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
+
     def _commit(self, batch: list[tuple[str, str, Any]]) -> None:
+        """Parse, commit and acknowledge ``batch`` in this thread."""
+        self._record(batch, *self._parse(batch))
+
+    def _parse(self, batch: list[tuple[str, str, Any]]
+               ) -> tuple[list[Event], list[tuple[str, str, str]]]:
         events: list[Event] = []
         rejected: list[tuple[str, str, str]] = []
         for stream, entry_id, fields in batch:
@@ -262,6 +301,10 @@ class Worker:
                 rejected.append((where, str(exc), _raw(fields)))
                 log.error("billing worker %s: stream entry %s is not a usage event (%s); "
                           "kept in rejected_events", self.name, where, exc)
+        return events, rejected
+
+    def _record(self, batch: list[tuple[str, str, Any]], events: list[Event],
+                rejected: list[tuple[str, str, str]]) -> None:
         done = self.ledger.record(events, self.pricing, rejected)  # raises: nothing acked
         self._ack(batch)
         p = self.progress
