@@ -37,10 +37,10 @@ from typing import Any
 from redis.exceptions import ResponseError
 from sqlalchemy import select
 
-from ..admission import QUOTA_TTL_S, _month_bounds
+from ..admission import QUOTA_TTL_S, month_bounds
 from ..config import Config
 from ..errors import AISaaSError, StoreError
-from ..spool import REJECTED, Spool, _event
+from ..spool import REJECTED, Spool, event_of
 from ..store.keys import KeySchema, is_valid_tenant_id
 from ..store.redis import RedisStore, load_script
 from . import tables as t
@@ -267,10 +267,10 @@ def _spooled(directory: Path) -> tuple[list[Any], list[Any]]:
         return [], []
     pending: list[Any] = []
     for path in sorted([*directory.glob("spool-*.jsonl"), *directory.glob("*.replaying")]):
-        pending += Spool._entries(path)
+        pending += Spool.entries(path)
     aside: list[Any] = []
     for path in [directory / REJECTED, *sorted(directory.glob("rejected-*.retrying"))]:
-        aside += [r.get("call") for r in Spool._entries(path) if isinstance(r, dict)]
+        aside += [r.get("call") for r in Spool.entries(path) if isinstance(r, dict)]
     return pending, aside
 
 
@@ -278,7 +278,7 @@ def _spool_event(entry: Any) -> tuple[dict[str, str], list[Any]] | None:
     """(event fields, settle.lua's ARGV) of a spooled settle call, or None."""
     try:
         args = list(entry[2])
-        event = _event([str(a) for a in args])
+        event = event_of([str(a) for a in args])
     except (TypeError, IndexError, KeyError):
         return None
     if event is None or not is_valid_tenant_id(event.get("tenant_id", "")):
@@ -522,7 +522,7 @@ def audit(config: Config, store: RedisStore, ledger: Ledger, period: str, *,
 
 def _month_start(period: str) -> int:
     year, month = map(int, period.split("-"))
-    return _month_bounds(year, month)[1]
+    return month_bounds(year, month)[1]
 
 
 def _raw_fields(raw: Any) -> tuple[str, str, int] | None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
 
+from ..admission import month_bounds
 from . import tables as t
 from .ledger import Ledger, LedgerError
 from .stripe_client import StripeMeter, StripeRefused, StripeUnavailable
@@ -50,13 +50,6 @@ class Row:
     ledger: int  # units of the month's events
     delivered: int  # units of its delivered meter events
     stripe: Decimal  # what Stripe's event summaries add up to
-
-
-def _month_bounds(period: str) -> tuple[int, int]:
-    year, month = int(period[:4]), int(period[5:7])
-    start = datetime(year, month, 1, tzinfo=timezone.utc)
-    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
-    return int(start.timestamp()), int(end.timestamp())
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +117,7 @@ def reconcile(ledger: Ledger, meter: StripeMeter, metric: str, period: str,
         differences.append(Difference(customer, (tenant,), "undelivered", value,
                                       f"{count} event(s) of {value} {metric} not yet "
                                       "gathered into a meter event"))
-    start, end = _month_bounds(period)
+    _, start, end = month_bounds(int(period[:4]), int(period[5:7]))
     meter_id = meter.meter_id()
     rows = []
     for customer, e in sorted(by_customer.items()):
