@@ -43,6 +43,7 @@ from ..errors import AISaaSError, StoreError
 from ..spool import REJECTED, Spool, event_of
 from ..store.keys import KeySchema, is_valid_tenant_id
 from ..store.redis import RedisStore, load_script
+from ..tabulate import table
 from . import tables as t
 from .events import Rejected, parse_entry
 from .ledger import Ledger
@@ -558,10 +559,7 @@ def render_table(results: list[TenantAudit]) -> str:
                      _cell(r.in_flight), _cell(r.spool), _cell(r.stream), _cell(r.ledger),
                      _cell(r.rejected), _cell(r.repeated), str(r.expected),
                      "-" if r.difference is None else f"{r.difference:+d}", r.status])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-             for row in rows]
+    lines = [table(rows, right=range(1, len(_COLUMNS)))]
     for r in results:
         lines += [f"{r.tenant_id}: {note}" for note in r.notes]
     return "\n".join(lines)

@@ -58,6 +58,7 @@ from ..budgets import from_picodollars
 from ..config import Config
 from ..errors import AISaaSError, UnknownTenant
 from ..pricing import MONEY, format_usd
+from ..tabulate import table
 from . import tables as t
 from .ledger import Ledger
 
@@ -439,9 +440,7 @@ def format_table(report: Report) -> str:
                      _cell(r.cac), _cell(r.ltv_cac),
                      ",".join(m.model_id for m in r.top_models) or "-",
                      ",".join(r.flags) or "-"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-              for row in rows]
+    lines.append(table(rows))
     return "\n".join(lines)
 
 

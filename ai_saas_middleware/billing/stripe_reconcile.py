@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from ..admission import month_bounds
+from ..tabulate import table
 from . import tables as t
 from .ledger import Ledger, LedgerError
 from .stripe_client import StripeMeter, StripeRefused, StripeUnavailable
@@ -182,13 +183,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     metric = config.billing.usage_metric
     print(f"ledger {ledger.url} against Stripe (event {config.billing.stripe.event_name}), "
           f"{args.period}, in {metric}:")
-    header = ("customer", "tenants", "ledger", "delivered", "stripe")
-    table = [header] + [(r.customer, ",".join(r.tenants), str(r.ledger), str(r.delivered),
-                         str(r.stripe)) for r in found.rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(line, widths, strict=True))))
+    print(table([("customer", "tenants", "ledger", "delivered", "stripe")]
+                + [(r.customer, ",".join(r.tenants), str(r.ledger), str(r.delivered),
+                    str(r.stripe)) for r in found.rows], right=(2, 3, 4)))
     for note in found.notes:
         print(f"note: {note}")
     if not found.differences:
