@@ -542,6 +542,13 @@ def test_reconcile_explains_what_stops_it_without_a_traceback(
     code, _, err = reconcile(unmigrated, capsys)
     assert code == 2 and "run 'ai-saas billing migrate'" in err
 
+    unopenable = tmp_path / "unopenable.yaml"
+    unopenable.write_text(yaml.safe_dump({**raw, "billing": {
+        **raw["billing"], "database": f"sqlite:///{tmp_path / 'no-such-dir' / 'l.sqlite3'}"}}))
+    code, _, err = reconcile(unopenable, capsys)
+    assert code == 2 and "cannot be read: unable to open database file" in err
+    assert "Traceback" not in err
+
     monkeypatch.delenv(KEY_ENV)
     code, _, err = reconcile(path, capsys)
     assert code == 2 and f"the environment variable {KEY_ENV}" in err

@@ -36,17 +36,18 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..admission import QUOTA_TTL_S, month_bounds
 from ..config import Config
-from ..errors import AISaaSError, StoreError
+from ..errors import StoreError
 from ..spool import REJECTED, Spool, event_of
 from ..store.keys import KeySchema, is_valid_tenant_id
 from ..store.redis import RedisStore, load_script
 from ..tabulate import table
 from . import tables as t
 from .events import Rejected, parse_entry
-from .ledger import Ledger
+from .ledger import Ledger, LedgerError
 
 __all__ = ["Count", "TenantAudit", "audit", "cmd_audit"]
 
@@ -579,18 +580,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
                        or os.environ.get("REDIS_URL"))
     try:
         ledger.check_version()
-        try:
-            results = audit(config, store, ledger, args.period)
-        except AISaaSError:
-            raise
-        except Exception as exc:  # the ledger's driver errors: a message, no traceback
-            from sqlalchemy.exc import SQLAlchemyError
-
-            if isinstance(exc, SQLAlchemyError):
-                raise AISaaSError(f"the ledger {ledger.url} cannot be read: "
-                                  f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
-                                  ) from None
-            raise
+        results = audit(config, store, ledger, args.period)
+    except SQLAlchemyError as exc:  # the ledger's driver errors: a message, no traceback
+        raise LedgerError(f"the ledger {ledger.url} cannot be read: "
+                          f"{getattr(exc, 'orig', None) or exc}") from None
     finally:
         store.close()
         ledger.close()

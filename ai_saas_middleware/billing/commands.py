@@ -38,9 +38,16 @@ def _ratio(text: str) -> Decimal:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .ledger import LedgerError
+
     _, ledger = _ledger(args)
     try:
         before, after = ledger.migrate()
+    except SQLAlchemyError as exc:  # the ledger's driver errors: a message, no traceback
+        raise LedgerError(f"the ledger {ledger.url} cannot be migrated: "
+                          f"{getattr(exc, 'orig', None) or exc}") from None
     finally:
         ledger.close()
     if before == after:

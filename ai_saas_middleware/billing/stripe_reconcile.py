@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..admission import month_bounds
 from ..tabulate import table
@@ -177,6 +178,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return 2
     except LedgerError as exc:  # e.g. not migrated: "run 'ai-saas billing migrate'"
         print(f"ai-saas: billing reconcile: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:  # the ledger's driver errors: a message, no traceback
+        print(f"ai-saas: billing reconcile: the ledger {ledger.url} cannot be read: "
+              f"{getattr(exc, 'orig', None) or exc}", file=sys.stderr)
         return 2
     finally:
         ledger.close()
