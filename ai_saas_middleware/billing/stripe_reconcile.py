@@ -47,6 +47,9 @@ class Difference:
 
 @dataclass(frozen=True, slots=True)
 class Row:
+    """One Stripe customer's month: the ledger's units, the delivered meter events' and
+    Stripe's summaries' (in ``billing.usageMetric``)."""
+
     customer: str
     tenants: tuple[str, ...]
     ledger: int  # units of the month's events
