@@ -32,7 +32,13 @@ from ai_saas_middleware.billing.events import parse_entry
 from ai_saas_middleware.billing.ledger import Ledger
 from ai_saas_middleware.billing.rates import Pricing
 from ai_saas_middleware.billing.stripe_client import StripeMeter
-from ai_saas_middleware.billing.stripe_sync import Deliverer, customers_of, identifier_of, units
+from ai_saas_middleware.billing.stripe_sync import (
+    TICK_BUDGET_S,
+    Deliverer,
+    customers_of,
+    identifier_of,
+    units,
+)
 from ai_saas_middleware.cli import main
 from ai_saas_middleware.config import Config
 
@@ -445,6 +451,25 @@ def test_two_gathers_at_the_same_moment_split_a_backlog_without_overlap(
     assert sum(created) == len(deliveries) >= 4
     assert sum(d.events for d in deliveries) == 2000  # each event claimed by one of them
     make_deliverer(config, usage.ledger).flush()
+    exactly_once(standin, usage)
+
+
+def test_a_worker_tick_retries_an_unwell_stripe_only_within_its_budget(
+        setup: Callable[..., tuple[Config, Path]], standin: Running) -> None:
+    """The worker calls tick() between batches: however many retries maxRetries allows,
+    a round spends at most TICK_BUDGET_S of backoff before ingestion goes on."""
+    config, _ = setup(maxRetries=50)
+    usage = Usage(config)
+    usage.add("acme", 2)
+    standin.state.rate_limit_burst = 1000
+    standin.state.retry_after = "1"
+    sleeps: list[float] = []
+    deliverer = make_deliverer(config, usage.ledger, sleeps)
+    sent = deliverer.tick()
+    assert sent is not None and sent.pending == 1
+    assert sum(sleeps) <= TICK_BUDGET_S < 50  # (without the budget: 50 retries, 50 s)
+    standin.state.rate_limit_burst = 0
+    assert deliverer.flush().delivered == 1
     exactly_once(standin, usage)
 
 
