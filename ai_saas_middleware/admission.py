@@ -43,7 +43,8 @@ from .routing import Requirements, Selection, select_model
 from .store.keys import KeySchema, reservation_member
 from .types import Decision, RequestInfo, allowed_decision
 
-__all__ = ["ADMIT_ATTEMPTS", "QUOTA_TTL_S", "WINDOW_MS", "Admission", "Plan", "ScriptCall"]
+__all__ = ["ADMIT_ATTEMPTS", "QUOTA_TTL_S", "WINDOW_MS", "Admission", "Plan", "ScriptCall",
+           "month_bounds"]
 
 log = logging.getLogger("ai_saas_middleware")
 
@@ -57,8 +58,9 @@ _NO_TIER = TierConfig("", 0, 0, ())  # a stored tenant's, until Redis tells it
 _NO_BUDGET = (-1, -1)
 
 
-def _month_bounds(year: int, month: int) -> tuple[str, int, int]:
-    """('YYYY-MM', its first second, the next month's first second), UTC."""
+def month_bounds(year: int, month: int) -> tuple[str, int, int]:
+    """('YYYY-MM', its first second, the next month's first second) of a month, UTC,
+    in whole seconds since the epoch (December's end is the next year's 1 January)."""
     following = (year + 1, 1) if month == 12 else (year, month + 1)
     return (f"{year:04d}-{month:02d}", calendar.timegm((year, month, 1, 0, 0, 0)),
             calendar.timegm((*following, 1, 0, 0, 0)))
@@ -73,7 +75,7 @@ def _this_month() -> tuple[str, int, int]:
     now = time.time()
     if not _month[1] <= now < _month[2]:
         t = time.gmtime(now)
-        _month = _month_bounds(t.tm_year, t.tm_mon)
+        _month = month_bounds(t.tm_year, t.tm_mon)
     return _month
 
 
@@ -97,7 +99,7 @@ def default_response(text: str) -> Decision:
 
 def _seconds_to_next_month(now_ms: int) -> int:
     t = time.gmtime(now_ms // 1000)
-    return max(1, _month_bounds(t.tm_year, t.tm_mon)[2] - now_ms // 1000)
+    return max(1, month_bounds(t.tm_year, t.tm_mon)[2] - now_ms // 1000)
 
 
 class _RequestIds:
@@ -356,7 +358,7 @@ class Admission:
             return self.credentials.refused(plan, reply)
         if code == 5:  # the app server's clock is in another month than Redis's
             year, month = map(int, reply[2].decode().split("-"))
-            plan.month, plan.month_start, plan.month_end = _month_bounds(year, month)
+            plan.month, plan.month_start, plan.month_end = month_bounds(year, month)
             return None
         if code == 6:  # the stored tier differs from what this process believed
             tier = self.config.tiers.get(reply[2].decode())

@@ -127,10 +127,9 @@ def _store(config: Config, url: str | None):  # type: ignore[no-untyped-def]
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
     """Rows of cells as left-aligned columns two spaces apart (the first row the header)."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
-                                                                       strict=True)).rstrip()
-                     for row in rows)
+    from .tabulate import table
+
+    return table(rows)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

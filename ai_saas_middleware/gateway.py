@@ -43,7 +43,6 @@ from .admission import QUOTA_TTL_S as QUOTA_TTL_S
 from .admission import WINDOW_MS as WINDOW_MS
 from .admission import Admission, Plan
 from .admission import ScriptCall as ScriptCall
-from .admission import _month_bounds as _month_bounds
 from .admission import _request_ids as _request_ids
 from .admission import _this_month as _this_month
 from .breakers import BreakerBoard

@@ -53,7 +53,7 @@ from typing import Any
 from .errors import ConfigError, ConfigProblem, StoreError, StoreRefused
 from .store.keys import KeySchema, is_valid_tenant_id
 
-__all__ = ["EVENT_FIELDS", "Spool", "SpoolStatus", "SpoolUnsafe"]
+__all__ = ["EVENT_FIELDS", "Spool", "SpoolStatus", "SpoolUnsafe", "event_of"]
 
 log = logging.getLogger("ai_saas_middleware")
 
@@ -125,7 +125,7 @@ def _append_lines(path: Path, data: bytes) -> None:
             os.close(fd)  # closing releases the lock
 
 
-def _event(args: list[Any]) -> dict[str, str] | None:
+def event_of(args: list[Any]) -> dict[str, str] | None:
     """The usage event of a settle call's ARGV (the field/value pairs that begin at
     ``request_id``), or None when the ARGV has no such tail."""
     try:
@@ -140,7 +140,7 @@ def _event(args: list[Any]) -> dict[str, str] | None:
 
 def _tenant_of(entry: Any) -> str:
     try:
-        event = _event(list(entry[2]))
+        event = event_of(list(entry[2]))
     except (TypeError, IndexError, KeyError, AttributeError):
         event = None
     return str((event or {}).get("tenant_id", "?"))
@@ -148,7 +148,7 @@ def _tenant_of(entry: Any) -> str:
 
 def _request_of(entry: Any) -> str:
     try:
-        event = _event(list(entry[2]))
+        event = event_of(list(entry[2]))
     except (TypeError, IndexError, KeyError, AttributeError):
         event = None
     return str((event or {}).get("request_id", "?"))
@@ -269,7 +269,7 @@ class Spool:
         args = [str(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in args]
         if not all(isinstance(a, str) for a in args):
             return "arguments are not strings or integers"
-        event = _event(args)
+        event = event_of(args)
         if event is None:
             return "no usage event in the arguments"
         head = args[:args.index("request_id")]
@@ -351,7 +351,9 @@ class Spool:
         return claimed
 
     @staticmethod
-    def _entries(path: Path) -> list[Any]:
+    def entries(path: Path) -> list[Any]:
+        """The JSON records of one spool file, in order, read only: ``[]`` when the file
+        is gone; a torn line (a write cut short by a crash) is skipped and logged."""
         entries: list[Any] = []
         try:
             text = path.read_text("utf-8")
@@ -386,7 +388,7 @@ class Spool:
         file it claimed but did not reach, in the order they had, for the next replay."""
         self._keep(path, entries, done, 0)
         for order, other in enumerate(untouched, start=1):
-            self._keep(other, self._entries(other), 0, order)
+            self._keep(other, self.entries(other), 0, order)
 
     def set_aside(self, entry: Any, error: BaseException | str) -> None:
         """Put an entry that can never succeed in ``rejected.jsonl``, loudly (an ERROR
@@ -419,7 +421,7 @@ class Spool:
             return
         claimed = self._claim()
         for n, path in enumerate(claimed):
-            entries = self._entries(path)
+            entries = self.entries(path)
             done = 0
             for entry in entries:
                 reason = self.malformed(entry)
@@ -503,7 +505,7 @@ class Spool:
         claimed = self._claim_rejected()
         records: list[Any] = []
         for path in claimed:
-            records += self._entries(path)
+            records += self.entries(path)
         written, keep = 0, []
         for i, record in enumerate(records):
             entry = record.get("call") if isinstance(record, dict) else None
@@ -556,14 +558,14 @@ class Spool:
 
         def count(paths: Iterable[Path], into: dict[str, int]) -> None:
             for path in sorted(paths):
-                entries = self._entries(path)
+                entries = self.entries(path)
                 into[path.name] = len(entries)
                 pending.update(_tenant_of(e) for e in entries)
 
         count(self.dir.glob("spool-*.jsonl"), result.pending)
         count(self.dir.glob("*.replaying"), result.claims)
         for path in [self.dir / REJECTED, *sorted(self.dir.glob("rejected-*.retrying"))]:
-            for record in self._entries(path):
+            for record in self.entries(path):
                 if not isinstance(record, dict):
                     continue
                 tenant = str(record.get("tenant_id") or _tenant_of(record.get("call")))

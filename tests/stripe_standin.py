@@ -242,6 +242,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
         return True
 
+    def _admitted(self, raw: bytes) -> tuple[str, str] | None:
+        """(idempotency key, request fingerprint) of a write Stripe goes on to process,
+        or None when it was answered already: rate limited, or an idempotent replay."""
+        if self._rate_limited():
+            return None
+        key = self.headers.get("Idempotency-Key", "")
+        fingerprint = raw.decode()
+        if key and self._replayed(key, fingerprint):
+            return None
+        return key, fingerprint
+
     def _finish(self, key: str, fingerprint: str, status: int, body: dict[str, Any],
                 committed: bool) -> None:
         s = self.state
@@ -279,12 +290,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._violation(f"event_name {name!r} has no meter")
         if not fields.get("payload[stripe_customer_id]", "").startswith("cus_"):
             self._violation("payload[stripe_customer_id] is not a customer id")
-        if self._rate_limited():
+        gate = self._admitted(raw)
+        if gate is None:
             return
-        key = self.headers.get("Idempotency-Key", "")
-        fingerprint = raw.decode()
-        if key and self._replayed(key, fingerprint):
-            return
+        key, fingerprint = gate
         s = self.state
         customer = fields.get("payload[stripe_customer_id]", "")
         if customer in s.refuse_customers:
@@ -399,12 +408,10 @@ class _Handler(BaseHTTPRequestHandler):
             events = []
         if set(body) != {"events"}:
             self._violation(f"stream body keys {sorted(body)}")
-        if self._rate_limited():
+        gate = self._admitted(raw)
+        if gate is None:
             return
-        key = self.headers.get("Idempotency-Key", "")
-        fingerprint = raw.decode()
-        if key and self._replayed(key, fingerprint):
-            return
+        key, fingerprint = gate
         for ev in events:
             self._v2_store(ev)
         self._finish(key, fingerprint, 200, {}, committed=True)

@@ -294,3 +294,15 @@ def test_through_the_worker_it_adds_up_and_a_loss_before_the_worker_is_caught(
     assert globex.status == "differs"
     assert globex.ledger.events == 3 and globex.stream.events == 0
     assert globex.difference == int(fields["prompt_tokens"]) + int(fields["completion_tokens"])
+
+
+def test_a_ledger_that_cannot_be_opened_is_a_message_not_a_traceback(
+        deployment: Deployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    unopenable = f"sqlite:///{tmp_path / 'no-such-dir' / 'ledger.sqlite3'}"
+    code = main(["billing", "audit", "--period", PERIOD, "-c", str(deployment.config_path),
+                 "--database", unopenable])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cannot be read" in err and "unable to open database file" in err
+    assert "Traceback" not in err

@@ -220,6 +220,16 @@ def config_file(tmp_path: Path, make_config: Callable[..., dict[str, Any]]) -> P
     return path
 
 
+def test_billing_migrate_of_a_ledger_that_cannot_be_opened_is_a_message(
+        config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    unopenable = f"sqlite:///{tmp_path / 'no-such-dir' / 'ledger.sqlite3'}"
+    assert main(["billing", "migrate", "-c", str(config_file), "--database", unopenable]) == 1
+
+    err = capsys.readouterr().err
+    assert "cannot be migrated: unable to open database file" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("month", ["2026-13", "nov", "2026-1", "2026-00", "26-01",
                                    "2026-01-05", "2026/01", "٢٠٢٦-01"])
 def test_usage_month_must_be_a_real_yyyy_mm(month: str, config_file: Path,

@@ -782,9 +782,9 @@ def test_a_months_bounds_are_its_first_utc_second_and_the_next_months(year: int,
     next year; a leap February ends on the 29th)."""
     from datetime import datetime, timezone
 
-    import ai_saas_middleware.gateway as core
+    from ai_saas_middleware.admission import month_bounds
 
-    name, start, end = core._month_bounds(year, month)
+    name, start, end = month_bounds(year, month)
     first = datetime(year, month, 1, tzinfo=timezone.utc)
     following = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=timezone.utc)
     assert (name, start, end) == (f"{year}-{month:02d}", int(first.timestamp()),

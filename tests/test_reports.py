@@ -312,6 +312,12 @@ def test_cac_file_overrides_the_configuration(month: str, tmp_path: Path,
     ("tenant_id,cac\nacme\n", "cac.csv:2: expected tenant_id,cac"),
     ("acme,1\nacme,2\n", "cac.csv:2: tenant 'acme' appears twice"),
     ("acme,-1\n", "cac.csv:1: expected a CAC in USD of at least 0, found '-1'"),
+    # Bounded as billing.cac is: a CAC finer than a picodollar would put LTV/CAC past
+    # the precision money is worked out in.
+    ("acme,1e-50\n", "cac.csv:1: expected a CAC in USD with at most 12 decimal places, "
+                     "found '1e-50'"),
+    ("acme,9000000.5\n", "cac.csv:1: expected a CAC in USD of at most 9000000, found "
+                         "'9000000.5'"),
 ])
 def test_a_bad_cac_file_is_one_line_and_exit_2(month: str, tmp_path: Path, content: str,
                                                says: str,

@@ -32,7 +32,13 @@ from ai_saas_middleware.billing.events import parse_entry
 from ai_saas_middleware.billing.ledger import Ledger
 from ai_saas_middleware.billing.rates import Pricing
 from ai_saas_middleware.billing.stripe_client import StripeMeter
-from ai_saas_middleware.billing.stripe_sync import Deliverer, customers_of, identifier_of, units
+from ai_saas_middleware.billing.stripe_sync import (
+    TICK_BUDGET_S,
+    Deliverer,
+    customers_of,
+    identifier_of,
+    units,
+)
 from ai_saas_middleware.cli import main
 from ai_saas_middleware.config import Config
 
@@ -78,6 +84,13 @@ def setup(make_config: Callable[..., dict[str, Any]], standin: Running, ledger_u
         return config, path
 
     return make
+
+
+def make_deliverer(config: Config, ledger: Ledger, sleeps: list[float] | None = None,
+                   **options: Any) -> Deliverer:
+    """A Deliverer of ``config``'s customers from ``ledger`` over :func:`meter`."""
+    return Deliverer(config, ledger, customers_of(config), meter=meter(config, sleeps),
+                     **options)
 
 
 def meter(config: Config, sleeps: list[float] | None = None) -> StripeMeter:
@@ -166,7 +179,7 @@ def test_each_usage_delivered_once_in_whole_units_with_derived_identifiers(
     usage.add("acme", 3, day=2)
     usage.add("globex", 4)
     usage.add("initech", 6)  # no customer: stays undelivered
-    deliverer = Deliverer(config, usage.ledger, customers_of(config), meter=meter(config))
+    deliverer = make_deliverer(config, usage.ledger)
     sent = deliverer.flush()
     assert (sent.delivered, sent.duplicates, sent.failed, sent.pending) == (2, 0, 0, 0)
     exactly_once(standin, usage)
@@ -204,7 +217,7 @@ def test_value_is_whole_units_of_the_usage_metric(
     config, _ = setup(metric=metric)
     usage = Usage(config)
     usage.add("hooli", 9, prompt=1000, completion=77)
-    Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    make_deliverer(config, usage.ledger).flush()
     exactly_once(standin, usage, metric)
 
 
@@ -217,8 +230,7 @@ def test_a_429_burst_is_retried_with_backoff_honouring_retry_after(
     standin.state.rate_limit_burst = 4
     standin.state.retry_after = "2"
     sleeps: list[float] = []
-    sent = Deliverer(config, usage.ledger, customers_of(config),
-                     meter=meter(config, sleeps)).flush()
+    sent = make_deliverer(config, usage.ledger, sleeps).flush()
     assert sent.delivered == 2
     assert len(sleeps) == 4 and min(sleeps) >= 2.0  # never sooner than Retry-After
     exactly_once(standin, usage)
@@ -232,8 +244,7 @@ def test_retries_spent_leave_it_pending_for_the_next_round(
     usage.add("globex", 3)
     standin.state.rate_limit_burst = 3  # one more than the attempts allowed
     sleeps: list[float] = []
-    deliverer = Deliverer(config, usage.ledger, customers_of(config),
-                          meter=meter(config, sleeps))
+    deliverer = make_deliverer(config, usage.ledger, sleeps)
     sent = deliverer.flush()
     assert (sent.delivered, sent.pending) == (0, 2)
     assert {d.state for d in usage.deliveries()} == {"pending"}
@@ -251,8 +262,7 @@ def test_a_flush_budget_ends_retrying_and_keeps_the_rest_pending(
     standin.state.rate_limit_burst = 1000  # Stripe unwell for longer than the budget
     standin.state.retry_after = "1"
     sleeps: list[float] = []
-    deliverer = Deliverer(config, usage.ledger, customers_of(config),
-                          meter=meter(config, sleeps))
+    deliverer = make_deliverer(config, usage.ledger, sleeps)
     sent = deliverer.flush(budget_s=3.5)  # on the fake clock: 3 retries of 1 s fit
     assert sent.pending == 1 and sleeps == [1.0, 1.0, 1.0]
     [pending] = usage.deliveries()
@@ -269,7 +279,7 @@ def test_a_5xx_after_commit_counts_once(
     usage.add("acme", 3)
     usage.add("globex", 3)
     standin.state.fail_after_commit = 1  # Stripe stores acme's event, then answers 500
-    sent = Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    sent = make_deliverer(config, usage.ledger).flush()
     # The retry carries the same identifier under a fresh idempotency key (the first
     # key's saved 500 would be replayed): Stripe answers "already exists": delivered.
     assert (sent.delivered, sent.duplicates) == (1, 1)
@@ -285,7 +295,7 @@ def test_a_refusal_marks_the_delivery_failed_and_reconcile_lists_it(
     usage.add("acme", 2)
     usage.add("hooli", 2)
     standin.state.refuse_customers = {"cus_hooli"}
-    sent = Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    sent = make_deliverer(config, usage.ledger).flush()
     assert (sent.delivered, sent.failed) == (1, 1)
     failed = next(d for d in usage.deliveries() if d.tenant_id == "hooli")
     assert failed.state == "failed" and "No such customer: 'cus_hooli'" in failed.last_error
@@ -328,7 +338,7 @@ def test_a_crash_between_send_and_record_resends_the_same_identifier_counted_onc
     [pending] = usage.deliveries()
     assert (pending.state, len(standin.state.events)) == ("pending", 1)
     standin.state.hold = None
-    sent = Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    sent = make_deliverer(config, usage.ledger).flush()
     assert sent.delivered + sent.duplicates == 1
     # Sent twice (the re-send under the same idempotency key, or meeting the identifier),
     # held once.
@@ -383,7 +393,7 @@ def test_two_deliverers_at_once_never_claim_an_event_twice(
 
     def run(i: int) -> None:
         ledger = Ledger(config.billing.database)
-        deliverer = Deliverer(config, ledger, customers_of(config), meter=meter(config))
+        deliverer = make_deliverer(config, ledger)
         try:
             while not stop.is_set() or rounds[i] == 0:
                 deliverer.flush()
@@ -405,7 +415,7 @@ def test_two_deliverers_at_once_never_claim_an_event_twice(
         for th in threads:
             th.join(120)
     assert errors == []
-    Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    make_deliverer(config, usage.ledger).flush()
     assert usage.undelivered() == {}
     exactly_once(standin, usage)
 
@@ -423,7 +433,7 @@ def test_two_gathers_at_the_same_moment_split_a_backlog_without_overlap(
     def gather() -> None:
         ledger = Ledger(config.billing.database)
         try:
-            deliverer = Deliverer(config, ledger, customers_of(config), meter=meter(config))
+            deliverer = make_deliverer(config, ledger)
             barrier.wait(30)
             created.append(deliverer.gather())
         except BaseException as exc:  # reported below
@@ -440,7 +450,26 @@ def test_two_gathers_at_the_same_moment_split_a_backlog_without_overlap(
     deliveries = usage.deliveries()
     assert sum(created) == len(deliveries) >= 4
     assert sum(d.events for d in deliveries) == 2000  # each event claimed by one of them
-    Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    make_deliverer(config, usage.ledger).flush()
+    exactly_once(standin, usage)
+
+
+def test_a_worker_tick_retries_an_unwell_stripe_only_within_its_budget(
+        setup: Callable[..., tuple[Config, Path]], standin: Running) -> None:
+    """The worker calls tick() between batches: however many retries maxRetries allows,
+    a round spends at most TICK_BUDGET_S of backoff before ingestion goes on."""
+    config, _ = setup(maxRetries=50)
+    usage = Usage(config)
+    usage.add("acme", 2)
+    standin.state.rate_limit_burst = 1000
+    standin.state.retry_after = "1"
+    sleeps: list[float] = []
+    deliverer = make_deliverer(config, usage.ledger, sleeps)
+    sent = deliverer.tick()
+    assert sent is not None and sent.pending == 1
+    assert sum(sleeps) <= TICK_BUDGET_S < 50  # (without the budget: 50 retries, 50 s)
+    standin.state.rate_limit_burst = 0
+    assert deliverer.flush().delivered == 1
     exactly_once(standin, usage)
 
 
@@ -450,8 +479,7 @@ def test_tick_waits_for_its_interval_and_survives_a_failing_ledger(
     config, _ = setup(interval="10s")
     usage = Usage(config)
     now = [0.0]
-    deliverer = Deliverer(config, usage.ledger, customers_of(config), meter=meter(config),
-                          clock=lambda: now[0])
+    deliverer = make_deliverer(config, usage.ledger, clock=lambda: now[0])
     usage.add("acme", 2)
     first = deliverer.tick()
     assert first is not None and first.delivered == 1
@@ -489,7 +517,7 @@ def test_reconcile_agrees_after_delivery_and_lists_each_planted_difference(
     usage.add("acme", 4)
     usage.add("globex", 2)
     usage.add("initech", 3)  # not billed through Stripe: a note, not a difference
-    deliverer = Deliverer(config, usage.ledger, customers_of(config), meter=meter(config))
+    deliverer = make_deliverer(config, usage.ledger)
     deliverer.flush()
     code, out, err = reconcile(path, capsys)
     assert (code, err) == (0, "")
@@ -539,6 +567,13 @@ def test_reconcile_explains_what_stops_it_without_a_traceback(
     code, _, err = reconcile(unmigrated, capsys)
     assert code == 2 and "run 'ai-saas billing migrate'" in err
 
+    unopenable = tmp_path / "unopenable.yaml"
+    unopenable.write_text(yaml.safe_dump({**raw, "billing": {
+        **raw["billing"], "database": f"sqlite:///{tmp_path / 'no-such-dir' / 'l.sqlite3'}"}}))
+    code, _, err = reconcile(unopenable, capsys)
+    assert code == 2 and "cannot be read: unable to open database file" in err
+    assert "Traceback" not in err
+
     monkeypatch.delenv(KEY_ENV)
     code, _, err = reconcile(path, capsys)
     assert code == 2 and f"the environment variable {KEY_ENV}" in err
@@ -561,12 +596,12 @@ def test_the_api_key_never_reaches_a_log(
     usage.add("globex", 2)
     standin.state.rate_limit_burst = 2
     standin.state.fail_after_commit = 1
-    Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    make_deliverer(config, usage.ledger).flush()
     reconcile(path, capsys)
     wrong = "sk_test_wrong_key_0123456789abcdef"
     monkeypatch.setenv(KEY_ENV, wrong)
     usage.add("hooli", 1)
-    sent = Deliverer(config, usage.ledger, customers_of(config), meter=meter(config)).flush()
+    sent = make_deliverer(config, usage.ledger).flush()
     assert sent.pending == 1 and "refused the API key" in sent.errors[0]
     code, out, err = reconcile(path, capsys)
     assert code == 2

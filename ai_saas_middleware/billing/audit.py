@@ -36,16 +36,18 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
-from ..admission import QUOTA_TTL_S, _month_bounds
+from ..admission import QUOTA_TTL_S, month_bounds
 from ..config import Config
-from ..errors import AISaaSError, StoreError
-from ..spool import REJECTED, Spool, _event
+from ..errors import StoreError
+from ..spool import REJECTED, Spool, event_of
 from ..store.keys import KeySchema, is_valid_tenant_id
 from ..store.redis import RedisStore, load_script
+from ..tabulate import table
 from . import tables as t
 from .events import Rejected, parse_entry
-from .ledger import Ledger
+from .ledger import Ledger, LedgerError
 
 __all__ = ["Count", "TenantAudit", "audit", "cmd_audit"]
 
@@ -267,10 +269,10 @@ def _spooled(directory: Path) -> tuple[list[Any], list[Any]]:
         return [], []
     pending: list[Any] = []
     for path in sorted([*directory.glob("spool-*.jsonl"), *directory.glob("*.replaying")]):
-        pending += Spool._entries(path)
+        pending += Spool.entries(path)
     aside: list[Any] = []
     for path in [directory / REJECTED, *sorted(directory.glob("rejected-*.retrying"))]:
-        aside += [r.get("call") for r in Spool._entries(path) if isinstance(r, dict)]
+        aside += [r.get("call") for r in Spool.entries(path) if isinstance(r, dict)]
     return pending, aside
 
 
@@ -278,7 +280,7 @@ def _spool_event(entry: Any) -> tuple[dict[str, str], list[Any]] | None:
     """(event fields, settle.lua's ARGV) of a spooled settle call, or None."""
     try:
         args = list(entry[2])
-        event = _event([str(a) for a in args])
+        event = event_of([str(a) for a in args])
     except (TypeError, IndexError, KeyError):
         return None
     if event is None or not is_valid_tenant_id(event.get("tenant_id", "")):
@@ -522,7 +524,7 @@ def audit(config: Config, store: RedisStore, ledger: Ledger, period: str, *,
 
 def _month_start(period: str) -> int:
     year, month = map(int, period.split("-"))
-    return _month_bounds(year, month)[1]
+    return month_bounds(year, month)[1]
 
 
 def _raw_fields(raw: Any) -> tuple[str, str, int] | None:
@@ -558,10 +560,7 @@ def render_table(results: list[TenantAudit]) -> str:
                      _cell(r.in_flight), _cell(r.spool), _cell(r.stream), _cell(r.ledger),
                      _cell(r.rejected), _cell(r.repeated), str(r.expected),
                      "-" if r.difference is None else f"{r.difference:+d}", r.status])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-             for row in rows]
+    lines = [table(rows, right=range(1, len(_COLUMNS)))]
     for r in results:
         lines += [f"{r.tenant_id}: {note}" for note in r.notes]
     return "\n".join(lines)
@@ -581,18 +580,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
                        or os.environ.get("REDIS_URL"))
     try:
         ledger.check_version()
-        try:
-            results = audit(config, store, ledger, args.period)
-        except AISaaSError:
-            raise
-        except Exception as exc:  # the ledger's driver errors: a message, no traceback
-            from sqlalchemy.exc import SQLAlchemyError
-
-            if isinstance(exc, SQLAlchemyError):
-                raise AISaaSError(f"the ledger {ledger.url} cannot be read: "
-                                  f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
-                                  ) from None
-            raise
+        results = audit(config, store, ledger, args.period)
+    except SQLAlchemyError as exc:  # the ledger's driver errors: a message, no traceback
+        raise LedgerError(f"the ledger {ledger.url} cannot be read: "
+                          f"{getattr(exc, 'orig', None) or exc}") from None
     finally:
         store.close()
         ledger.close()

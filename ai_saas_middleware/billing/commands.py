@@ -38,9 +38,16 @@ def _ratio(text: str) -> Decimal:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .ledger import LedgerError
+
     _, ledger = _ledger(args)
     try:
         before, after = ledger.migrate()
+    except SQLAlchemyError as exc:  # the ledger's driver errors: a message, no traceback
+        raise LedgerError(f"the ledger {ledger.url} cannot be migrated: "
+                          f"{getattr(exc, 'orig', None) or exc}") from None
     finally:
         ledger.close()
     if before == after:
@@ -84,9 +91,16 @@ def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
                  month: Callable[[str], str]) -> None:
     """Add ``worker``, ``report`` and ``billing`` to the ``ai-saas`` parser ``sub``."""
 
-    def with_database(p: argparse.ArgumentParser) -> None:
+    def with_ledger(p: argparse.ArgumentParser, *, redis: bool = False,
+                    period: str | None = None) -> None:
+        # Every command here reads the configuration and the ledger; those of one month
+        # also take --period ("the month to <period>").
+        with_config(p, redis=redis)
         p.add_argument("--database", default=None, metavar="URL",
                        help="the ledger's SQLAlchemy URL (default: billing.database)")
+        if period is not None:
+            p.add_argument("--period", required=True, type=month, metavar="YYYY-MM",
+                           help=f"the month to {period}")
 
     p = command(sub, "worker", "move usage events from the Redis streams into the ledger",
                 "Reads every shard's stream in a consumer group, commits each batch to the "
@@ -95,8 +109,7 @@ def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
                 "every group has acknowledged; sends usage to Stripe when billing.stripe "
                 "is set. Runs until SIGTERM or SIGINT, then finishes its batch and exits 0. "
                 "Several workers may run at once.")
-    with_config(p)
-    with_database(p)
+    with_ledger(p, redis=True)
     p.add_argument("--status", action="store_true",
                    help="print each shard's pending entries, lag and last event time, and "
                         "each consumer, then exit")
@@ -113,10 +126,7 @@ def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
                 "gross margin, cache savings, top models, outcome value and cost per unit "
                 "of it, LTV/CAC with inference cost included (every assumption printed); "
                 "tenants below 3:1 or with a negative margin are flagged.")
-    with_config(p, redis=False)
-    with_database(p)
-    p.add_argument("--period", required=True, type=month, metavar="YYYY-MM",
-                   help="the month to report")
+    with_ledger(p, period="report")
     p.add_argument("--tenant", default=None, metavar="T", help="one tenant only")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table",
                    help="output format (default: table); money in JSON is a decimal string")
@@ -131,28 +141,21 @@ def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
     bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
 
     a = command(bsub, "migrate", "create or upgrade the ledger's schema (versioned)")
-    with_config(a, redis=False)
-    with_database(a)
+    with_ledger(a)
     a.set_defaults(func=cmd_migrate)
 
     a = command(bsub, "reconcile", "compare the ledger with Stripe's meter event summaries",
                 "Lists every tenant whose usage delivered to Stripe for the month differs "
                 "from the ledger's, and every delivery not yet confirmed; exits 1 when "
                 "there is a difference.")
-    with_config(a, redis=False)
-    with_database(a)
-    a.add_argument("--period", required=True, type=month, metavar="YYYY-MM",
-                   help="the month to reconcile")
+    with_ledger(a, period="reconcile")
     a.set_defaults(func=cmd_reconcile)
 
     a = command(bsub, "audit", "prove every event is in the spool, a stream or the ledger",
                 "Per tenant, side by side: tokens on the quota counter, reserved in flight, "
                 "in the local spool, in the streams and not yet in the ledger, and in the "
                 "ledger; exits 1 when they do not add up.")
-    with_config(a)
-    with_database(a)
-    a.add_argument("--period", required=True, type=month, metavar="YYYY-MM",
-                   help="the month to audit")
+    with_ledger(a, redis=True, period="audit")
     a.add_argument("--format", choices=("table", "json"), default="table",
                    help="output format (default: table)")
     a.set_defaults(func=cmd_audit)
@@ -161,9 +164,6 @@ def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
                 "Explicit and logged (billing_log): each event gets the revenue the "
                 "current billing.pricingRules / markup / minimum give it and their version; "
                 "the daily aggregates are rebuilt; prints the revenue before and after.")
-    with_config(a, redis=False)
-    with_database(a)
-    a.add_argument("--period", required=True, type=month, metavar="YYYY-MM",
-                   help="the month to price again")
+    with_ledger(a, period="price again")
     a.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
     a.set_defaults(func=cmd_reprice)

@@ -55,9 +55,10 @@ from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..budgets import from_picodollars
-from ..config import Config
+from ..config import MAX_BUDGET_USD, MONEY_PLACES, Config, decimal_places
 from ..errors import AISaaSError, UnknownTenant
 from ..pricing import MONEY, format_usd
+from ..tabulate import table
 from . import tables as t
 from .ledger import Ledger
 
@@ -163,7 +164,8 @@ def previous_period(period: str) -> str:
 
 def read_cac_file(path: str) -> dict[str, Decimal]:
     """``tenant_id -> cac`` (USD) from a CSV of two columns; a first row of
-    ``tenant_id,cac`` is a header. Raises :class:`CacFileError` naming the line."""
+    ``tenant_id,cac`` is a header. Each CAC is bounded as ``billing.cac`` is (0 to
+    9,000,000, at most 12 decimal places). Raises :class:`CacFileError` naming the line."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -188,6 +190,14 @@ def read_cac_file(path: str) -> dict[str, Decimal]:
         if not cac.is_finite() or cac < 0:
             raise CacFileError(f"--cac-file {path}:{number}: expected a CAC in USD of at "
                                f"least 0, found {cells[1][:40]!r}")
+        # The bounds of billing.cac: finer than a picodollar, LTV/CAC would need more
+        # digits than MONEY works in (an InvalidOperation, not a report).
+        if decimal_places(cac) > MONEY_PLACES:
+            raise CacFileError(f"--cac-file {path}:{number}: expected a CAC in USD with at "
+                               f"most {MONEY_PLACES} decimal places, found {cells[1][:40]!r}")
+        if cac > MAX_BUDGET_USD:
+            raise CacFileError(f"--cac-file {path}:{number}: expected a CAC in USD of at "
+                               f"most {MAX_BUDGET_USD}, found {cells[1][:40]!r}")
         if cells[0] in found:
             raise CacFileError(f"--cac-file {path}:{number}: tenant {cells[0]!r} appears "
                                "twice")
@@ -439,9 +449,7 @@ def format_table(report: Report) -> str:
                      _cell(r.cac), _cell(r.ltv_cac),
                      ",".join(m.model_id for m in r.top_models) or "-",
                      ",".join(r.flags) or "-"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-              for row in rows]
+    lines.append(table(rows))
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..budgets import from_picodollars
 from ..config import Config
 from ..pricing import format_usd
+from ..tabulate import table
 from . import tables as t
 from .events import Event
 from .ledger import Ledger, LedgerError
@@ -212,9 +213,7 @@ def format_repriced(done: Repriced) -> str:
     rows.append(["total", str(done.events), format_usd(from_picodollars(before_p)),
                  format_usd(from_picodollars(after_p)),
                  format_usd(from_picodollars(after_p - before_p))])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join([head] + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
-                               .rstrip() for row in rows])
+    return f"{head}\n{table(rows)}"
 
 
 def cmd_reprice(args: argparse.Namespace) -> int:

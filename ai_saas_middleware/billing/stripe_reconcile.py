@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
+from ..admission import month_bounds
+from ..tabulate import table
 from . import tables as t
 from .ledger import Ledger, LedgerError
 from .stripe_client import StripeMeter, StripeRefused, StripeUnavailable
@@ -45,18 +47,14 @@ class Difference:
 
 @dataclass(frozen=True, slots=True)
 class Row:
+    """One Stripe customer's month: the ledger's units, the delivered meter events' and
+    Stripe's summaries' (in ``billing.usageMetric``)."""
+
     customer: str
     tenants: tuple[str, ...]
     ledger: int  # units of the month's events
     delivered: int  # units of its delivered meter events
     stripe: Decimal  # what Stripe's event summaries add up to
-
-
-def _month_bounds(period: str) -> tuple[int, int]:
-    year, month = int(period[:4]), int(period[5:7])
-    start = datetime(year, month, 1, tzinfo=timezone.utc)
-    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
-    return int(start.timestamp()), int(end.timestamp())
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +122,7 @@ def reconcile(ledger: Ledger, meter: StripeMeter, metric: str, period: str,
         differences.append(Difference(customer, (tenant,), "undelivered", value,
                                       f"{count} event(s) of {value} {metric} not yet "
                                       "gathered into a meter event"))
-    start, end = _month_bounds(period)
+    _, start, end = month_bounds(int(period[:4]), int(period[5:7]))
     meter_id = meter.meter_id()
     rows = []
     for customer, e in sorted(by_customer.items()):
@@ -184,18 +182,18 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except LedgerError as exc:  # e.g. not migrated: "run 'ai-saas billing migrate'"
         print(f"ai-saas: billing reconcile: {exc}", file=sys.stderr)
         return 2
+    except SQLAlchemyError as exc:  # the ledger's driver errors: a message, no traceback
+        print(f"ai-saas: billing reconcile: the ledger {ledger.url} cannot be read: "
+              f"{getattr(exc, 'orig', None) or exc}", file=sys.stderr)
+        return 2
     finally:
         ledger.close()
     metric = config.billing.usage_metric
     print(f"ledger {ledger.url} against Stripe (event {config.billing.stripe.event_name}), "
           f"{args.period}, in {metric}:")
-    header = ("customer", "tenants", "ledger", "delivered", "stripe")
-    table = [header] + [(r.customer, ",".join(r.tenants), str(r.ledger), str(r.delivered),
-                         str(r.stripe)) for r in found.rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(line, widths, strict=True))))
+    print(table([("customer", "tenants", "ledger", "delivered", "stripe")]
+                + [(r.customer, ",".join(r.tenants), str(r.ledger), str(r.delivered),
+                    str(r.stripe)) for r in found.rows], right=(2, 3, 4)))
     for note in found.notes:
         print(f"note: {note}")
     if not found.differences:

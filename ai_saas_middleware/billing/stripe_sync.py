@@ -59,11 +59,12 @@ from .clock import now_iso
 from .ledger import Ledger
 from .stripe_client import STREAM_BATCH, MeterEvent, StripeMeter, StripeRefused, StripeUnavailable
 
-__all__ = ["Deliverer", "Sent", "customers_of", "identifier_of", "units"]
+__all__ = ["TICK_BUDGET_S", "Deliverer", "Sent", "customers_of", "identifier_of", "units"]
 
 log = logging.getLogger("ai_saas_middleware.billing")
 
 CLAIM_LIMIT = 100_000  # events one tenant's claim takes per gather (bounds a transaction)
+TICK_BUDGET_S = 10.0  # backoff one tick() may spend on an unwell Stripe (the worker waits)
 _NO_CUSTOMER_RECHECK_S = 60.0
 _ID_CHUNK = 500  # request ids per UPDATE ... IN (...)
 
@@ -345,11 +346,14 @@ class Deliverer:
         """:meth:`flush` when ``billing.stripe.interval`` has passed since the last one
         (the worker calls this after every batch); ``None`` when it was not yet time, or
         when the ledger failed the round (logged; its transactions rolled back, so the
-        next tick starts from a consistent ledger): delivery never stops ingestion."""
+        next tick starts from a consistent ledger): delivery never stops ingestion.
+        Retries of an unwell Stripe end after :data:`TICK_BUDGET_S` of backoff (what is
+        left stays pending for the next tick), whatever ``maxRetries`` and Stripe's
+        ``Retry-After`` would allow: the worker reads no stream while this runs."""
         if self._last is not None and self._clock() - self._last < self.stripe.interval_s:
             return None
         try:
-            return self.flush()
+            return self.flush(budget_s=TICK_BUDGET_S)
         except SQLAlchemyError as exc:
             self._last = self._clock()
             log.error("stripe: the delivery round failed on the ledger, retried in %ss: "
