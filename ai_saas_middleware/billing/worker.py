@@ -42,6 +42,7 @@ from ..config import Config, load_config
 from ..errors import AISaaSError
 from ..store.keys import KeySchema
 from ..store.redis import RedisStore
+from ..tabulate import table
 from .events import Event, Rejected, parse_entry
 from .ledger import Ledger
 from .rates import Pricing
@@ -522,9 +523,7 @@ def _format_status(rows: list[ShardStatus]) -> str:
                       "?" if r.lag is None else str(r.lag), when(r.last_event_ms),
                       ", ".join(f"{n} ({p} pending, idle {i // 1000}s)"
                                 for n, p, i in r.consumers) or "-"))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in lines)
+    return table(lines)
 
 
 def cmd_worker(args: Any) -> int:
