@@ -160,10 +160,25 @@ def test_streams_are_trimmed_only_below_what_every_group_acknowledged(
     assert sum(raw_client.xlen(s) for s in others) == 0  # streams only we read: trimmed
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test() -> Iterator[None]:
+    yield
+    while _STARTED:  # a test that failed midway leaves none running
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
 def start_worker(config_path: Path, name: str, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "ai_saas_middleware.cli", "worker", "-c", str(config_path),
          "--name", name], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    _STARTED.append(process)
+    return process
 
 
 def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
