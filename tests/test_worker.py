@@ -380,3 +380,49 @@ def test_usage_shows_the_same_totals_after_the_worker_moved_and_trimmed_the_even
     assert "total cost: $" in before and after != before
     total = sum(reference.cost.values())
     assert f"total cost: ${format_usd(total)}" in after
+
+
+def test_an_unwell_stripe_holds_up_neither_ingestion_nor_shutdown(
+        billing_config: Callable[..., dict[str, Any]], ledger_url: str,
+        raw_client: redis.Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stripe answers 429 (Retry-After: 1) to everything: each delivery round backs off
+    for its whole budget (10 s), in its own thread, while the streams keep moving; and
+    stop() ends the worker within seconds however the round stands."""
+    monkeypatch.setenv("AI_SAAS_TEST_STRIPE_KEY", STRIPE_KEY)
+    stripe = start_stripe()
+    config = billing_config(stripe={
+        "apiKeyEnv": "AI_SAAS_TEST_STRIPE_KEY", "apiBase": stripe.url,
+        "meterEventsBase": stripe.url, "interval": "0.1s", "maxRetries": 50})
+    config["tenants"] = [{"id": tn, "tier": "pro", "apiKeys": [],
+                          "stripeCustomerId": f"cus_{tn}"} for tn in tenants(5)]
+    with stripe.state.lock:
+        stripe.state.rate_limit_burst = 10 ** 6
+        stripe.state.retry_after = "1"
+    keys = KeySchema(key_prefix, 16)
+    worker = Worker(config)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        settle_events(raw_client, keys, 0, 200, tenants(5), Expected())
+        wait_until(lambda: ledger_count(ledger_url) == 200, 30, "the first events")
+        seen = len(stripe.state.requests)
+        wait_until(lambda: len(stripe.state.requests) >= seen + 2, 30,
+                   "a delivery round retrying")
+        settle_events(raw_client, keys, 200, 200, tenants(5), Expected())
+        # A round is now backing off (up to 10 s); the next events land meanwhile.
+        wait_until(lambda: ledger_count(ledger_url) == 400, 5,
+                   "the next events, while Stripe is backed off")
+    finally:
+        started = time.monotonic()
+        worker.stop()
+        runner.join(timeout=30)
+        stopped_in = time.monotonic() - started
+        worker.close()
+        stripe.close()
+    assert not runner.is_alive()
+    assert stopped_in < 12  # the round's retries end at stop(); the last round has 5 s
+    ledger = Ledger(ledger_url)
+    with ledger.reading() as conn:
+        states = set(conn.execute(select(t.stripe_deliveries.c.state)).scalars())
+    ledger.close()
+    assert states <= {"pending"}  # nothing delivered, nothing lost: sent at the next run

@@ -135,6 +135,8 @@ class Worker:
     def stop(self) -> None:
         """Finish the batch in hand, then return from :meth:`run` (signal-safe)."""
         self._stopping.set()
+        if self.deliverer is not None:  # a Stripe round backing off ends its retries now
+            self.deliverer.meter.deadline = self.deliverer.meter.clock()
 
     @property
     def stopping(self) -> bool:
@@ -161,13 +163,18 @@ class Worker:
         backoff), never fatal."""
         log.info("billing worker %s: started on %d streams, ledger %s", self.name,
                  len(self.streams), self.ledger.url)
+        delivery = None
+        if self.deliverer is not None:
+            delivery = threading.Thread(target=self._deliver, daemon=True,
+                                        name="ai-saas-billing-stripe")
+            delivery.start()
         delay = 0.0
         while not self.stopping:
             if delay:
                 self._stopping.wait(delay)
             try:
                 handled = self.step(self.settings.block_ms)
-                self.upkeep()
+                self.upkeep(deliver=False)
                 delay = 0.0
                 if not handled and self.store.cluster:  # a cluster's reads do not block
                     self._stopping.wait(self.settings.block_ms / 1000)
@@ -175,8 +182,20 @@ class Worker:
                 delay = min(max(delay * 2, 0.25), 5.0)
                 self._failed(exc, delay)
         self._settle_quietly()
+        if delivery is not None:
+            delivery.join(timeout=30)
         self._final_delivery()
         self._log_progress(final=True)
+
+    def _deliver(self) -> None:
+        """Stripe delivery while :meth:`run` runs, in a thread of its own: a round that
+        waits on an unwell Stripe never holds up the streams."""
+        while not self._stopping.wait(0.25):
+            try:
+                self.deliverer.tick()
+            except Exception as exc:  # any: delivery resumes at the next tick
+                log.error("billing worker %s: a Stripe delivery round failed (%s); it is "
+                          "tried again", self.name, type(exc).__name__)
 
     def drain(self, timeout_s: float = 60.0) -> int:
         """Work until the streams hold nothing new and nothing pending for :data:`GROUP`
@@ -329,10 +348,11 @@ class Worker:
 
     # -- upkeep
 
-    def upkeep(self, force: bool = False) -> None:
-        """Claim, trim, forget, log, deliver: every ``trimInterval`` (or now)."""
+    def upkeep(self, force: bool = False, deliver: bool = True) -> None:
+        """Claim, trim, forget, log: every ``trimInterval`` (or now); with ``deliver``,
+        a Stripe round when its interval has passed (:meth:`run` has a thread for it)."""
         now = time.monotonic()
-        if self.deliverer is not None:
+        if deliver and self.deliverer is not None:
             self.deliverer.tick()
         if now - self._last_progress >= _PROGRESS_S:
             self._log_progress()
