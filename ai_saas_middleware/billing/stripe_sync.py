@@ -64,7 +64,7 @@ __all__ = ["TICK_BUDGET_S", "Deliverer", "Sent", "customers_of", "identifier_of"
 log = logging.getLogger("ai_saas_middleware.billing")
 
 CLAIM_LIMIT = 100_000  # events one tenant's claim takes per gather (bounds a transaction)
-TICK_BUDGET_S = 10.0  # backoff one tick() may spend on an unwell Stripe (the worker waits)
+TICK_BUDGET_S = 10.0  # backoff one tick() may spend on an unwell Stripe
 _NO_CUSTOMER_RECHECK_S = 60.0
 _ID_CHUNK = 500  # request ids per UPDATE ... IN (...)
 
@@ -349,7 +349,8 @@ class Deliverer:
         next tick starts from a consistent ledger): delivery never stops ingestion.
         Retries of an unwell Stripe end after :data:`TICK_BUDGET_S` of backoff (what is
         left stays pending for the next tick), whatever ``maxRetries`` and Stripe's
-        ``Retry-After`` would allow: the worker reads no stream while this runs."""
+        ``Retry-After`` would allow (``Worker.run`` ticks in a thread of its own; ``drain``
+        between batches)."""
         if self._last is not None and self._clock() - self._last < self.stripe.interval_s:
             return None
         try:

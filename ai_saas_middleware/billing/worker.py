@@ -13,7 +13,8 @@ One consumer group, :data:`GROUP`, over every shard stream. A worker:
 4. every ``trimInterval``: claims entries idle too long, trims each stream below what
    *every* consumer group has acknowledged (``XTRIM MINID``: never an entry some group
    has not acknowledged), forgets consumers gone for an hour with nothing pending, logs
-   progress and lag, and lets the Stripe delivery run (:mod:`.stripe_sync`).
+   progress and lag. Stripe delivery (:mod:`.stripe_sync`) runs in a thread of its own
+   during :meth:`Worker.run`, so an unwell Stripe never holds up the streams.
 
 ``stop()`` (SIGTERM, SIGINT in ``ai-saas worker``) lets the batch in hand finish, then
 the worker returns; its longest wait is one ``XREADGROUP`` block (1 s by default).
