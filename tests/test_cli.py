@@ -402,3 +402,20 @@ def test_redis_port_must_be_a_port(port: str, capsys: pytest.CaptureFixture[str]
 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--port" in err
+
+
+@pytest.mark.parametrize("argv", [["worker", "--once"], ["report", "--period", "2026-11"],
+                                  ["billing", "migrate"], ["billing", "audit", "--period",
+                                                           "2026-11"]])
+def test_billing_commands_without_the_billing_extra_say_what_to_install(
+        argv: list[str], tmp_path: Path, make_config: Callable[..., dict[str, Any]]) -> None:
+    path = tmp_path / "ai-saas-config.yaml"
+    path.write_text(yaml.safe_dump(make_config()), "utf-8")
+    code = ("import sys; sys.modules['sqlalchemy'] = None  # as if not installed\n"
+            "from ai_saas_middleware.cli import main\n"
+            f"sys.exit(main({[*argv, '-c', str(path)]!r}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"ai-saas: '{argv[0]}' needs sqlalchemy: pip install "
+                                     "'ai-saas-middleware[billing]'")

@@ -8,6 +8,7 @@ module (:mod:`.worker`, :mod:`.reports`, :mod:`.audit`, :mod:`.stripe_reconcile`
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -37,7 +38,7 @@ def _ratio(text: str) -> Decimal:
     return value
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+def _migrate(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from .ledger import LedgerError
@@ -57,34 +58,37 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from .worker import cmd_worker as run
+def _handler(module: str) -> Callable[[argparse.Namespace], int]:
+    """The ``cmd_*`` of ``.module``, imported when the command runs: a deployment without
+    the billing extra gets a one-line hint, not an ``ImportError`` traceback."""
 
-    return int(run(args))
+    def run(args: argparse.Namespace) -> int:
+        from ..errors import AISaaSError
+
+        try:
+            found = importlib.import_module(f".{module}", __package__)
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or "").split(".")[0]
+            if missing not in _EXTRA:
+                raise
+            raise AISaaSError(f"'{args.command}' needs {missing}: pip install "
+                              f"'ai-saas-middleware[{_EXTRA[missing]}]'") from None
+        if module == "ledger":  # migrate: the ledger's own (imported above, so checked)
+            return _migrate(args)
+        handler = getattr(found, "cmd_" + (args.action if args.command == "billing"
+                                           else args.command))
+        return int(handler(args))
+
+    return run
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from .reports import cmd_report as run
-
-    return int(run(args))
-
-
-def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .stripe_reconcile import cmd_reconcile as run
-
-    return int(run(args))
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import cmd_audit as run
-
-    return int(run(args))
-
-
-def cmd_reprice(args: argparse.Namespace) -> int:
-    from .reprice import cmd_reprice as run
-
-    return int(run(args))
+_EXTRA = {"sqlalchemy": "billing", "stripe": "billing"}
+cmd_migrate = _handler("ledger")
+cmd_worker = _handler("worker")
+cmd_report = _handler("reports")
+cmd_reconcile = _handler("stripe_reconcile")
+cmd_audit = _handler("audit")
+cmd_reprice = _handler("reprice")
 
 
 def add_commands(sub: Any, command: Command, with_config: Callable[..., None],

@@ -87,7 +87,9 @@ class Ledger:
                 raise LedgerError(f"billing.database {self.url}: only sqlite:// and "
                                   "postgresql+psycopg:// ledgers are supported")
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
-            raise LedgerError(f"billing.database {self.url}: {exc}") from None
+            hint = (" (pip install 'ai-saas-middleware[postgres]')"
+                    if isinstance(exc, ImportError) else "")
+            raise LedgerError(f"billing.database {self.url}: {exc}{hint}") from None
         self._insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)
 
     def close(self) -> None:
