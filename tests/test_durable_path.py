@@ -70,6 +70,7 @@ def audit_now(config: dict[str, object], ledger_url: str, spool: Path) -> list[T
         ledger.close()
 
 
+@pytest.mark.billing_faults
 def test_redis_stopped_for_10s_under_traffic_every_request_is_in_the_ledger_once(
         srv: PrivateRedis, key_prefix: str, tmp_path: Path, ledger_url: str) -> None:
     spool = tmp_path / "spool"

@@ -189,6 +189,7 @@ def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.mark.billing_faults
 def test_killed_workers_lose_and_double_nothing(
         billing_config: Callable[..., dict[str, Any]], ledger_url: str,
         raw_client: redis.Redis, key_prefix: str, tmp_path: Path,
@@ -286,6 +287,7 @@ def test_sigterm_finishes_the_batch_and_exits_0_within_seconds(
     assert all(raw_client.xpending(s, GROUP)["pending"] == 0 for s in keys.streams())
 
 
+@pytest.mark.billing_faults
 def test_postgresql_restarted_under_the_worker_loses_and_doubles_nothing(
         make_config: Callable[..., dict[str, Any]], postgres: Any,
         raw_client: redis.Redis, key_prefix: str) -> None:
