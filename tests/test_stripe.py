@@ -645,3 +645,30 @@ def test_the_worker_moves_settled_usage_through_the_ledger_to_stripe_once(
     billed = {f"cus_{n}": expected.tokens[n] for i, n in enumerate(names) if i % 3}
     assert {c: int(v) for c, v in standin.state.totals().items()} == billed
     assert standin.state.violations == []
+
+
+def test_a_redis_stored_tenants_customer_is_delivered_to_and_reconciled(
+        setup: Callable[..., tuple[Config, Path]], standin: Running,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A tenant stored in Redis (``ai-saas tenants add --stripe-customer``), not in the
+    file: the worker delivers its usage to its customer, and reconcile finds it there."""
+    from ai_saas_middleware.store.redis import RedisStore
+    from ai_saas_middleware.tenants import TenantAdmin
+
+    config, path = setup()
+    store = RedisStore(config.redis)
+    try:
+        TenantAdmin(config, store).add("wayne", "pro", stripe_customer_id="cus_wayne")
+        usage = Usage(config)
+        usage.add("wayne", 3)
+        Deliverer(config, usage.ledger, customers_of(config, store),
+                  meter=meter(config)).flush()
+    finally:
+        store.close()
+    with usage.ledger.reading() as conn:
+        tokens = sum(r.prompt_tokens + r.completion_tokens
+                     for r in conn.execute(select(t.usage_events)))
+    assert standin.state.totals() == {"cus_wayne": Decimal(tokens)}
+    code, out, err = reconcile(path, capsys)
+    assert (code, err) == (0, ""), out
+    assert re.search(r"^cus_wayne +wayne +\d+ +\d+ +\S+$", out, re.M), out

@@ -152,7 +152,7 @@ def add_commands(sub: Any, command: Command, with_config: Callable[..., None],
                 "Lists every tenant whose usage delivered to Stripe for the month differs "
                 "from the ledger's, and every delivery not yet confirmed; exits 1 when "
                 "there is a difference.")
-    with_ledger(a, period="reconcile")
+    with_ledger(a, redis=True, period="reconcile")
     a.set_defaults(func=cmd_reconcile)
 
     a = command(bsub, "audit", "prove every event is in the spool, a stream or the ledger",

@@ -12,6 +12,7 @@ the month's events). Usage of tenants without a customer is a note, not a differ
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -21,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..admission import month_bounds
+from ..store.redis import RedisStore
 from ..tabulate import table
 from . import tables as t
 from .ledger import Ledger, LedgerError
@@ -168,11 +170,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     except LedgerError as exc:
         print(f"ai-saas: billing reconcile: {exc}", file=sys.stderr)
         return 2
+    # Redis-stored tenants' customers too (tenants.py), as the worker delivers to them.
+    store = RedisStore(config.redis, args.redis_url or config.redis.url
+                       or os.environ.get("REDIS_URL"))
     try:
         ledger.check_version()
         meter = StripeMeter(config.billing.stripe, backoff_cap_s=5.0)
         found = reconcile(ledger, meter, config.billing.usage_metric, args.period,
-                          customers_of(config))
+                          customers_of(config, store))
     except StripeUnavailable as exc:
         print(f"ai-saas: billing reconcile: {exc}", file=sys.stderr)
         return 2
@@ -188,6 +193,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         return 2
     finally:
         ledger.close()
+        store.close()
     metric = config.billing.usage_metric
     print(f"ledger {ledger.url} against Stripe (event {config.billing.stripe.event_name}), "
           f"{args.period}, in {metric}:")
