@@ -97,7 +97,7 @@ class Pricing:
                 self.switched[i] = Plan.of(rule.pricing_rules, rule.markup,
                                            billing.minimum_per_request)
         self.versions: dict[Plan, int] = {}
-        self._rates: dict[tuple[Plan, str], dict[str, int]] = {}
+        self._priced: dict[tuple[int | None, str], tuple[Plan, dict[str, int], int]] = {}
 
     def plans(self) -> list[Plan]:
         return [self.base, *self.switched.values()]
@@ -105,6 +105,7 @@ class Pricing:
     def bind(self, versions: dict[Plan, int]) -> None:
         """Take each plan's version (registered in the ledger)."""
         self.versions = dict(versions)
+        self._priced.clear()
 
     def plan_of(self, switched_rule: int | None) -> Plan:
         if switched_rule is not None and switched_rule in self.switched:
@@ -112,10 +113,14 @@ class Pricing:
         return self.base
 
     def price(self, event: Event, switched_rule: int | None = None) -> None:
-        plan = self.plan_of(switched_rule)
-        key = (plan, event.tier)
-        rates = self._rates.get(key)
-        if rates is None:
-            rates = self._rates[key] = plan.rates_for(event.tier)
+        # Keyed by the rule's index, not the Plan: hashing a Plan hashes all its rules and
+        # their Decimals, once per event.
+        key = (switched_rule if switched_rule in self.switched else None, event.tier)
+        found = self._priced.get(key)
+        if found is None:
+            plan = self.plan_of(switched_rule)
+            found = self._priced[key] = (plan, plan.rates_for(event.tier),
+                                         self.versions.get(plan, 0))
+        plan, rates, version = found
         event.revenue_p = plan.price(event, rates)
-        event.pricing_version = self.versions.get(plan, 0)
+        event.pricing_version = version
