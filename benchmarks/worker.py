@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import json
 import multiprocessing
 import os
@@ -155,6 +156,10 @@ def floor_drain(url: str, streams: list[str], count: int) -> int:
     read_args = ["XREADGROUP", "GROUP", GROUP, "floor", "COUNT", count, "STREAMS", *streams,
                  *([">"] * len(streams))]
     total = 0
+    # Under the worker's own policy (Worker(own_process=True)): no cyclic collection
+    # within a drain, so the floor is not slowed by what the worker is spared.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         while True:
             reply = client.execute_command(*read_args)
@@ -168,6 +173,8 @@ def floor_drain(url: str, streams: list[str], count: int) -> int:
                 pipe.execute_command("XACK", stream, GROUP, *[eid for eid, _ in entries])
             pipe.execute()
     finally:
+        if collecting:
+            gc.enable()
         client.close()
 
 
@@ -195,7 +202,9 @@ def one_run(variant: str, args: argparse.Namespace, url: str, admin: redis.Redis
     worker = None
     if variant != "floor":
         assert ledger is not None
-        worker = Worker(worker_config(url, prefix, ledger, args.batch), name="bench")
+        # own_process: as `ai-saas worker` runs it (this process does nothing else)
+        worker = Worker(worker_config(url, prefix, ledger, args.batch), name="bench",
+                        own_process=True)
         count = worker.settings.batch_size
     else:
         count = args.batch or WorkerConfig().batch_size
