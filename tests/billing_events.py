@@ -7,7 +7,6 @@ Each event's figures derive from its index, so a test knows the exact totals it 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -79,7 +78,3 @@ def settle_events(client: redis.Redis, keys: KeySchema, start: int, count: int,
             expected.add(tenant, request_id, prompt, completion, cost)
         pipe.execute()
 
-
-def batches(total: int, size: int) -> Iterator[tuple[int, int]]:
-    for lo in range(0, total, size):
-        yield lo, min(size, total - lo)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from ..pricing import MONEY
 from ..store.keys import is_valid_tenant_id
 
 __all__ = ["Event", "Rejected", "parse_entry"]
@@ -58,10 +57,6 @@ class Event:
     stream_id: str
     revenue_p: int = 0
     pricing_version: int = 0
-
-    @property
-    def cost(self) -> Decimal:
-        return MONEY.scaleb(Decimal(self.cost_p), -12)
 
 
 def _field(fields: dict[str, str], name: str, default: str | None = None) -> str:
