@@ -42,10 +42,10 @@ __all__ = ["FALSE_HIT_SLOPE", "Calibration", "fit_calibration"]
 #: ``score = 1 - FALSE_HIT_SLOPE * false-hit rate``: 0.85 is a 5% false-hit point.
 FALSE_HIT_SLOPE = 3.0
 
-# The false-hit levels that become knots (score 1 - 3f each): denser near the
-# recommended 5%, where thresholds are actually set.
-_LEVELS = (1 / 3, 0.25, 0.20, 0.15, 0.10, 0.0833, 0.0667, 0.05, 0.04, 0.0333, 0.025,
-           0.0167, 0.01, 0.0)
+# The scores that become knots, each at the cosine where the false-hit rate crosses
+# (1 - score) / 3: denser near the recommended 0.85, where thresholds are actually set.
+_KNOT_SCORES = (0.0, 0.25, 0.4, 0.55, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.925, 0.95, 0.97,
+                1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +101,13 @@ def fit_calibration(accepted_trap_cosines: Sequence[float], trap_count: int) -> 
         raise ValueError("fit_calibration: trap_count must be positive")
     ranked = sorted(accepted_trap_cosines, reverse=True)
     knots: dict[float, float] = {}
-    for level in _LEVELS:
+    for score in _KNOT_SCORES:
+        level = (1 - score) / FALSE_HIT_SLOPE
         allowed = int(level * trap_count + 1e-9)  # traps a threshold here may serve
         if allowed >= len(ranked):
             continue  # the guard alone keeps wrong answers under this level
         above = ranked[allowed - 1] if allowed > 0 else 1.0
         cosine = round((ranked[allowed] + above) / 2, 6)
-        score = round(1 - FALSE_HIT_SLOPE * level, 6)
         knots[cosine] = max(score, knots.get(cosine, score))
     knots.setdefault(1.0, 1.0)
     knots[1.0] = 1.0

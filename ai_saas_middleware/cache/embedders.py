@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import re
 import threading
 import unicodedata
@@ -114,16 +115,20 @@ def _unit_rows(matrix: NDArray[np.float32]) -> NDArray[np.float32]:
 # Knots from `python benchmarks/cache_eval.py --fit` (fitted on all 600 fow-cache pairs'
 # traps with the guard; see calibration.py for what they mean).
 _NGRAM_CALIBRATION = Calibration(
-    (-1.0, 0.0, 1.0),
-    (0.0, 0.0, 1.0),
+    (-1.0, -0.043317, 0.499307, 0.635666, 0.705678, 0.773059, 0.789765, 0.817503,
+     0.838124, 0.861675, 0.87396, 0.896403, 0.93181, 0.999013, 1.0),
+    (0.0, 0.0, 0.25, 0.4, 0.55, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.925, 0.95, 0.97, 1.0),
 )
 _MINILM_CALIBRATION = Calibration(
-    (-1.0, 0.0, 1.0),
-    (0.0, 0.0, 1.0),
+    (-1.0, 0.380144, 0.683885, 0.749415, 0.803474, 0.855168, 0.866053, 0.879725,
+     0.893669, 0.903392, 0.90912, 0.925394, 0.959808, 0.991999, 0.999179, 1.0),
+    (0.0, 0.0, 0.25, 0.4, 0.55, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.925, 0.95, 0.97, 1.0,
+     1.0),
 )
 _WORDLLAMA_CALIBRATION = Calibration(
-    (-1.0, 0.0, 1.0),
-    (0.0, 0.0, 1.0),
+    (-1.0, 0.207014, 0.650666, 0.708928, 0.75218, 0.814431, 0.847175, 0.868468,
+     0.883382, 0.891525, 0.908154, 0.931181, 0.974388, 0.999544, 1.0),
+    (0.0, 0.0, 0.25, 0.4, 0.55, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.925, 0.95, 0.97, 1.0),
 )
 
 # Words that carry the question's form, not its subject ("how do I", "what is the"):
@@ -139,6 +144,18 @@ _FUNCTION_WORDS = frozenset("""
     really quick question get got any some s
 """.split())
 _NON_WORD = re.compile(r"[^\w]+")
+
+
+@functools.lru_cache(maxsize=65536)
+def _word_hashes(word: str, function: bool) -> tuple[int, tuple[int, ...]]:
+    """CRC-32 of the word feature (``w:<word>``) and of its boundary-marked 3-grams
+    (none for a function word). Words repeat across requests, so this is cached."""
+    word_hash = zlib.crc32(("w:" + word).encode("utf-8"))
+    if function:
+        return word_hash, ()
+    padded = f"<{word}>"
+    return word_hash, tuple(zlib.crc32(padded[i:i + 3].encode("utf-8"))
+                            for i in range(len(padded) - 2))
 
 
 class NgramEmbedder(_Calibrated):
@@ -170,33 +187,35 @@ class NgramEmbedder(_Calibrated):
             # default's.
             self.version = f"1-d{dim}-w{word_weight}-f{function_weight}"
 
-    def _features(self, text: str) -> dict[str, float]:
+    def _features(self, text: str) -> dict[int, float]:
+        """Feature hash -> weighted count."""
         text = unicodedata.normalize("NFKC", text).lower()
-        counts: dict[str, float] = {}
+        counts: dict[int, float] = {}
         for word in _NON_WORD.sub(" ", text).split():
             word = word.strip("_")
             if not word:
                 continue
-            if word in _FUNCTION_WORDS:
-                key = "w:" + word
-                counts[key] = counts.get(key, 0.0) + self._function_weight
-                continue
-            key = "w:" + word
-            counts[key] = counts.get(key, 0.0) + self._word_weight
-            padded = f"<{word}>"
-            for i in range(len(padded) - 2):
-                gram = padded[i:i + 3]
-                counts[gram] = counts.get(gram, 0.0) + 1.0
+            function = word in _FUNCTION_WORDS
+            word_hash, gram_hashes = _word_hashes(word, function)
+            weight = self._function_weight if function else self._word_weight
+            counts[word_hash] = counts.get(word_hash, 0.0) + weight
+            for h in gram_hashes:
+                counts[h] = counts.get(h, 0.0) + 1.0
         return counts
 
     def _vector(self, text: str, out: NDArray[np.float32]) -> None:
         mask = self._mask
-        for feature, count in self._features(text).items():
-            h = zlib.crc32(feature.encode("utf-8"))
-            weight = 1.0 + np.log(count) if count >= 1.0 else count
+        buckets: list[int] = []
+        weights: list[float] = []
+        for h, count in self._features(text).items():
+            weight = 1.0 + math.log(count) if count >= 1.0 else count
+            buckets.append(h & mask)
             # The sign from a bit the bucket does not use: collisions cancel on average
             # instead of piling up.
-            out[h & mask] += weight if (h >> 20) & 1 else -weight
+            weights.append(weight if (h >> 20) & 1 else -weight)
+        if buckets:
+            out += np.bincount(buckets, weights=weights, minlength=self.dim).astype(
+                np.float32)
 
     def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
         """Unit vectors, shape ``(len(texts), dim)``, float32."""
