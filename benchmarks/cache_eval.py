@@ -50,10 +50,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ai_saas_middleware.cache.calibration import Calibration, fit_calibration  # noqa: E402
-from ai_saas_middleware.cache.embedders import EMBEDDERS, Embedder  # noqa: E402
-from ai_saas_middleware.cache.guard import LexicalGuard  # noqa: E402
-from ai_saas_middleware.cache.request_key import normalize_text, request_keys  # noqa: E402
+from ai_saas_middleware.cache.calibration import Calibration, fit_calibration
+from ai_saas_middleware.cache.embedders import EMBEDDERS, Embedder
+from ai_saas_middleware.cache.guard import LexicalGuard
+from ai_saas_middleware.cache.request_key import normalize_text, request_keys
 
 THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
 DEFAULT_THRESHOLD = 0.85

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 __all__ = ["FALSE_HIT_SLOPE", "Calibration", "fit_calibration"]
@@ -62,9 +63,9 @@ class Calibration:
     def __post_init__(self) -> None:
         if len(self.cosines) < 2 or len(self.cosines) != len(self.scores):
             raise ValueError("Calibration: need two or more (cosine, score) knots")
-        if any(b <= a for a, b in zip(self.cosines, self.cosines[1:])):
+        if any(b <= a for a, b in pairwise(self.cosines)):
             raise ValueError("Calibration: cosines must be strictly increasing")
-        if any(b < a for a, b in zip(self.scores, self.scores[1:])):
+        if any(b < a for a, b in pairwise(self.scores)):
             raise ValueError("Calibration: scores must not decrease")
 
     def __call__(self, cosine: Any) -> Any:
@@ -76,8 +77,7 @@ class Calibration:
 
     def cosine_at(self, score: float) -> float:
         """The smallest raw cosine whose score reaches ``score`` (1.0 if none does)."""
-        for (c0, s0), (c1, s1) in zip(zip(self.cosines, self.scores),
-                                      zip(self.cosines[1:], self.scores[1:])):
+        for (c0, s0), (c1, s1) in pairwise(zip(self.cosines, self.scores, strict=True)):
             if s1 >= score:
                 if s0 >= score:
                     return c0

@@ -159,7 +159,7 @@ _TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[£$€¥%]")
 _SENTENCE_END = re.compile(r"[.!?:;\n\"“”()]")
 _CLOCK = re.compile(r"(\d{1,2}(?:[:.]\d{2})?)\s*([ap])\.?m\b\.?", re.IGNORECASE)
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
-_DECIMAL = re.compile(r"\d+\.\d+")
+_DECIMAL = re.compile(r"(?<![\w.])\d+\.\d+(?!\w|\.\d)")
 _PRONOUN_I = frozenset({"i", "i'm", "i've", "i'd", "i'll", "i’m", "i’ve", "i’d", "i’ll"})
 
 
@@ -224,8 +224,13 @@ def _features(text: str) -> _Features:
         numbers.add(f"{hour}{match.group(2).lower()}m")
         return " "
 
+    def decimal(match: re.Match[str]) -> str:
+        numbers.add(match.group().rstrip("0").rstrip("."))  # 2.50 is 2.5
+        return " "
+
     text = _CLOCK.sub(clock, text)
     text = _THOUSANDS.sub("", text)
+    text = _DECIMAL.sub(decimal, text)
     raw_tokens: list[tuple[str, bool]] = []  # (token, opens a sentence)
     position = 0
     opening = True
@@ -247,8 +252,6 @@ def _features(text: str) -> _Features:
             base = base.replace("'", "").replace("’", "")
         words.append(base)
         if any(c.isdigit() for c in token):
-            if _DECIMAL.fullmatch(token):
-                token = token.rstrip("0").rstrip(".")
             numbers.add(token.lower())
             continue
         if lower in _PRONOUN_I:
@@ -260,7 +263,7 @@ def _features(text: str) -> _Features:
     numbers.update(_number_word_runs(words))
     numbers.update(_ORDINALS[w] for w in words if w in _ORDINALS)
     dates: set[str] = set()
-    for token, word in zip((t for t, _ in raw_tokens), words):
+    for token, word in zip((t for t, _ in raw_tokens), words, strict=True):
         single = _singular(word)
         if single in _WEEKDAYS or single in _RELATIVE_DAYS:
             dates.add(single)

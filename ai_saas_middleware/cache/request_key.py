@@ -166,27 +166,36 @@ def request_keys(body: Mapping[str, Any], *, tenant_id: str, endpoint: str,
     head = {"v": KEY_VERSION, "tenant": tenant_id, "endpoint": endpoint,
             "model_class": model_class, "params": params}
 
-    exact = _digest({**head, "kind": "exact", "messages": canonical_messages})
+    # Each part is encoded once and both digests are fed from the same encodings: JSON
+    # never holds a raw newline, so newline-joined encodings parse back unambiguously.
+    head_encoded = _ENCODER.encode(head)
+    encoded = [_ENCODER.encode(m) for m in canonical_messages]
+    exact = _digest(b"exact\n", head_encoded, encoded)
     semantic_text: str | None = None
-    if last_user < 0:
-        partition_messages = canonical_messages
-    else:
+    if last_user >= 0:
         user_parts = canonical_messages[last_user]["content"]
         texts = [p["text"] for p in user_parts if _is_text_part(p)]
         semantic_text = "\n".join(texts)
         # Non-text parts (an image) stay in the partition: only the text is compared by
         # meaning, so requests about different images never meet.
         slot_parts = [p for p in user_parts if not _is_text_part(p)] + [_SEMANTIC_SLOT]
-        partition_messages = list(canonical_messages)
-        partition_messages[last_user] = {**canonical_messages[last_user],
-                                         "content": slot_parts}
-    partition = _digest({**head, "kind": "partition", "messages": partition_messages})
+        encoded[last_user] = _ENCODER.encode({**canonical_messages[last_user],
+                                              "content": slot_parts})
+    partition = _digest(b"partition\n", head_encoded, encoded)
     return RequestKeys(exact_key=exact, partition_key=partition, semantic_text=semantic_text)
 
 
-def _digest(payload: dict[str, Any]) -> str:
-    encoded = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()
+# Built once: json.dumps() with options builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _digest(kind: bytes, head: str, messages: list[str]) -> str:
+    digest = hashlib.sha256(kind)
+    digest.update(head.encode("utf-8", "surrogatepass"))
+    for message in messages:
+        digest.update(b"\n")
+        digest.update(message.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 class Cacheability(NamedTuple):
