@@ -290,6 +290,8 @@ def _features(text: str) -> _Features:
 def _negated_form(words_a: frozenset[str], words_b: frozenset[str]) -> bool:
     """A word of one side is a prefix-negated word of the other (safe / unsafe)."""
     for word in words_a:
+        if not word.startswith(_NEGATING_PREFIXES):
+            continue
         for prefix in _NEGATING_PREFIXES:
             if word.startswith(prefix) and len(word) - len(prefix) >= 4 and (
                     word[len(prefix):] in words_b):
