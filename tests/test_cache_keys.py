@@ -232,3 +232,19 @@ def test_cacheable_knobs() -> None:
     assert cacheable(body(tools=TOOLS), allow_tools=True).cacheable
     assert cacheable(body(temperature=0.2), max_temperature=0.3).cacheable
     assert not cacheable(body(temperature=0.5), max_temperature=0.3).cacheable
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_the_order_of_fields_never_changes_a_key(rng: Any) -> None:
+    def shuffled(value: Any) -> Any:
+        if isinstance(value, dict):
+            items = list(value.items())
+            rng.shuffle(items)
+            return {k: shuffled(v) for k, v in items}
+        if isinstance(value, list):
+            return [shuffled(v) for v in value]  # list order is meaning: kept
+        return value
+
+    original = body(tools=TOOLS, response_format={"type": "json_object"}, seed=3)
+    assert keys(shuffled(original)) == keys(original)

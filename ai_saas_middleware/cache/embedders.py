@@ -31,7 +31,6 @@ import functools
 import importlib.util
 import math
 import re
-import threading
 import unicodedata
 import zlib
 from collections.abc import Callable, Sequence
@@ -259,6 +258,7 @@ class MiniLMEmbedder(_Calibrated):
     sentence-transformers' for this model: WordPiece, at most 256 tokens, mean pooling
     over the attention mask, L2. One text per run (never padded batches), on one
     thread, so a text's vector does not depend on what else was embedded with it.
+    onnxruntime sessions are safe to run from several threads at once.
     """
 
     name = "minilm"
@@ -291,7 +291,6 @@ class MiniLMEmbedder(_Calibrated):
                                              sess_options=options,
                                              providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self._session.get_inputs()}
-        self._lock = threading.Lock()
         self.calibration = calibration
 
     def _one(self, text: str) -> NDArray[np.float32]:
