@@ -134,7 +134,7 @@ def test_settle_writes_all_or_nothing(make_config, rclient, key_prefix) -> None:
     assert rclient.zrange(keys.reservations, 0, -1, withscores=True) == [
         (member, 4_000_000_000_000)]
 
-    rclient.set(keys.quota("2026-01"), 50)  # repaired: it held the reservation
+    rclient.set(keys.quota("2026-01"), 50, ex=3000)  # repaired: it held the reservation
     entry_id = store.run_script("settle", script_keys, event)
     assert rclient.get(keys.quota("2026-01")) == "5" and rclient.zcard(keys.reservations) == 0
     assert store.run_script("settle", script_keys, event) is None  # once
@@ -142,8 +142,20 @@ def test_settle_writes_all_or_nothing(make_config, rclient, key_prefix) -> None:
     assert rclient.xrange(keys.stream) == [(entry_id.decode(),
                                             {"request_id": "req_x", "tenant_id": "globex"})]
     assert rclient.get(keys.quota("2026-01")) == "5"
-    assert 0 < rclient.ttl(keys.quota("2026-01")) <= 90  # a new counter gets ARGV[3]
+    assert 90 < rclient.ttl(keys.quota("2026-01")) <= 3000  # its own TTL, kept
     assert 0 < rclient.ttl(keys.settled("req_x")) <= 60  # the marker, ARGV[2]
+
+    # A replay after the month's counter expired makes it anew, with ARGV[3] as its TTL,
+    # whether the reservation is still held or was released when its lease ran out.
+    for request_id, held in (("req_y", True), ("req_z", False)):
+        rclient.delete(keys.quota("2026-01"))
+        member = reservation_member(request_id, 50, "2026-01")
+        if held:
+            rclient.zadd(keys.reservations, {member: 4_000_000_000_000})
+        store.run_script("settle", _settle_keys(keys, "2026-01", request_id),
+                         [5, 60, 90, member, "request_id", request_id])
+        assert rclient.get(keys.quota("2026-01")) == ("-45" if held else "5")
+        assert 0 < rclient.ttl(keys.quota("2026-01")) <= 90
     store.close()
 
 

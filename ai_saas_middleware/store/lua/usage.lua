@@ -27,5 +27,6 @@ if ARGV[1] ~= 'static' then
   tier = record[1]
 end
 local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-local requests = redis.call('ZCOUNT', KEYS[1], '(' .. (now_us - tonumber(ARGV[4]) * 1000), '+inf')
+local requests = redis.call('ZCOUNT', KEYS[1],
+                                string.format('(%d', now_us - tonumber(ARGV[4]) * 1000), '+inf')
 return {0, now_ms, used, requests, tier}
