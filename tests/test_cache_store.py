@@ -18,7 +18,7 @@ from ai_saas_middleware import load_config
 from ai_saas_middleware.errors import ConfigError
 from ai_saas_middleware.gateway import Gateway
 from ai_saas_middleware.store.keys import KeySchema
-from ai_saas_middleware.types import Outcome, RequestInfo
+from ai_saas_middleware.types import RequestInfo
 
 
 def body(text: str) -> dict[str, Any]:

@@ -44,7 +44,8 @@ log = logging.getLogger("ai_saas_middleware")
 
 MAX_CANDIDATES = 32  # entries a semantic lookup scores at most
 WHOLE_PARTITION = 64  # a partition this small is scored whole (no LSH)
-BUCKET_READ = 512  # members read from one LSH bucket at most
+BUCKET_READ = 128  # members read from one LSH bucket at most
+LSH_TABLES, LSH_BITS = 16, 10  # see cache/lsh.py and benchmarks/README.md, Issue 11
 _NO_PARTITION = "-"
 
 
@@ -122,11 +123,12 @@ class ResponseCache:
                 "them missing")], config.source) from None
         self._candidates = CandidateSet
         self._find_match = find_match
-        self.hasher = SignHasher(self.embedder.dim)
+        self.hasher = SignHasher(self.embedder.dim, LSH_TABLES, LSH_BITS)
         self.threshold = cfg.similarity_threshold
         self.ttl_s = max(1, int(cfg.ttl_s))
         self.mode = "quota" if cfg.count_towards_quota else "free"
         self._space = f"{self.embedder.embedder_id}|{self.hasher.version}"
+        self._candidate_head = self.embedder.embedder_id.encode() + b"\n"
 
     # ---------------------------------------------------------------- before Redis
 
@@ -189,20 +191,21 @@ class ResponseCache:
     def choose(self, plan: CachePlan, reply: Any) -> str | None:
         """The entry id the lookup's candidates offer as a match, if any (guard
         included); candidates of another embedder are never compared."""
-        if not isinstance(reply, list) or len(reply) < 5 or plan.text is None:
+        if not isinstance(reply, list) or len(reply) < 3 or plan.text is None:
             return None
-        embedder_id = self.embedder.embedder_id.encode()
-        width = self.embedder.dim * 4
+        head = self._candidate_head
+        start, end = len(head), len(head) + self.embedder.dim * 4
         ids: list[str] = []
         texts: list[str] = []
         vectors: list[bytes] = []
-        for i in range(1, len(reply) - 3, 4):
-            entry_id, text, emb, vec = reply[i:i + 4]
-            if emb != embedder_id or not isinstance(vec, bytes) or len(vec) != width:
-                continue
+        for i in range(1, len(reply) - 1, 2):
+            entry_id, candidate = reply[i], reply[i + 1]
+            if not isinstance(candidate, bytes) or not candidate.startswith(head) or len(
+                    candidate) < end:
+                continue  # another embedder's vector (or a corrupt one): never compared
             ids.append(entry_id.decode())
-            texts.append(text.decode("utf-8", "replace"))
-            vectors.append(vec)
+            vectors.append(candidate[start:end])
+            texts.append(candidate[end:].decode("utf-8", "replace"))
         if not ids:
             return None
         candidates = self._candidates.from_buffer(self.embedder.embedder_id, ids, texts,
@@ -260,8 +263,10 @@ class ResponseCache:
         if plan.text is not None:
             self._embed(plan)
             codes = plan.codes or []
-            fields += ["text", plan.text.encode(), "vec",
-                       plan.vector.astype("<f4").tobytes()]
+            # What a lookup reads of an entry, in one field: the embedder's id, the
+            # vector, the text (cache_lookup.lua's one HGET an entry).
+            fields += ["cand", self._candidate_head + plan.vector.astype("<f4").tobytes()
+                       + plan.text.encode()]
             keys.append(k.cache_partition(plan.partition_id))
             keys += [k.cache_bucket(plan.partition_id, t, c) for t, c in enumerate(codes)]
         size = (sum(len(f) if isinstance(f, bytes) else len(str(f)) for f in fields)

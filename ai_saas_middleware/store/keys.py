@@ -14,8 +14,9 @@ same code runs on one Redis server or on a Redis Cluster::
                                                   <YYYY-MM-DD>'] -> lease deadline, ms)
     <prefix>:{s<shard>}:t:<tenant>:b:m:<YYYY-MM>  money spent in a month, picodollars
     <prefix>:{s<shard>}:t:<tenant>:b:d:<YYYY-MM-DD>  money spent in a day (UTC)
-    <prefix>:{s<shard>}:t:<tenant>:c:e:<entry>    cached response (hash: body, text, vec,
-                                                  emb, pt, ct, model; expires: cache.ttl)
+    <prefix>:{s<shard>}:t:<tenant>:c:e:<entry>    cached response (hash: body, pt, ct, model,
+                                                  emb, cand = embedder id + vector + text;
+                                                  expires: cache.ttl)
     <prefix>:{s<shard>}:t:<tenant>:c:lru          cached entries by last use (sorted set, ms)
     <prefix>:{s<shard>}:t:<tenant>:c:sz           entry -> '<bytes> <partition> <codes>'
                                                   (what eviction must remove)
