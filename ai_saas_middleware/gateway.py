@@ -286,6 +286,9 @@ class Gateway(_Core):
             except StoreError as exc:
                 log.warning("cache lookup of %s skipped: %s", plan.request_id, exc)
                 fields = None
+            except Exception:  # a bug in the cache must never cost the request
+                log.exception("cache lookup of %s failed; served as a miss", plan.request_id)
+                fields = None
             chosen = plan.selection.chosen
             if fields and chosen is not None and cache.hit(found, fields, "semantic", chosen):
                 decision = self.admission.hit_decision(plan, decision)
@@ -425,6 +428,9 @@ class AsyncGateway(_Core):
                 fields = await self._run(cache.fetch_call(found, entry)) if entry else None
             except StoreError as exc:
                 log.warning("cache lookup of %s skipped: %s", plan.request_id, exc)
+                fields = None
+            except Exception:  # a bug in the cache must never cost the request
+                log.exception("cache lookup of %s failed; served as a miss", plan.request_id)
                 fields = None
             chosen = plan.selection.chosen
             if fields and chosen is not None and cache.hit(found, fields, "semantic", chosen):
