@@ -245,3 +245,41 @@ def test_without_numpy_an_enabled_cache_fails_at_start_naming_the_extra(
     assert problem.path == "cache.enabled"
     assert "ai-saas-middleware[cache]" in problem.expected
     Gateway(make_config(cache={"enabled": False})).close()  # off: numpy never needed
+
+
+async def test_async_run_scripts_is_one_write(make_config: Any, monkeypatch: Any) -> None:
+    from ai_saas_middleware.gateway import AsyncGateway
+
+    gateway = AsyncGateway(make_config(cache={"enabled": True}))
+    store = gateway.store
+    calls = [("release", [gateway.keys.tenant("globex").reservations, "x"], ["nothing"])] * 2
+    try:
+        await store.run_script(*calls[0])  # connected, scripts loaded
+        lane = store._lane
+        if lane is None:
+            pytest.skip("no hiredis: run_scripts falls back to one call after another")
+        transport = lane._transport
+        writes: list[bytes] = []
+        original = transport.write
+
+        def counting(data: bytes) -> None:
+            writes.append(data)
+            original(data)
+
+        monkeypatch.setattr(transport, "write", counting)
+        assert await store.run_scripts(calls) == [0, 0]
+        assert len(writes) == 1 and writes[0].count(b"EVALSHA") == 2
+    finally:
+        await gateway.close()
+
+
+def test_a_hit_event_is_read_by_the_billing_worker(make_client: Any, events: Any) -> None:
+    from ai_saas_middleware.billing.events import parse_entry
+
+    client = make_client()
+    client.ask("Where is my parcel?")
+    assert client.ask("Where is my parcel?") == "hit"
+    raw = [x for pair in events()[1].items() for x in pair]
+    event = parse_entry("1-0", [v.encode() for v in raw])
+    assert (event.cache, event.cost_p, event.usage_source) == ("hit", 0, "cache")
+    assert event.saved_p == (10 * 150_000 + 5 * 600_000)  # picodollars, model-small's prices

@@ -552,6 +552,32 @@ class _Lane:
                 loop.call_soon(self._flush)
         return future
 
+    def call_many(self, commands: Sequence[bytes]) -> list[Awaitable[Any]]:
+        """Send several packed commands in one write (on an idle lane; else with this loop
+        tick's others); one awaitable reply each, in order."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return [self._connect_and_send(command) for command in commands]
+        loop = asyncio.get_running_loop()
+        pending = self._pending
+        idle = not pending
+        deadline = loop.time() + self._socket_timeout_s
+        futures: list[Awaitable[Any]] = []
+        for _command in commands:
+            future = loop.create_future()
+            pending.append((future, deadline))
+            futures.append(future)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(pending[0][1], self._check_overdue)
+        if idle:
+            transport.write(b"".join(commands))
+        else:
+            first = not self._outbox
+            self._outbox.extend(commands)
+            if first:
+                loop.call_soon(self._flush)
+        return futures
+
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
         transport = self._transport
@@ -769,8 +795,8 @@ class AsyncRedisStore:
         if lane is None or self._loading is None or not self._loading.done():
             return [await self._one_of(call) for call in calls]
         self.health.check()
-        waits = [lane.call(lane.pack("EVALSHA", getattr(self, "_" + which).sha, len(keys),
-                                     *keys, *args)) for which, keys, args in calls]
+        waits = lane.call_many([lane.pack("EVALSHA", getattr(self, "_" + which).sha, len(keys),
+                                          *keys, *args) for which, keys, args in calls])
         replies = await asyncio.gather(*waits, return_exceptions=True)
         out: list[Any] = []
         for call, reply in zip(calls, replies, strict=True):
