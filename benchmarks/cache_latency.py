@@ -276,6 +276,7 @@ def replay(url: str, prefix: str, rng: random.Random) -> dict[str, Any]:
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
+    from ai_saas_middleware.gateway import AsyncGateway
     from ai_saas_middleware.starlette import AISaaSMiddleware
 
     pairs = load_questions()
@@ -328,13 +329,17 @@ def replay(url: str, prefix: str, rng: random.Random) -> dict[str, Any]:
     raw["tenants"][0]["apiKeys"] = [
         "sha256:" + __import__("hashlib").sha256(KEY.encode()).hexdigest()]
     app = Starlette(routes=[Route("/ai/chat", answer, methods=["POST"])])
-    app.add_middleware(AISaaSMiddleware, config=raw)
+    gateway = AsyncGateway(raw)
+    app.add_middleware(AISaaSMiddleware, gateway=gateway)
     served: dict[str, list[str]] = {"first": [], "repeat": [], "paraphrase": [], "trap": []}
+    wrong: list[str] = []
     with TestClient(app) as client:
         for kind, text in workload:
             reply = client.post("/ai/chat", json=chat(text),
                                 headers={"Authorization": f"Bearer {KEY}"})
             served[kind].append(reply.headers.get("x-ai-cache", ""))
+            if kind == "trap" and served[kind][-1] == "hit":
+                wrong.append(f"{text!r} (its twin, asked before: {originals[text]!r})")
     events = []
     rc = redis.Redis.from_url(url, decode_responses=True)
     deadline = time.monotonic() + 10
@@ -343,11 +348,14 @@ def replay(url: str, prefix: str, rng: random.Random) -> dict[str, Any]:
         if len(events) == len(workload):
             break
         time.sleep(0.05)
+    import asyncio
+
+    asyncio.run(gateway.close())
     saved = sum((Decimal(e.get("saved_cost", "0")) for e in events), Decimal(0))
     spent = sum((Decimal(e["cost"]) for e in events), Decimal(0))
     return {"requests": len(workload), "events": len(events), "saved": saved, "spent": spent,
             "served": {k: (v.count("hit"), len(v)) for k, v in served.items()},
-            "hit_events": sum(e["cache"] == "hit" for e in events)}
+            "hit_events": sum(e["cache"] == "hit" for e in events), "wrong": wrong}
 
 
 def main() -> None:
@@ -378,12 +386,14 @@ def main() -> None:
         for label, evalsha, trips in round_trips(url, "rt"):
             print(f"| {label} | {evalsha} | {trips} |")
         print("\n## replay: about 400 requests, 30% repeats or paraphrases\n")
-        r = replay(url, "replay", rng)
+        r = replay(url, "replay", random.Random(11))  # the same workload in every run
         total = r["saved"] + r["spent"]
         print("| kind | requests | served from the cache |")
         print("|---|---:|---:|")
         for kind, (hits, count) in r["served"].items():
             print(f"| {kind} | {count} | {hits} |")
+        for line in r["wrong"]:
+            print(f"- trap served: {line}")
         print(f"\nusage events: {r['events']} for {r['requests']} requests, "
               f"{r['hit_events']} with cache=hit")
         print(f"spent ${r['spent']:f}, saved ${r['saved']:f} (sum of saved_cost): "
