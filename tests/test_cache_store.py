@@ -283,3 +283,58 @@ def test_a_hit_event_is_read_by_the_billing_worker(make_client: Any, events: Any
     event = parse_entry("1-0", [v.encode() for v in raw])
     assert (event.cache, event.cost_p, event.usage_source) == ("hit", 0, "cache")
     assert event.saved_p == (10 * 150_000 + 5 * 600_000)  # picodollars, model-small's prices
+
+
+def test_vectors_of_another_embedder_are_never_compared(make_client: Any) -> None:
+    client = make_client()
+    cache = client.gateway.admission.cache
+    config = client.gateway.config
+    plan = cache.plan("globex", config.endpoints[1], config.models["model-small"],
+                      body("Where is my parcel?"), {})
+    cache.lookup_call(plan)  # embeds
+    vector = plan.vector.astype("<f4").tobytes()
+    own = cache.embedder.embedder_id.encode() + b"\n" + vector + b"Where is my parcel?"
+    other = b"minilm@x\n" + vector + b"Where is my parcel?"
+    assert cache.choose(plan, [1, b"a" * 32, own]) == "a" * 32
+    assert cache.choose(plan, [1, b"b" * 32, other]) is None
+    assert cache.choose(plan, [1, b"c" * 32, own[:-30]]) is None  # cut short: corrupt
+
+
+@pytest.mark.parametrize("reply", [
+    {"choices": []},
+    {"choices": [{"message": {"role": "assistant", "content": None,
+                              "tool_calls": [{"id": "t", "type": "function"}]}}]},
+    {"choices": [{"message": {"content": "a"}}, {"message": {"content": "b"}}]},
+])
+def test_only_one_text_answer_is_stored(make_client: Any, rclient: redis.Redis,
+                                        key_prefix: str, reply: dict[str, Any]) -> None:
+    client = make_client()
+    client.ask("Where is my parcel?", reply=reply)
+    assert cache_keys(rclient, key_prefix) == []
+
+
+def test_numpy_stays_out_of_the_import_path_with_the_cache_off() -> None:
+    import subprocess
+
+    code = ("import sys, ai_saas_middleware.starlette, ai_saas_middleware.flask, "
+            "ai_saas_middleware.wsgi, ai_saas_middleware.gateway; "
+            "print('numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_verifier_can_veto_a_semantic_match(make_client: Any) -> None:
+    client = make_client()
+    asked: list[tuple[str, str]] = []
+
+    class No:
+        def accepts(self, new_text: str, cached_text: str) -> bool:
+            asked.append((new_text, cached_text))
+            return False
+
+    assert client.ask("How do I reset my password?") == "miss"
+    client.gateway.admission.cache.verifier = No()
+    assert client.ask("How can I reset my password?") == "miss"
+    assert asked == [("How can I reset my password?", "How do I reset my password?")]
+    assert client.ask("How do I reset my password?") == "hit"  # exact: no verifier

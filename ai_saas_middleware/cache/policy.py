@@ -127,6 +127,9 @@ class ResponseCache:
         self.threshold = cfg.similarity_threshold
         self.ttl_s = max(1, int(cfg.ttl_s))
         self.mode = "quota" if cfg.count_towards_quota else "free"
+        # A second opinion on semantic matches (cache.guard.Verifier), after the lexical
+        # guard: ``gateway.admission.cache.verifier = ...``. Runs in the request path.
+        self.verifier: Any = None
         self._space = f"{self.embedder.embedder_id}|{self.hasher.version}"
         self._candidate_head = self.embedder.embedder_id.encode() + b"\n"
 
@@ -211,7 +214,7 @@ class ResponseCache:
         candidates = self._candidates.from_buffer(self.embedder.embedder_id, ids, texts,
                                                   b"".join(vectors), self.embedder.dim)
         match = self._find_match(plan.vector, plan.text, candidates, embedder=self.embedder,
-                                 threshold=self.threshold)
+                                 threshold=self.threshold, verifier=self.verifier)
         return match.entry_id if match is not None else None
 
     def fetch_call(self, plan: CachePlan, entry_id: str) -> tuple[str, list[str], list[Any]]:

@@ -69,8 +69,13 @@ def entry_body(is_sse: bool, raw: bytes) -> bytes | None:
         except (ValueError, RecursionError, UnicodeDecodeError):
             return None
         if not isinstance(payload, dict) or "error" in payload or not isinstance(
-                payload.get("choices"), list) or not payload["choices"]:
+                payload.get("choices"), list) or len(payload["choices"]) != 1:
             return None
+        choice = payload["choices"][0]
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or \
+                message.get("tool_calls") or message.get("function_call"):
+            return None  # only a text answer is replayed (never an action)
         return raw
     return _assembled(raw)
 
