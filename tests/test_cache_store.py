@@ -38,7 +38,8 @@ class Client:
         self.gateway = gateway
 
     def ask(self, text: str, tenant: str = "globex", headers: dict[str, str] | None = None,
-            reply: dict[str, Any] = REPLY, status: int = 200) -> str:
+            reply: dict[str, Any] = REPLY, status: int = 200, refuse_store: bool = False
+            ) -> str:
         hdrs = {"authorization": f"Bearer {API_KEYS[tenant]}",
                 "content-type": "application/json", **(headers or {})}
         info = RequestInfo("POST", "/ai/chat", hdrs, json.dumps(body(text)).encode())
@@ -48,6 +49,8 @@ class Client:
             return dict(decision.headers)["x-ai-cache"]
         ctx, ticket = decision.context, decision.ticket
         assert ctx is not None and ticket is not None
+        if refuse_store:
+            ctx.cache.store = False  # the app says: not this answer
         meter = ctx.response_meter()
         meter.start(status, "application/json")
         meter.feed(json.dumps(reply).encode())
@@ -338,3 +341,12 @@ def test_a_verifier_can_veto_a_semantic_match(make_client: Any) -> None:
     assert client.ask("How can I reset my password?") == "miss"
     assert asked == [("How can I reset my password?", "How do I reset my password?")]
     assert client.ask("How do I reset my password?") == "hit"  # exact: no verifier
+
+
+def test_the_app_can_refuse_to_store_an_answer(make_client: Any, rclient: redis.Redis,
+                                               key_prefix: str) -> None:
+    client = make_client()
+    assert client.ask("Where is my parcel?", refuse_store=True) == "miss"
+    assert cache_keys(rclient, key_prefix) == []
+    assert client.ask("Where is my parcel?") == "miss"
+    assert client.ask("Where is my parcel?") == "hit"
