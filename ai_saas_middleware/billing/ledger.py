@@ -38,7 +38,7 @@ from .events import Event
 from .migrations import LATEST, STEPS
 from .rates import Plan, Pricing
 
-__all__ = ["Ledger", "LedgerError", "Recorded", "now_iso"]
+__all__ = ["Ledger", "LedgerError", "Prepared", "Recorded", "now_iso"]
 
 log = logging.getLogger("ai_saas_middleware.billing")
 
@@ -58,6 +58,27 @@ class Recorded:
     duplicates: int = 0
     rejected: int = 0
     flagged: tuple[tuple[str, str, str], ...] = ()  # (tenant, period, margin) newly flagged
+
+
+class Prepared:
+    """A batch inserted by :meth:`Ledger.prepare`, its transaction still open."""
+
+    def __init__(self, done: Recorded, conn: Connection, trans: Any):
+        self.done = done
+        self._conn = conn
+        self._trans = trans
+
+    def commit(self) -> None:
+        """Commit (raises the database's error: then nothing is committed) and give the
+        connection back."""
+        try:
+            self._trans.commit()
+        finally:
+            self._conn.close()
+
+    def rollback(self) -> None:
+        """Roll back and give the connection back."""
+        self._conn.close()
 
 
 def _redacted(url: str) -> str:
@@ -200,6 +221,29 @@ class Ledger:
         """Price ``events`` and insert them with their aggregates in one transaction;
         ``rejected`` (stream id, reason, raw) go to ``rejected_events``. Raises the
         database's error (nothing committed) when the transaction cannot commit."""
+        prepared = self.prepare(events, pricing, rejected)
+        prepared.commit()
+        return prepared.done
+
+    def prepare(self, events: Sequence[Event], pricing: Pricing,
+                rejected: Iterable[tuple[str, str, str]] = ()) -> Prepared:
+        """:meth:`record` up to its commit: the transaction is left open, for the caller
+        to :meth:`Prepared.commit` (another thread may: the worker waits out SQLite's
+        ``fsync`` there while it parses the next batch) or :meth:`Prepared.rollback`.
+        Until then it holds SQLite's write lock, and on PostgreSQL its rows' locks."""
+        conn = self.engine.connect()
+        try:
+            trans = conn.begin()
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true)")
+            done = self._fill(conn, events, pricing, rejected)
+        except BaseException:
+            conn.close()  # rolls the transaction back
+            raise
+        return Prepared(done, conn, trans)
+
+    def _fill(self, conn: Connection, events: Sequence[Event], pricing: Pricing,
+              rejected: Iterable[tuple[str, str, str]]) -> Recorded:
         done = Recorded()
         unique: dict[str, Event] = {}
         for ev in events:
@@ -208,28 +252,27 @@ class Ledger:
             else:
                 unique[ev.request_id] = ev
         rejected = list(rejected)
-        with self.writing() as conn:
-            if rejected:
-                conn.execute(self._insert(t.rejected_events).on_conflict_do_nothing(), [
-                    {"stream_id": sid, "reason": reason, "raw": raw, "rejected_at": now_iso()}
-                    for sid, reason, raw in rejected])
-                done.rejected = len(rejected)
-            if not unique:
-                return done
-            batch = list(unique.values())
-            switched = self._switched(conn, batch, pricing)
-            for ev in batch:
-                pricing.price(ev, switched.get((ev.tenant_id, ev.period)))
-            # The rows and, in the same statements, the daily aggregates of exactly the
-            # rows inserted.
-            inserted = self._insert_events(conn, batch, now_iso())
-            done.inserted = len(inserted)
-            done.duplicates += len(batch) - len(inserted)
-            if inserted and pricing.margin_rules:
-                # Usually every row is new: then no pass over the batch to find which.
-                new = batch if len(inserted) == len(batch) else [
-                    ev for ev in batch if ev.request_id in inserted]
-                done.flagged = self._check_margins(conn, new, pricing, switched)
+        if rejected:
+            conn.execute(self._insert(t.rejected_events).on_conflict_do_nothing(), [
+                {"stream_id": sid, "reason": reason, "raw": raw, "rejected_at": now_iso()}
+                for sid, reason, raw in rejected])
+            done.rejected = len(rejected)
+        if not unique:
+            return done
+        batch = list(unique.values())
+        switched = self._switched(conn, batch, pricing)
+        for ev in batch:
+            pricing.price(ev, switched.get((ev.tenant_id, ev.period)))
+        # The rows and, in the same statements, the daily aggregates of exactly the
+        # rows inserted.
+        inserted = self._insert_events(conn, batch, now_iso())
+        done.inserted = len(inserted)
+        done.duplicates += len(batch) - len(inserted)
+        if inserted and pricing.margin_rules:
+            # Usually every row is new: then no pass over the batch to find which.
+            new = batch if len(inserted) == len(batch) else [
+                ev for ev in batch if ev.request_id in inserted]
+            done.flagged = self._check_margins(conn, new, pricing, switched)
         return done
 
     def _insert_events(self, conn: Connection, batch: list[Event], recorded_at: str

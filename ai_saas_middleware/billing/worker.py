@@ -47,7 +47,7 @@ from ..store.keys import KeySchema
 from ..store.redis import RedisStore
 from ..tabulate import table
 from .events import Event, Rejected, parse_entry
-from .ledger import Ledger
+from .ledger import Ledger, Prepared, Recorded
 from .rates import Pricing
 
 __all__ = ["GROUP", "ShardStatus", "Worker", "cmd_worker", "status"]
@@ -137,10 +137,12 @@ class Worker:
         self._committer = ThreadPoolExecutor(max_workers=1,
                                              thread_name_prefix="ai-saas-billing-commit")
         self._inflight: Future[None] | None = None
-        # SQLite runs in this process: its time is this CPU's, and a committer thread
-        # beside the parse only time-slices the one core (GIL hand-offs at every row's
-        # sqlite3_step, caches thrashed: measured, 20-30% more CPU per event than doing
-        # the same in turn). PostgreSQL's time is its server's: that one overlaps.
+        # What the committer thread overlaps with the next batch's read and parse.
+        # PostgreSQL: the whole of Ledger.record (the server's time is its own CPU's).
+        # SQLite: only the commit (its fsync, a wait), the inserts made in this thread:
+        # SQLite runs in this process, and inserting beside the parse only time-slices
+        # the one core (a GIL hand-off at every row's sqlite3_step, caches thrashed:
+        # measured, 20-30% more CPU per event than doing the two in turn).
         self._overlap = self.ledger.dialect != "sqlite"
         # A connection with the next batch's XREADGROUP sent and its reply not yet read:
         # Redis prepares that reply (its own CPU) while this process parses and records
@@ -409,7 +411,10 @@ class Worker:
         if self._overlap:
             self._inflight = self._committer.submit(self._record, batch, events, rejected)
         else:
-            self._record(batch, events, rejected)
+            # Inserted here, committed (the fsync waited out) and acknowledged by the
+            # committer thread while this one reads and parses the next batch.
+            prepared = self.ledger.prepare(events, self.pricing, rejected)
+            self._inflight = self._committer.submit(self._finish, batch, prepared)
         return len(batch)
 
     def settle(self) -> None:
@@ -440,6 +445,14 @@ class Worker:
                 rejected: list[tuple[str, str, str]]) -> None:
         done = self.ledger.record(events, self.pricing, rejected)  # raises: nothing acked
         self._ack(batch)
+        self._count(batch, done)
+
+    def _finish(self, batch: list[tuple[str, str, Any]], prepared: Prepared) -> None:
+        prepared.commit()  # raises: nothing acked
+        self._ack(batch)
+        self._count(batch, prepared.done)
+
+    def _count(self, batch: list[tuple[str, str, Any]], done: Recorded) -> None:
         p = self.progress
         p.read += len(batch)
         p.inserted += done.inserted
@@ -493,6 +506,7 @@ class Worker:
                     log.info("billing worker %s: took over %d entries of %s idle over "
                              "%.0fs", self.name, len(entries), stream,
                              self.settings.claim_idle_s)
+                    self.settle()  # the batch in flight may hold the ledger's write lock
                     self._commit(entries)
                 if cursor == "0-0":
                     break
