@@ -61,24 +61,32 @@ class Recorded:
 
 
 class Prepared:
-    """A batch inserted by :meth:`Ledger.prepare`, its transaction still open."""
+    """A batch :meth:`Ledger.prepare` made ready, its transaction open: :meth:`commit` it
+    (from any one thread) or :meth:`rollback` it."""
 
-    def __init__(self, done: Recorded, conn: Connection, trans: Any):
-        self.done = done
-        self._conn = conn
-        self._trans = trans
+    def __init__(self, ledger: Ledger, conn: Connection, trans: Any, pricing: Pricing):
+        self.ledger = ledger
+        self.conn = conn
+        self.trans = trans
+        self.pricing = pricing
+        self.done = Recorded()
+        self.batch: list[Event] = []
+        self.switched: dict[tuple[str, str], int] = {}
+        self.inserted: set[str] | None = None
 
-    def commit(self) -> None:
-        """Commit (raises the database's error: then nothing is committed) and give the
-        connection back."""
+    def commit(self) -> Recorded:
+        """Finish the batch and commit; what was recorded. Raises the database's error
+        (then nothing is committed); the connection is given back either way."""
         try:
-            self._trans.commit()
+            self.ledger._complete(self)
+            self.trans.commit()
         finally:
-            self._conn.close()
+            self.conn.close()
+        return self.done
 
     def rollback(self) -> None:
         """Roll back and give the connection back."""
-        self._conn.close()
+        self.conn.close()
 
 
 def _redacted(url: str) -> str:
@@ -221,30 +229,33 @@ class Ledger:
         """Price ``events`` and insert them with their aggregates in one transaction;
         ``rejected`` (stream id, reason, raw) go to ``rejected_events``. Raises the
         database's error (nothing committed) when the transaction cannot commit."""
-        prepared = self.prepare(events, pricing, rejected)
-        prepared.commit()
-        return prepared.done
+        return self.prepare(events, pricing, rejected).commit()
 
     def prepare(self, events: Sequence[Event], pricing: Pricing,
                 rejected: Iterable[tuple[str, str, str]] = ()) -> Prepared:
-        """:meth:`record` up to its commit: the transaction is left open, for the caller
-        to :meth:`Prepared.commit` (another thread may: the worker waits out SQLite's
-        ``fsync`` there while it parses the next batch) or :meth:`Prepared.rollback`.
-        Until then it holds SQLite's write lock, and on PostgreSQL its rows' locks."""
+        """:meth:`record` in two parts, for the worker to run in two threads: this one
+        does this process's share of the work (pricing; the SQLite inserts; the
+        PostgreSQL ``COPY`` into the session's staging table) and leaves the transaction
+        open; :meth:`Prepared.commit` does the rest (PostgreSQL: the server's insert and
+        aggregation) and commits. Until then the transaction holds SQLite's write lock;
+        on PostgreSQL it holds nothing another writer waits on (the staged rows are the
+        session's own), so the next batch's can be prepared on another connection while
+        the server moves this one's."""
         conn = self.engine.connect()
         try:
             trans = conn.begin()
             if self.dialect == "postgresql":
                 conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true)")
-            done = self._fill(conn, events, pricing, rejected)
+            prepared = Prepared(self, conn, trans, pricing)
+            self._stage(prepared, events, rejected)
         except BaseException:
             conn.close()  # rolls the transaction back
             raise
-        return Prepared(done, conn, trans)
+        return prepared
 
-    def _fill(self, conn: Connection, events: Sequence[Event], pricing: Pricing,
-              rejected: Iterable[tuple[str, str, str]]) -> Recorded:
-        done = Recorded()
+    def _stage(self, p: Prepared, events: Sequence[Event],
+               rejected: Iterable[tuple[str, str, str]]) -> None:
+        conn, done, pricing = p.conn, p.done, p.pricing
         unique: dict[str, Event] = {}
         for ev in events:
             if ev.request_id in unique:
@@ -258,27 +269,35 @@ class Ledger:
                 for sid, reason, raw in rejected])
             done.rejected = len(rejected)
         if not unique:
-            return done
-        batch = list(unique.values())
-        switched = self._switched(conn, batch, pricing)
+            return
+        p.batch = batch = list(unique.values())
+        p.switched = switched = self._switched(conn, batch, pricing)
         for ev in batch:
             pricing.price(ev, switched.get((ev.tenant_id, ev.period)))
         # The rows and, in the same statements, the daily aggregates of exactly the
-        # rows inserted.
-        inserted = self._insert_events(conn, batch, now_iso())
+        # rows inserted (on PostgreSQL, by _PG_MOVE in _complete).
+        p.inserted = self._insert_events(conn, batch, now_iso())
+
+    def _complete(self, p: Prepared) -> None:
+        if not p.batch:
+            return
+        inserted = p.inserted
+        if inserted is None:  # PostgreSQL: the staged rows moved by the server
+            inserted = set(p.conn.exec_driver_sql(_PG_MOVE).scalars())
+        done, batch = p.done, p.batch
         done.inserted = len(inserted)
         done.duplicates += len(batch) - len(inserted)
-        if inserted and pricing.margin_rules:
+        if inserted and p.pricing.margin_rules:
             # Usually every row is new: then no pass over the batch to find which.
             new = batch if len(inserted) == len(batch) else [
                 ev for ev in batch if ev.request_id in inserted]
-            done.flagged = self._check_margins(conn, new, pricing, switched)
-        return done
+            done.flagged = self._check_margins(p.conn, new, p.pricing, p.switched)
 
     def _insert_events(self, conn: Connection, batch: list[Event], recorded_at: str
-                       ) -> set[str]:
+                       ) -> set[str] | None:
         """Insert the rows of ``batch`` not in the ledger yet, and add exactly those rows
-        to ``usage_daily``; the request ids inserted.
+        to ``usage_daily``; the request ids inserted. (PostgreSQL: the rows staged, None
+        returned: :data:`_PG_MOVE` inserts them.)
 
         The aggregates are summed by the database from the rows it has just inserted
         (``GROUP BY`` in its own code: the sums a Python loop and a row-per-key upsert
@@ -312,7 +331,7 @@ class Ledger:
                 if driver.closed:
                     conn.invalidate(exc)
                 raise DBAPIError.instance(_PG_COPY, None, exc, dbapi_error) from None
-            return set(conn.exec_driver_sql(_PG_MOVE).scalars())
+            return None
         # The batch's rows are the ones after the highest rowid now: SQLite gives a new
         # row max(rowid) + 1, and no other writer runs until this transaction ends.
         floor = conn.exec_driver_sql("SELECT coalesce(max(rowid), 0) FROM usage_events"

@@ -137,13 +137,6 @@ class Worker:
         self._committer = ThreadPoolExecutor(max_workers=1,
                                              thread_name_prefix="ai-saas-billing-commit")
         self._inflight: Future[None] | None = None
-        # What the committer thread overlaps with the next batch's read and parse.
-        # PostgreSQL: the whole of Ledger.record (the server's time is its own CPU's).
-        # SQLite: only the commit (its fsync, a wait), the inserts made in this thread:
-        # SQLite runs in this process, and inserting beside the parse only time-slices
-        # the one core (a GIL hand-off at every row's sqlite3_step, caches thrashed:
-        # measured, 20-30% more CPU per event than doing the two in turn).
-        self._overlap = self.ledger.dialect != "sqlite"
         # A connection with the next batch's XREADGROUP sent and its reply not yet read:
         # Redis prepares that reply (its own CPU) while this process parses and records
         # the batch in hand, instead of this process waiting for it.
@@ -186,16 +179,22 @@ class Worker:
     @contextmanager
     def _collect_between_batches(self) -> Iterator[None]:
         """With ``own_process``: the cyclic collector off for the duration (:meth:`upkeep`
-        collects every ``trimInterval``), on again after."""
+        collects every ``trimInterval``) and what is alive at the start frozen out of
+        its collections, both undone after."""
         if not self.own_process or not gc.isenabled():
             yield
             return
         gc.disable()
+        # What is alive now (modules, the engines, the config: 75,000 objects) is the
+        # process's for good: frozen, each collection in upkeep() skips it (a full
+        # collection over it was 74 ms) and traverses only what the batches left.
+        gc.freeze()
         self._gc_held = True
         try:
             yield
         finally:
             self._gc_held = False
+            gc.unfreeze()
             gc.enable()
 
     def run(self) -> None:
@@ -394,11 +393,16 @@ class Worker:
 
     def step(self, block_ms: int = 0) -> int:
         """Read a batch, send the read of the next (Redis prepares it meanwhile), parse
-        the batch and commit it to the ledger, and only then acknowledge it. On
-        PostgreSQL the commit is the committer thread's, while this thread reads and
-        parses the next batch: the database server's time overlaps this process's. The
-        entries read; a failure of the batch before is raised here (none of it was
-        acknowledged)."""
+        and price it and do this process's share of its insert (:meth:`Ledger.prepare`),
+        then hand it to the committer thread, which finishes and commits it and only then
+        acknowledges it, while this thread reads and prepares the next. The entries read;
+        a failure of the batch before is raised here (none of it was acknowledged).
+
+        The split is by whose CPU does the work: what runs in this process (parsing,
+        SQLite's inserts, the ``COPY`` of PostgreSQL's rows) runs here, in turn: done in
+        two threads it only time-slices one core (a GIL hand-off at every row, caches
+        thrashed: measured, 20-30% more CPU per event). The committer thread waits: on
+        SQLite's ``fsync``, on PostgreSQL's server inserting and aggregating the rows."""
         self._ensure_groups()
         # With a batch in flight, never block: its acknowledgement would wait on the read.
         batch = self._read(0 if self._inflight is not None else block_ms)
@@ -407,14 +411,17 @@ class Worker:
             return 0
         self._read_ahead()
         events, rejected = self._parse(batch)
-        self.settle()
-        if self._overlap:
-            self._inflight = self._committer.submit(self._record, batch, events, rejected)
-        else:
-            # Inserted here, committed (the fsync waited out) and acknowledged by the
-            # committer thread while this one reads and parses the next batch.
-            prepared = self.ledger.prepare(events, self.pricing, rejected)
-            self._inflight = self._committer.submit(self._finish, batch, prepared)
+        # SQLite has one writer: the batch before commits first. So does PostgreSQL's when
+        # a margin rule switches pricing (this batch is priced after its flags are in).
+        if self.ledger.dialect == "sqlite" or self.pricing.switched:
+            self.settle()
+        prepared = self.ledger.prepare(events, self.pricing, rejected)
+        try:
+            self.settle()
+        except BaseException:  # the batch before failed: this one is read again too
+            prepared.rollback()
+            raise
+        self._inflight = self._committer.submit(self._finish, batch, prepared)
         return len(batch)
 
     def settle(self) -> None:
@@ -448,9 +455,9 @@ class Worker:
         self._count(batch, done)
 
     def _finish(self, batch: list[tuple[str, str, Any]], prepared: Prepared) -> None:
-        prepared.commit()  # raises: nothing acked
+        done = prepared.commit()  # raises: nothing acked
         self._ack(batch)
-        self._count(batch, prepared.done)
+        self._count(batch, done)
 
     def _count(self, batch: list[tuple[str, str, Any]], done: Recorded) -> None:
         p = self.progress
