@@ -3,9 +3,12 @@
 One consumer group, :data:`GROUP`, over every shard stream. A worker:
 
 1. reads a batch with ``XREADGROUP`` (its own pending entries first, after a start or a
-   failure: what it read but could not commit is read again);
-2. parses and prices it, and commits it to the ledger in **one transaction**
-   (:meth:`Ledger.record`, which inserts each ``request_id`` once, forever);
+   failure: what it read but could not commit is read again), and sends the read of the
+   next batch at once (Redis prepares it meanwhile);
+2. parses and prices it and commits it to the ledger in **one transaction**, which
+   inserts each ``request_id`` once, forever (:meth:`Ledger.prepare` in this thread,
+   :meth:`Prepared.commit` in the committer thread while this one goes on to the next
+   batch: see :meth:`Worker.step`);
 3. acknowledges the entries (``XACK``) **only after** the commit. A crash before the
    ``XACK`` leaves them pending; they are read again (by this worker when it restarts
    under the same name, else taken by another with ``XAUTOCLAIM`` once idle for
