@@ -311,8 +311,8 @@ class Ledger:
         inserted meanwhile is neither inserted nor counted. (``COPY`` costs this process
         about 2 us a row; the arrays of an ``unnest`` insert, 25 to 35.) SQLite: the
         write transaction holds the database's one write lock (``BEGIN IMMEDIATE``), so
-        the ids found absent stay absent until the plain ``INSERT`` (which would fail,
-        not double, if they did not)."""
+        the rows after the highest rowid before the insert are the batch's, and exactly
+        the ones it inserted."""
         # In tenant order: the two tenant_id indexes then take each tenant's rows at one
         # place in turn instead of the batch's 500 tenants over and over (SQLite: 35%
         # less CPU per row inserted; a batch's rows are interleaved from 16 streams).
@@ -339,18 +339,16 @@ class Ledger:
         # row max(rowid) + 1, and no other writer runs until this transaction ends.
         floor = conn.exec_driver_sql("SELECT coalesce(max(rowid), 0) FROM usage_events"
                                      ).scalar()
-        existing: set[str] = set()
-        ids = [ev.request_id for ev in batch]
-        for lo in range(0, len(ids), 5000):
-            chunk = ids[lo:lo + 5000]
-            existing.update(r[0] for r in conn.exec_driver_sql(
-                "SELECT request_id FROM usage_events WHERE request_id IN "
-                f"({','.join('?' * len(chunk))})", tuple(chunk)))
-        new = rows if not existing else [row for row in rows if row[0] not in existing]
-        if new:
-            conn.exec_driver_sql(_SQLITE_INSERT, new)
+        # ON CONFLICT DO NOTHING: a request_id already in the ledger is skipped by the
+        # unique index's own check (no lookup of the batch's ids first), and the rows
+        # after `floor` are exactly the ones inserted.
+        inserted = conn.exec_driver_sql(_SQLITE_INSERT, rows).rowcount
+        if inserted:
             conn.exec_driver_sql(_SQLITE_DAILY, (floor,))
-        return set(ids) if not existing else {row[0] for row in new}
+        if inserted == len(rows):  # the usual case: every row new
+            return {row[0] for row in rows}
+        return set(conn.exec_driver_sql("SELECT request_id FROM usage_events WHERE rowid > ?",
+                                        (floor,)).scalars())
 
     def _switched(self, conn: Connection, batch: list[Event], pricing: Pricing
                   ) -> dict[tuple[str, str], int]:
@@ -456,7 +454,7 @@ _PG_MOVE = (f"WITH moved AS (INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
             "SELECT request_id FROM moved")
 _SQLITE_DAILY = _daily_upsert("usage_events", "rowid > ?")
 _SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES "
-                  f"({', '.join('?' * len(_COLUMNS))})")
+                  f"({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (request_id) DO NOTHING")
 assert set(_COLUMNS) | {"delivery"} == set(t.usage_events.c.keys())
 
 
