@@ -245,7 +245,10 @@ class Ledger:
         try:
             trans = conn.begin()
             if self.dialect == "postgresql":
-                conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true)")
+                # work_mem for this transaction: the rows _PG_MOVE returns to its daily
+                # aggregation are kept in memory, not spilled to a temporary file.
+                conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true), "
+                                     "set_config('work_mem', '64MB', true)")
             prepared = Prepared(self, conn, trans, pricing)
             self._stage(prepared, events, rejected)
         except BaseException:
@@ -445,11 +448,15 @@ def _daily_upsert(source: str, where: str) -> str:
 
 
 # One statement: the staged rows not in the ledger yet are inserted, and the same rows
-# (RETURNING *: exactly those inserted, never one another worker inserted meanwhile) are
-# summed into usage_daily.
+# (RETURNING: exactly those inserted, never one another worker inserted meanwhile) are
+# summed into usage_daily. Only the columns summed are returned: all 27 of a batch's rows
+# overflowed work_mem into a temporary file (4 MB per 16,000 rows).
+_DAILY_SOURCE = ("request_id", "tenant_id", "day", "model_id", "period", "status",
+                 "prompt_tokens", "completion_tokens", "cost_p", "revenue_p", "cache",
+                 "saved_p", "outcome_p")
 _PG_MOVE = (f"WITH moved AS (INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
             f"SELECT {', '.join(_COLUMNS)} FROM usage_events_incoming "
-            "ON CONFLICT (request_id) DO NOTHING RETURNING *), "
+            f"ON CONFLICT (request_id) DO NOTHING RETURNING {', '.join(_DAILY_SOURCE)}), "
             f"daily AS ({_daily_upsert('moved', 'true')}) "
             "SELECT request_id FROM moved")
 _SQLITE_DAILY = _daily_upsert("usage_events", "rowid > ?")
