@@ -498,17 +498,26 @@ class Worker:
         if self._gc_held:
             gc.collect()
         self._claim()
-        for stream in self.streams:
-            self._trim(stream)
+        self._trim()
+
+    def _each(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of ``commands``, in one round trip (a pipeline; on a cluster, one
+        command at a time): upkeep asks the same of every stream, and 16 streams' round
+        trips one by one were a tenth of a 100,000-event drain's wall time."""
+        if self.store.cluster:
+            return [self.redis.execute_command(*command) for command in commands]
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute())
 
     def _claim(self) -> None:
         idle_ms = int(self.settings.claim_idle_s * 1000)
-        for stream in self.streams:
-            cursor = "0-0"
+        count = self.settings.batch_size
+        replies = self._each([("XAUTOCLAIM", stream, GROUP, self.name, idle_ms, "0-0",
+                               "COUNT", count) for stream in self.streams])
+        for stream, reply in zip(self.streams, replies, strict=True):
             while not self.stopping:
-                reply = self.redis.execute_command(
-                    "XAUTOCLAIM", stream, GROUP, self.name, idle_ms, cursor,
-                    "COUNT", self.settings.batch_size)
                 cursor = _text(reply[0])
                 entries = [(stream, _text(eid), fields) for eid, fields in reply[1] if fields]
                 if entries:
@@ -520,29 +529,44 @@ class Worker:
                     self._commit(entries)
                 if cursor == "0-0":
                     break
+                reply = self.redis.execute_command("XAUTOCLAIM", stream, GROUP, self.name,
+                                                   idle_ms, cursor, "COUNT", count)
 
-    def _trim(self, stream: str) -> None:
-        groups = [_pairs(g) for g in self.redis.execute_command("XINFO", "GROUPS", stream)]
-        if not groups:
-            return
-        floor: str | None = None
-        for group in groups:
-            name = _text(group[b"name"])
-            if int(group[b"pending"]) > 0:
-                pending = self.redis.execute_command("XPENDING", stream, name)
-                keep = _text(pending[1])  # the oldest entry some consumer still holds
-            else:
-                keep = _next_id(_text(group[b"last-delivered-id"]))
-            if floor is None or _older(keep, floor):
-                floor = keep
-            if name == GROUP:
-                self._forget_consumers(stream)
-        if floor is not None and floor != "0-1":
-            trimmed = int(self.redis.execute_command("XTRIM", stream, "MINID", "~", floor))
-            self.progress.trimmed += trimmed
+    def _trim(self) -> None:
+        """Trim each stream below what every group of it has acknowledged; forget this
+        group's consumers long gone."""
+        infos = self._each([("XINFO", "GROUPS", stream) for stream in self.streams])
+        groups = {stream: [_pairs(g) for g in info]
+                  for stream, info in zip(self.streams, infos, strict=True) if info}
+        asks: list[tuple[Any, ...]] = []
+        for stream, those in groups.items():
+            for group in those:
+                name = _text(group[b"name"])
+                if int(group[b"pending"]) > 0:
+                    asks.append(("XPENDING", stream, name))
+                if name == GROUP:
+                    asks.append(("XINFO", "CONSUMERS", stream, GROUP))
+        answers = iter(self._each(asks)) if asks else iter(())
+        trims: list[tuple[Any, ...]] = []
+        for stream, those in groups.items():
+            floor: str | None = None
+            for group in those:
+                name = _text(group[b"name"])
+                if int(group[b"pending"]) > 0:
+                    keep = _text(next(answers)[1])  # the oldest entry a consumer holds
+                else:
+                    keep = _next_id(_text(group[b"last-delivered-id"]))
+                if floor is None or _older(keep, floor):
+                    floor = keep
+                if name == GROUP:
+                    self._forget_consumers(stream, next(answers))
+            if floor is not None and floor != "0-1":
+                trims.append(("XTRIM", stream, "MINID", "~", floor))
+        if trims:
+            self.progress.trimmed += sum(int(n) for n in self._each(trims))
 
-    def _forget_consumers(self, stream: str) -> None:
-        for consumer in self.redis.execute_command("XINFO", "CONSUMERS", stream, GROUP):
+    def _forget_consumers(self, stream: str, consumers: list[Any]) -> None:
+        for consumer in consumers:
             info = _pairs(consumer)
             name = _text(info[b"name"])
             if (name != self.name and int(info[b"pending"]) == 0
@@ -553,8 +577,9 @@ class Worker:
         """Entries of :data:`GROUP` not yet acknowledged, over every stream (lag +
         pending)."""
         total = 0
-        for stream in self.streams:
-            for group in self.redis.execute_command("XINFO", "GROUPS", stream):
+        infos = self._each([("XINFO", "GROUPS", stream) for stream in self.streams])
+        for stream, groups in zip(self.streams, infos, strict=True):
+            for group in groups:
                 info = _pairs(group)
                 if _text(info[b"name"]) == GROUP:
                     lag = info.get(b"lag")
