@@ -552,9 +552,14 @@ class Worker:
             floor: str | None = None
             for group in those:
                 name = _text(group[b"name"])
-                if int(group[b"pending"]) > 0:
-                    keep = _text(next(answers)[1])  # the oldest entry a consumer holds
+                oldest = next(answers)[1] if int(group[b"pending"]) > 0 else None
+                if oldest is not None:
+                    keep = _text(oldest)  # the oldest entry a consumer holds
                 else:
+                    # Nothing pending, or no longer by the XPENDING (the committer thread,
+                    # or another worker, acknowledged the last of it meanwhile: its
+                    # summary is then [0, nil, nil, nil]): all up to the last delivered
+                    # entry of the snapshot is acknowledged.
                     keep = _next_id(_text(group[b"last-delivered-id"]))
                 if floor is None or _older(keep, floor):
                     floor = keep
