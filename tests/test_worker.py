@@ -160,6 +160,38 @@ def test_streams_are_trimmed_only_below_what_every_group_acknowledged(
     assert sum(raw_client.xlen(s) for s in others) == 0  # streams only we read: trimmed
 
 
+def test_a_trim_survives_pending_entries_acknowledged_while_it_asks(
+        billing_config: Callable[..., dict[str, Any]], raw_client: redis.Redis,
+        key_prefix: str) -> None:
+    """The trim asks every stream's groups, then (a round trip later) the oldest pending
+    entry of those with some: entries acknowledged in between (by the committer thread or
+    another worker) leave XPENDING's summary empty, which must trim by the last delivered
+    entry, not stop the worker."""
+    config = billing_config()
+    keys = KeySchema(key_prefix, 16)
+    settle_events(raw_client, keys, 0, 40, tenants(4), Expected())
+    stream = keys.tenant("tenant-000").stream
+    raw_client.xgroup_create(stream, "analytics", "0")
+    held = raw_client.xreadgroup("analytics", "a1", {stream: ">"})[0][1]
+
+    worker = Worker(config)
+    try:
+        worker.drain(60)
+        asked = worker._each
+
+        def ack_after_the_groups(commands: list[tuple[Any, ...]]) -> list[Any]:
+            replies = asked(commands)
+            if commands and commands[0][:2] == ("XINFO", "GROUPS"):
+                raw_client.xack(stream, "analytics", *[eid for eid, _ in held])
+            return replies
+
+        worker._each = ack_after_the_groups  # type: ignore[method-assign]
+        worker.upkeep(force=True, deliver=False)
+    finally:
+        worker.close()
+    assert raw_client.xlen(stream) == 0  # all acknowledged by every group: trimmed
+
+
 _STARTED: list[subprocess.Popen[bytes]] = []
 
 

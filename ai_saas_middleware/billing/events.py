@@ -190,15 +190,12 @@ def _parse_usual(stream_id: str, raw: list[Any]) -> Event | None:
             or cost_p > _MONEY_MAX_P or outcome_abs > _MONEY_MAX_P):
         return None  # out of range: the checked way says which
     outcome_p = (-outcome_abs if negative else outcome_abs) if outcome else None
-    return Event(
-        request_id=request_id, tenant_id=tenant_id, tier=tier, model_id=model_id,
-        provider=provider, period=period, day=f"{period}-{day}", ts=ts,
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-        usage_source=usage_source, cost_p=cost_p, saved_p=0,
-        outcome_p=outcome_p, status=int(status), latency_ms=latency_ms, cache=cache,
-        fallback_from=fallback_from, endpoint=endpoint, truncated=truncated == "true",
-        client_disconnected=disconnected == "true", price_version=price_v,
-        stream_id=stream_id)
+    # By position, in Event's field order (keywords cost 1 us an event more; the test
+    # comparing this parse with the checked one would catch a field out of place).
+    return Event(request_id, tenant_id, tier, model_id, provider, period,
+                 f"{period}-{day}", ts, prompt_tokens, completion_tokens, usage_source,
+                 cost_p, 0, outcome_p, int(status), latency_ms, cache, fallback_from,
+                 endpoint, truncated == "true", disconnected == "true", price_v, stream_id)
 
 
 def _parse_checked(stream_id: str, raw: Any) -> Event:

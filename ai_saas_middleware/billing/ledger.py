@@ -38,7 +38,7 @@ from .events import Event
 from .migrations import LATEST, STEPS
 from .rates import Plan, Pricing
 
-__all__ = ["Ledger", "LedgerError", "Recorded", "now_iso"]
+__all__ = ["Ledger", "LedgerError", "Prepared", "Recorded", "now_iso"]
 
 log = logging.getLogger("ai_saas_middleware.billing")
 
@@ -58,6 +58,35 @@ class Recorded:
     duplicates: int = 0
     rejected: int = 0
     flagged: tuple[tuple[str, str, str], ...] = ()  # (tenant, period, margin) newly flagged
+
+
+class Prepared:
+    """A batch :meth:`Ledger.prepare` made ready, its transaction open: :meth:`commit` it
+    (from any one thread) or :meth:`rollback` it."""
+
+    def __init__(self, ledger: Ledger, conn: Connection, trans: Any, pricing: Pricing):
+        self.ledger = ledger
+        self.conn = conn
+        self.trans = trans
+        self.pricing = pricing
+        self.done = Recorded()
+        self.batch: list[Event] = []
+        self.switched: dict[tuple[str, str], int] = {}
+        self.inserted: set[str] | None = None
+
+    def commit(self) -> Recorded:
+        """Finish the batch and commit; what was recorded. Raises the database's error
+        (then nothing is committed); the connection is given back either way."""
+        try:
+            self.ledger._complete(self)
+            self.trans.commit()
+        finally:
+            self.conn.close()
+        return self.done
+
+    def rollback(self) -> None:
+        """Roll back and give the connection back."""
+        self.conn.close()
 
 
 def _redacted(url: str) -> str:
@@ -200,7 +229,36 @@ class Ledger:
         """Price ``events`` and insert them with their aggregates in one transaction;
         ``rejected`` (stream id, reason, raw) go to ``rejected_events``. Raises the
         database's error (nothing committed) when the transaction cannot commit."""
-        done = Recorded()
+        return self.prepare(events, pricing, rejected).commit()
+
+    def prepare(self, events: Sequence[Event], pricing: Pricing,
+                rejected: Iterable[tuple[str, str, str]] = ()) -> Prepared:
+        """:meth:`record` in two parts, for the worker to run in two threads: this one
+        does this process's share of the work (pricing; the SQLite inserts; the
+        PostgreSQL ``COPY`` into the session's staging table) and leaves the transaction
+        open; :meth:`Prepared.commit` does the rest (PostgreSQL: the server's insert and
+        aggregation) and commits. Until then the transaction holds SQLite's write lock;
+        on PostgreSQL it holds nothing another writer waits on (the staged rows are the
+        session's own), so the next batch's can be prepared on another connection while
+        the server moves this one's."""
+        conn = self.engine.connect()
+        try:
+            trans = conn.begin()
+            if self.dialect == "postgresql":
+                # work_mem for this transaction: the rows _PG_MOVE returns to its daily
+                # aggregation are kept in memory, not spilled to a temporary file.
+                conn.exec_driver_sql("SELECT set_config('ai_saas.scope', 'all', true), "
+                                     "set_config('work_mem', '64MB', true)")
+            prepared = Prepared(self, conn, trans, pricing)
+            self._stage(prepared, events, rejected)
+        except BaseException:
+            conn.close()  # rolls the transaction back
+            raise
+        return prepared
+
+    def _stage(self, p: Prepared, events: Sequence[Event],
+               rejected: Iterable[tuple[str, str, str]]) -> None:
+        conn, done, pricing = p.conn, p.done, p.pricing
         unique: dict[str, Event] = {}
         for ev in events:
             if ev.request_id in unique:
@@ -208,34 +266,41 @@ class Ledger:
             else:
                 unique[ev.request_id] = ev
         rejected = list(rejected)
-        with self.writing() as conn:
-            if rejected:
-                conn.execute(self._insert(t.rejected_events).on_conflict_do_nothing(), [
-                    {"stream_id": sid, "reason": reason, "raw": raw, "rejected_at": now_iso()}
-                    for sid, reason, raw in rejected])
-                done.rejected = len(rejected)
-            if not unique:
-                return done
-            batch = list(unique.values())
-            switched = self._switched(conn, batch, pricing)
-            for ev in batch:
-                pricing.price(ev, switched.get((ev.tenant_id, ev.period)))
-            # The rows and, in the same statements, the daily aggregates of exactly the
-            # rows inserted.
-            inserted = self._insert_events(conn, batch, now_iso())
-            done.inserted = len(inserted)
-            done.duplicates += len(batch) - len(inserted)
-            if inserted and pricing.margin_rules:
-                # Usually every row is new: then no pass over the batch to find which.
-                new = batch if len(inserted) == len(batch) else [
-                    ev for ev in batch if ev.request_id in inserted]
-                done.flagged = self._check_margins(conn, new, pricing, switched)
-        return done
+        if rejected:
+            conn.execute(self._insert(t.rejected_events).on_conflict_do_nothing(), [
+                {"stream_id": sid, "reason": reason, "raw": raw, "rejected_at": now_iso()}
+                for sid, reason, raw in rejected])
+            done.rejected = len(rejected)
+        if not unique:
+            return
+        p.batch = batch = list(unique.values())
+        p.switched = switched = self._switched(conn, batch, pricing)
+        for ev in batch:
+            pricing.price(ev, switched.get((ev.tenant_id, ev.period)))
+        # The rows and, in the same statements, the daily aggregates of exactly the
+        # rows inserted (on PostgreSQL, by _PG_MOVE in _complete).
+        p.inserted = self._insert_events(conn, batch, now_iso())
+
+    def _complete(self, p: Prepared) -> None:
+        if not p.batch:
+            return
+        inserted = p.inserted
+        if inserted is None:  # PostgreSQL: the staged rows moved by the server
+            inserted = set(p.conn.exec_driver_sql(_PG_MOVE).scalars())
+        done, batch = p.done, p.batch
+        done.inserted = len(inserted)
+        done.duplicates += len(batch) - len(inserted)
+        if inserted and p.pricing.margin_rules:
+            # Usually every row is new: then no pass over the batch to find which.
+            new = batch if len(inserted) == len(batch) else [
+                ev for ev in batch if ev.request_id in inserted]
+            done.flagged = self._check_margins(p.conn, new, p.pricing, p.switched)
 
     def _insert_events(self, conn: Connection, batch: list[Event], recorded_at: str
-                       ) -> set[str]:
+                       ) -> set[str] | None:
         """Insert the rows of ``batch`` not in the ledger yet, and add exactly those rows
-        to ``usage_daily``; the request ids inserted.
+        to ``usage_daily``; the request ids inserted. (PostgreSQL: the rows staged, None
+        returned: :data:`_PG_MOVE` inserts them.)
 
         The aggregates are summed by the database from the rows it has just inserted
         (``GROUP BY`` in its own code: the sums a Python loop and a row-per-key upsert
@@ -249,9 +314,12 @@ class Ledger:
         inserted meanwhile is neither inserted nor counted. (``COPY`` costs this process
         about 2 us a row; the arrays of an ``unnest`` insert, 25 to 35.) SQLite: the
         write transaction holds the database's one write lock (``BEGIN IMMEDIATE``), so
-        the ids found absent stay absent until the plain ``INSERT`` (which would fail,
-        not double, if they did not)."""
-        rows = [_row(ev, recorded_at) for ev in batch]
+        the rows after the highest rowid before the insert are the batch's, and exactly
+        the ones it inserted."""
+        # In tenant order: the two tenant_id indexes then take each tenant's rows at one
+        # place in turn instead of the batch's 500 tenants over and over (SQLite: 35%
+        # less CPU per row inserted; a batch's rows are interleaved from 16 streams).
+        rows = sorted([_row(ev, recorded_at) for ev in batch], key=_tenant_of)
         if self.dialect == "postgresql":
             # Made in every transaction: a rolled-back one takes its creation with it, and
             # behind a transaction-pooling proxy the next may be on another session.
@@ -269,23 +337,21 @@ class Ledger:
                 if driver.closed:
                     conn.invalidate(exc)
                 raise DBAPIError.instance(_PG_COPY, None, exc, dbapi_error) from None
-            return set(conn.exec_driver_sql(_PG_MOVE).scalars())
+            return None
         # The batch's rows are the ones after the highest rowid now: SQLite gives a new
         # row max(rowid) + 1, and no other writer runs until this transaction ends.
         floor = conn.exec_driver_sql("SELECT coalesce(max(rowid), 0) FROM usage_events"
                                      ).scalar()
-        existing: set[str] = set()
-        ids = [ev.request_id for ev in batch]
-        for lo in range(0, len(ids), 5000):
-            chunk = ids[lo:lo + 5000]
-            existing.update(r[0] for r in conn.exec_driver_sql(
-                "SELECT request_id FROM usage_events WHERE request_id IN "
-                f"({','.join('?' * len(chunk))})", tuple(chunk)))
-        new = rows if not existing else [row for row in rows if row[0] not in existing]
-        if new:
-            conn.exec_driver_sql(_SQLITE_INSERT, new)
+        # ON CONFLICT DO NOTHING: a request_id already in the ledger is skipped by the
+        # unique index's own check (no lookup of the batch's ids first), and the rows
+        # after `floor` are exactly the ones inserted.
+        inserted = conn.exec_driver_sql(_SQLITE_INSERT, rows).rowcount
+        if inserted:
             conn.exec_driver_sql(_SQLITE_DAILY, (floor,))
-        return set(ids) if not existing else {row[0] for row in new}
+        if inserted == len(rows):  # the usual case: every row new
+            return {row[0] for row in rows}
+        return set(conn.exec_driver_sql("SELECT request_id FROM usage_events WHERE rowid > ?",
+                                        (floor,)).scalars())
 
     def _switched(self, conn: Connection, batch: list[Event], pricing: Pricing
                   ) -> dict[tuple[str, str], int]:
@@ -382,16 +448,20 @@ def _daily_upsert(source: str, where: str) -> str:
 
 
 # One statement: the staged rows not in the ledger yet are inserted, and the same rows
-# (RETURNING *: exactly those inserted, never one another worker inserted meanwhile) are
-# summed into usage_daily.
+# (RETURNING: exactly those inserted, never one another worker inserted meanwhile) are
+# summed into usage_daily. Only the columns summed are returned: all 27 of a batch's rows
+# overflowed work_mem into a temporary file (4 MB per 16,000 rows).
+_DAILY_SOURCE = ("request_id", "tenant_id", "day", "model_id", "period", "status",
+                 "prompt_tokens", "completion_tokens", "cost_p", "revenue_p", "cache",
+                 "saved_p", "outcome_p")
 _PG_MOVE = (f"WITH moved AS (INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
             f"SELECT {', '.join(_COLUMNS)} FROM usage_events_incoming "
-            "ON CONFLICT (request_id) DO NOTHING RETURNING *), "
+            f"ON CONFLICT (request_id) DO NOTHING RETURNING {', '.join(_DAILY_SOURCE)}), "
             f"daily AS ({_daily_upsert('moved', 'true')}) "
             "SELECT request_id FROM moved")
 _SQLITE_DAILY = _daily_upsert("usage_events", "rowid > ?")
 _SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES "
-                  f"({', '.join('?' * len(_COLUMNS))})")
+                  f"({', '.join('?' * len(_COLUMNS))}) ON CONFLICT (request_id) DO NOTHING")
 assert set(_COLUMNS) | {"delivery"} == set(t.usage_events.c.keys())
 
 
@@ -401,6 +471,10 @@ def _row(ev: Event, recorded_at: str) -> tuple[Any, ...]:
             ev.revenue_p, ev.saved_p, ev.outcome_p, ev.status, ev.latency_ms, ev.cache,
             ev.fallback_from, ev.endpoint, ev.truncated, ev.client_disconnected,
             ev.price_version, ev.pricing_version, ev.stream_id, recorded_at)
+
+
+def _tenant_of(row: tuple[Any, ...]) -> str:
+    return row[1]  # type: ignore[no-any-return]
 
 
 def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
