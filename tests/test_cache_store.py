@@ -350,3 +350,38 @@ def test_the_app_can_refuse_to_store_an_answer(make_client: Any, rclient: redis.
     assert cache_keys(rclient, key_prefix) == []
     assert client.ask("Where is my parcel?") == "miss"
     assert client.ask("Where is my parcel?") == "hit"
+
+
+def test_a_large_partition_is_searched_through_its_buckets(make_client: Any,
+                                                           rclient: redis.Redis,
+                                                           key_prefix: str) -> None:
+    """Past 64 entries a partition is no longer scored whole: among 100 near neighbours
+    (they differ in a number, so none answers another) the LSH buckets find the
+    paraphrase, and the guard still refuses a number that was never asked."""
+    from ai_saas_middleware.cache.policy import WHOLE_PARTITION
+
+    client = make_client()
+    for n in range(1001, 1101):
+        assert client.ask(f"Where is my parcel with tracking number {n}?", "initech") == "miss"
+    keys = KeySchema(key_prefix, 16).tenant("initech")  # (1000 requests a minute)
+    [partition] = [k for k in cache_keys(rclient, key_prefix) if ":c:p:" in k]
+    assert rclient.scard(partition) == 100 > WHOLE_PARTITION
+    assert client.ask("Where's my parcel with tracking number 1042?", "initech") == "hit"
+    assert client.ask("Where is my parcel with the tracking number 1077?", "initech") == "hit"
+    assert client.ask("Where is my parcel with tracking number 1142?", "initech") == "miss"
+    assert rclient.zcard(keys.cache_lru) == 101
+
+
+def test_lsh_codes_are_fixed() -> None:
+    import numpy as np
+
+    from ai_saas_middleware.cache.lsh import SignHasher
+
+    vector = np.linspace(-1, 1, 256, dtype=np.float32)
+    vector /= np.linalg.norm(vector)
+    first, again = SignHasher(256, 16, 10), SignHasher(256, 16, 10)
+    codes = first.codes(vector)
+    assert codes == again.codes(vector) and len(codes) == 16
+    assert all(len(c) == 3 and int(c, 16) < 1024 for c in codes)
+    assert first.codes(-vector) != codes
+    assert SignHasher(256, 16, 10).version != SignHasher(256, 16, 8).version
