@@ -126,7 +126,7 @@ class Plan(Caller):
     """One AI request on its way through admission: its caller, body, model and the
     quota month it reserves in (internal, mutable)."""
 
-    __slots__ = ("body", "budget", "endpoint", "max_output_tokens", "money", "month",
+    __slots__ = ("body", "budget", "cache", "endpoint", "max_output_tokens", "money", "month",
                  "month_end", "month_start", "needs", "price_version", "prompt_tokens",
                  "request_id", "selection")
 
@@ -143,8 +143,10 @@ class Plan(Caller):
     month: str
     month_start: int
     month_end: int
+    cache: Any  # its CachePlan (cache/policy.py), or None
 
     def __init__(self) -> None:
+        self.cache = None
         self.mode = "static"
         self.key_hash = ""
         self.stored = False
@@ -188,6 +190,12 @@ class Admission:
         self.allowance = LocalAllowance()
         self._degraded = False
         self._keys_of: dict[str, tuple[str, list[str]]] = {}  # tenant -> (month, KEYS)
+        # The response cache, when enabled (imported only then: it needs numpy).
+        self.cache: Any = None
+        if config.cache.enabled:
+            from .cache.policy import ResponseCache
+
+            self.cache = ResponseCache(config, keys)
         self._rate_headers = {  # the fixed RateLimit headers of each tier, made once
             t.name: (("ratelimit-limit", str(t.rate_limit)),
                      ("ratelimit-policy", f"{t.rate_limit};w=60"))
@@ -252,6 +260,10 @@ class Admission:
                                                  plan.max_output_tokens)
         else:
             plan.money = 0
+        cache = self.cache
+        if cache is not None and cache.applies(plan.endpoint, plan.tier):
+            plan.cache = cache.plan(plan.tenant_id, plan.endpoint, selection.chosen,
+                                    plan.body, info.headers)
         return None
 
     def no_healthy_model(self, open_models: list[str]) -> Decision:
@@ -297,13 +309,18 @@ class Admission:
     def call(self, plan: Plan) -> ScriptCall:
         """The admit.lua call: rate limit, quota reservation and its lease (see its header)."""
         tier = plan.tier
-        return ("admit", self._admit_keys(plan.tenant_id, plan.month),
-                [plan.request_id, plan.month, plan.mode, plan.key_hash, tier.name,
-                 tier.rate_limit or 0, WINDOW_MS,
-                 -1 if tier.monthly_quota is None else tier.monthly_quota,
-                 plan.prompt_tokens + plan.max_output_tokens, QUOTA_TTL_S,
-                 plan.month_start, plan.month_end, self.leases.lease_ms,
-                 plan.money, *(plan.budget if plan.money else _NO_BUDGET)])
+        keys = self._admit_keys(plan.tenant_id, plan.month)
+        args = [plan.request_id, plan.month, plan.mode, plan.key_hash, tier.name,
+                tier.rate_limit or 0, WINDOW_MS,
+                -1 if tier.monthly_quota is None else tier.monthly_quota,
+                plan.prompt_tokens + plan.max_output_tokens, QUOTA_TTL_S,
+                plan.month_start, plan.month_end, self.leases.lease_ms,
+                plan.money, *(plan.budget if plan.money else _NO_BUDGET)]
+        cache = plan.cache
+        if cache is not None and cache.lookup:  # the exact lookup rides along (KEYS 6-8)
+            extra_keys, extra_args = self.cache.admit_extra(cache)
+            return ("admit", [*keys, *extra_keys], [*args, *extra_args])
+        return ("admit", keys, args)
 
     def _admit_keys(self, tenant_id: str, month: str) -> list[str]:
         """admit.lua's KEYS for a tenant and month, built once each (five key names on
@@ -346,9 +363,13 @@ class Admission:
             if plan.stored:
                 self.credentials.confirmed(plan)
             downgraded = self.downgrade(plan, reply) if self._downgrade_at is not None else False
+            if plan.cache is not None and len(reply) > 8:
+                plan.cache.partition_size = int(reply[8])
             return self._admitted(plan, int(reply[1]), int(reply[2]), int(reply[3]),
                                   day=reply[7].decode() if plan.money else "",
                                   downgraded=downgraded)
+        if code == 8:  # an exact cache hit: admitted, nothing reserved
+            return self.exact_hit(plan, reply)
         if code in (1, 2):
             return self._refused_by_limit(plan, reply)
         if code == 7:
@@ -373,15 +394,20 @@ class Admission:
         raise StoreError(f"admit.lua answered an unknown code {code}")
 
     def _admitted(self, plan: Plan, now_ms: int, remaining: int, reset_ms: int,
-                  local: bool = False, day: str = "", downgraded: bool = False) -> Decision:
+                  local: bool = False, day: str = "", downgraded: bool = False,
+                  reserved: bool = True) -> Decision:
         tier = plan.tier
         selection = plan.selection
         chosen = selection.chosen
         assert chosen is not None
-        reserve = plan.prompt_tokens + plan.max_output_tokens
-        member = (reservation_member(plan.request_id, reserve, plan.month, plan.money,
-                                     day or _today())
-                  if plan.money else reservation_member(plan.request_id, reserve, plan.month))
+        reserve = plan.prompt_tokens + plan.max_output_tokens if reserved else 0
+        if not reserved:  # an exact cache hit: admit.lua reserved nothing
+            member = ""
+        elif plan.money:
+            member = reservation_member(plan.request_id, reserve, plan.month, plan.money,
+                                        day or _today())
+        else:
+            member = reservation_member(plan.request_id, reserve, plan.month)
         started = time.monotonic()
         ticket = Ticket(plan.request_id, plan.tenant_id, tier.name,
                         self.keys.tenant(plan.tenant_id), plan.month, 0 if local else reserve,
@@ -389,11 +415,13 @@ class Admission:
                         member, plan.price_version)
         # Held also when admitted locally: admit.lua may have run with its reply lost, and
         # then Redis holds a reservation that the renewals keep (renew.lua skips others).
-        self.leases.hold(plan.request_id, ticket.keys, member, started)
+        if reserved:
+            self.leases.hold(plan.request_id, ticket.keys, member, started)
         ctx = RequestContext(tenant_id=plan.tenant_id, tier=tier.name, model=chosen,
                              candidates=selection, request_id=plan.request_id,
                              max_output_tokens=plan.max_output_tokens, body=plan.body,
                              ticket=ticket, policy=self.fallback, providers=self.providers)
+        ctx.cache = plan.cache
         if tier.rate_limit:
             limit, policy = self._rate_headers[tier.name]
             headers: tuple[tuple[str, str], ...] = (
@@ -404,7 +432,34 @@ class Admission:
             headers = (("x-request-id", plan.request_id), ("x-ai-model", chosen.id))
         if downgraded:
             headers += (("x-ai-routing", "downgraded"),)
+        if plan.cache is not None:
+            headers += (("x-ai-cache", "miss"),)
         return allowed_decision(headers, ctx, ticket)
+
+    # ---------------------------------------------------------------- cache hits
+
+    def exact_hit(self, plan: Plan, reply: list[Any]) -> Decision:
+        """admit.lua found the request's exact entry: admitted without a reservation,
+        answered from the entry (or, should the entry be unreadable, served as a miss
+        that reserved nothing)."""
+        admitted = self._admitted(plan, int(reply[1]), int(reply[2]), int(reply[3]),
+                                  reserved=False)
+        chosen = plan.selection.chosen
+        assert chosen is not None
+        if self.cache.hit(plan.cache, reply[4:8], "exact", chosen) is None:
+            return admitted
+        return self.hit_decision(plan, admitted)
+
+    def hit_decision(self, plan: Plan, admitted: Decision) -> Decision:
+        """The whole response a cache hit answers: the stored body (JSON, or SSE when the
+        request streams), ``X-AI-Cache: hit`` and the admission's headers. Not
+        ``allowed``: the app's handler is not called; adapters write it as it is. The
+        ticket and context are kept for the hit's settlement, which the gateway runs."""
+        content_type, body = self.cache.response(plan.cache)
+        headers = (("content-type", content_type), ("x-ai-cache", "hit"),
+                   *(h for h in admitted.headers if h[0] != "x-ai-cache"))
+        return Decision(False, 200, headers, body, context=admitted.context,
+                        ticket=admitted.ticket)
 
     def _refused_by_limit(self, plan: Plan, reply: list[Any]) -> Decision:
         tier = plan.tier

@@ -33,7 +33,6 @@ from .config import Config, EndpointConfig
 from .errors import RequestRefused
 from .gateway import AsyncGateway
 from .types import Decision, RequestInfo
-from .usage import ResponseMeter
 
 __all__ = ["AISaaSMiddleware"]
 
@@ -170,7 +169,7 @@ class AISaaSMiddleware:
         state["ai"] = ctx
 
         extra = [(_header_name(k), v.encode("latin-1")) for k, v in decision.headers]
-        meter = ResponseMeter()
+        meter = ctx.response_meter()
         replayed = False
         disconnected = False
 

@@ -13,7 +13,10 @@ The sections, all optional except that a serving deployment needs ``models``,
     tenant.tiers[]      name, monthlyQuota (tokens | unlimited), rateLimit (req/min | unlimited),
                         allowedModels, onUnavailable (open | closed, overrides redis.onUnavailable)
     routing             strategy, fallbackChain, circuitBreaker {errorThreshold, resetTimeout}
-    cache               enabled, ttl, similarityThreshold
+    cache               enabled, ttl, similarityThreshold, maxEntriesPerTenant,
+                        maxBytesPerTenant, embedder, countTowardsQuota (see docs/cache.md);
+                        endpoints[].cache and tenant.tiers[].cache turn it off (or on)
+                        per endpoint and tier
     billing             provider, usageMetric, pricingRules[] {metric, rate, tier}, markup,
                         minimumPerRequest, marginRules[] {below, markup | pricingRules},
                         database (SQLAlchemy URL), stripe {...}, cac, monthlyChurn, worker {...}
@@ -111,6 +114,7 @@ class TierConfig:
     on_unavailable: str | None = None
     monthly_budget: Decimal | None = None  # USD per calendar month (UTC); None = no budget
     daily_budget: Decimal | None = None  # USD per UTC day
+    cache: bool | None = None  # None: as cache.enabled says; False: never for this tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,7 @@ class EndpointConfig:
     max_cost_per_request: Decimal | None = None
     default_max_output_tokens: int = 512
     pattern: re.Pattern[str] = field(default=re.compile(""), compare=False, repr=False)
+    cache: bool | None = None  # None: as cache.enabled says; False: never on this endpoint
 
     def matches(self, method: str, path: str) -> bool:
         # A CORS preflight carries no credentials and runs no model: unless the endpoint
@@ -197,9 +202,15 @@ class RoutingConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
+    """The per-tenant response cache (see docs/cache.md)."""
+
     enabled: bool = False
     ttl_s: float = 3600.0
-    similarity_threshold: float = 0.85
+    similarity_threshold: float = 0.85  # a calibrated score (cache/calibration.py)
+    max_entries_per_tenant: int = 10_000
+    max_bytes_per_tenant: int = 64 * 1024 * 1024
+    embedder: str = "ngram"
+    count_towards_quota: bool = False  # does a hit's token count go on the quota?
 
 
 PRICING_METRICS = ("input_tokens", "output_tokens", "requests")
@@ -537,7 +548,7 @@ def _read_tiers(r: _Reader, tenant_section: Any) -> dict[str, TierConfig]:
     for i, raw in enumerate(r.items(section.get("tiers"), "tenant.tiers")):
         path = f"tenant.tiers[{i}]"
         m = r.mapping(raw, path, ("name", "monthlyQuota", "rateLimit", "allowedModels",
-                                  "onUnavailable", "monthlyBudget", "dailyBudget"))
+                                  "onUnavailable", "monthlyBudget", "dailyBudget", "cache"))
         if not m:
             continue
         name = r.string(m, "name", path, pattern=TENANT_ID_RE,
@@ -550,6 +561,7 @@ def _read_tiers(r: _Reader, tenant_section: Any) -> dict[str, TierConfig]:
             on_unavailable=r.choice(m, "onUnavailable", path, _ON_UNAVAILABLE, None),
             monthly_budget=_budget(r, m, "monthlyBudget", path),
             daily_budget=_budget(r, m, "dailyBudget", path),
+            cache=_optional_boolean(r, m, "cache", path),
         )
         if name and name in tiers:
             r.problem(f"{path}.name", "a tier name used once", f"duplicate {name!r}")
@@ -698,7 +710,7 @@ def _read_endpoints(r: _Reader, value: Any) -> tuple[EndpointConfig, ...]:
     for i, raw in enumerate(r.items(value, "endpoints")):
         path = f"endpoints[{i}]"
         m = r.mapping(raw, path, ("path", "methods", "requiredQuality", "maxLatencyMs",
-                                  "maxCostPerRequest", "defaultMaxOutputTokens"))
+                                  "maxCostPerRequest", "defaultMaxOutputTokens", "cache"))
         if not m:
             continue
         glob = r.string(m, "path", path, pattern=re.compile(r"^/"),
@@ -721,8 +733,16 @@ def _read_endpoints(r: _Reader, value: Any) -> tuple[EndpointConfig, ...]:
             default_max_output_tokens=r.integer(m, "defaultMaxOutputTokens", path,
                                                 default=512, minimum=1),
             pattern=re.compile(translate(glob or "/")),
+            cache=_optional_boolean(r, m, "cache", path),
         ))
     return tuple(endpoints)
+
+
+def _optional_boolean(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> bool | None:
+    """``true``, ``false``, or None when the key is absent."""
+    if m.get(key) is None:
+        return None
+    return r.boolean(m, key, path, False)
 
 
 def _read_redis(r: _Reader, value: Any) -> RedisConfig:
@@ -798,14 +818,27 @@ def _positive_duration(r: _Reader, m: Mapping[str, Any], key: str, path: str,
     return seconds
 
 
+CACHE_EMBEDDERS = ("ngram", "minilm", "wordllama")
+
+
 def _read_cache(r: _Reader, value: Any) -> CacheConfig:
-    m = r.mapping(value, "cache", ("enabled", "ttl", "similarityThreshold"))
+    m = r.mapping(value, "cache", ("enabled", "ttl", "similarityThreshold",
+                                   "maxEntriesPerTenant", "maxBytesPerTenant", "embedder",
+                                   "countTowardsQuota"))
     threshold = r.decimal(m, "similarityThreshold", "cache", default=Decimal("0.85"),
                           maximum=Decimal(1))
+    ttl = r.duration(m, "ttl", "cache", 3600.0)  # (entries live at least 1 s)
+    r.declare("cache.embedder", "choice", options=CACHE_EMBEDDERS)
     return CacheConfig(
         enabled=r.boolean(m, "enabled", "cache", False),
-        ttl_s=r.duration(m, "ttl", "cache", 3600.0),
+        ttl_s=ttl,
         similarity_threshold=float(threshold),
+        max_entries_per_tenant=r.integer(m, "maxEntriesPerTenant", "cache", default=10_000,
+                                         minimum=1),
+        max_bytes_per_tenant=r.integer(m, "maxBytesPerTenant", "cache",
+                                       default=64 * 1024 * 1024, minimum=4096),
+        embedder=r.choice(m, "embedder", "cache", CACHE_EMBEDDERS, "ngram"),
+        count_towards_quota=r.boolean(m, "countTowardsQuota", "cache", False),
     )
 
 

@@ -81,6 +81,7 @@ class RequestContext:
         "_selection",
         "answered_by",
         "body",
+        "cache",
         "failed",
         "fallback_from",
         "max_output_tokens",
@@ -112,8 +113,22 @@ class RequestContext:
         self.fallback_from: str | None = None
         self.failed = False
         self.truncated = False  # a stream was cut after its first text
+        # The response cache's plan for this request (cache/policy.py), or None. The app
+        # may refuse storing its answer: ``ctx.cache.store = False``.
+        self.cache: Any = None
         self._policy = policy
         self._providers = providers
+
+    def response_meter(self) -> Any:
+        """The :class:`~ai_saas_middleware.usage.ResponseMeter` for this request's response
+        (adapters make theirs here): one that also keeps the body when the response cache
+        may store it."""
+        cache = self.cache
+        if cache is not None and cache.store and cache.hit is None:
+            return cache.meter()
+        from .usage import ResponseMeter
+
+        return ResponseMeter()
 
     @property
     def candidates(self) -> tuple[ModelProfile, ...]:

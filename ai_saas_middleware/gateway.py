@@ -69,7 +69,7 @@ from .leases import LeaseKeeper
 from .observed import ObservedStats
 from .pricebook import PriceBook
 from .providers import build_providers
-from .settlement import Settlement
+from .settlement import Settlement, usage_counts
 from .spool import Spool
 from .startup import check_redis_at_startup
 from .store.keys import KeySchema
@@ -164,6 +164,27 @@ class _Core:
             self.watch.record(*sample)
         return call
 
+    def _store_call(self, ticket: Ticket, outcome: Outcome, ctx: RequestContext | None
+                    ) -> ScriptCall | None:
+        """The cache_store.lua call for a miss whose response may be cached, else None."""
+        cache = self.admission.cache
+        plan = ctx.cache if ctx is not None else None
+        if cache is None or plan is None or ctx is None:
+            return None
+        try:
+            prompt, completion, _source = usage_counts(ticket, ctx, outcome)
+            call: ScriptCall | None = cache.store_call(plan, ticket, ctx, outcome,
+                                                       (prompt, completion))
+            return call
+        except Exception:  # the cache must never cost a settlement
+            log.exception("the response of %s could not be prepared for the cache",
+                          ticket.request_id)
+            return None
+
+    @staticmethod
+    def _hit_outcome() -> Outcome:
+        return Outcome(status=200)
+
     # ---------------------------------------------------------------- background jobs
 
     def _job_info(self, tenant_id: str, endpoint: str | None, body: Mapping[str, Any] | None,
@@ -173,8 +194,9 @@ class _Core:
             raise ValueError(f"{endpoint!r} matches no configured endpoint")
         chosen = matched or EndpointConfig(path=endpoint or "<job>")
         raw = json.dumps(dict(body or {})).encode()
-        hdrs = {"content-type": "application/json", **{k.lower(): v for k, v in
-                                                       (headers or {}).items()}}
+        # (A job is given a context to run its own call: never answered from the cache.)
+        hdrs = {"content-type": "application/json", "cache-control": "no-cache, no-store",
+                **{k.lower(): v for k, v in (headers or {}).items()}}
         return RequestInfo("POST", chosen.path, hdrs, raw, tenant_id=tenant_id), chosen
 
     @staticmethod
@@ -246,8 +268,34 @@ class Gateway(_Core):
             except StoreError as exc:
                 return admission.admit_locally(plan, info, exc)
             if decision is not None:
+                if plan.cache is not None and decision.ticket is not None:
+                    decision = self._cached(plan, decision)
                 return decision
         raise StoreError("admission did not settle (the tier or the month kept moving)")
+
+    def _cached(self, plan: Plan, decision: Decision) -> Decision:
+        """After admission, for a request the cache may answer: the semantic lookup on an
+        exact miss (one round trip; one more for the body on a hit), and a hit's
+        settlement, here and now (a sync app has no loop to run it on later: the client
+        waits for it, about one round trip; it saved a model call)."""
+        cache, found = self.admission.cache, plan.cache
+        if found.hit is None and decision.allowed and cache.wants_lookup(found):
+            try:
+                entry = cache.choose(found, self._run(cache.lookup_call(found)))
+                fields = self._run(cache.fetch_call(found, entry)) if entry else None
+            except StoreError as exc:
+                log.warning("cache lookup of %s skipped: %s", plan.request_id, exc)
+                fields = None
+            except Exception:  # a bug in the cache must never cost the request
+                log.exception("cache lookup of %s failed; served as a miss", plan.request_id)
+                fields = None
+            chosen = plan.selection.chosen
+            if fields and chosen is not None and cache.hit(found, fields, "semantic", chosen):
+                decision = self.admission.hit_decision(plan, decision)
+        if found.hit is not None:
+            assert decision.ticket is not None
+            self.settle(decision.ticket, self._hit_outcome(), decision.context)
+        return decision
 
     def usage(self, info: RequestInfo) -> Decision:
         """The caller's own usage this month (credentials as for admission), as JSON."""
@@ -266,12 +314,18 @@ class Gateway(_Core):
         to disk and replayed, in order, when Redis is back.
         """
         call = self._settle_call(ticket, outcome, ctx)
+        store = self._store_call(ticket, outcome, ctx)
         try:
             if self.spool.pending and not self.store.health.is_down():
                 self.spool.replay(self._run)  # older events first: the stream stays in order
             if not self.spool.pending:
                 try:
-                    self._run(call)
+                    if store is None:
+                        self._run(call)
+                    else:  # the cache's store rides in the same round trip
+                        settled = self.store.run_scripts([call, store])[0]
+                        if isinstance(settled, StoreError):
+                            raise settled
                     return
                 except StoreRefused as exc:  # can never succeed: set aside, loudly
                     self.spool.set_aside(call, exc)
@@ -359,8 +413,33 @@ class AsyncGateway(_Core):
                 background.start(self._release(plan))
                 raise
             if decision is not None:
+                if plan.cache is not None and decision.ticket is not None:
+                    decision = await self._cached(plan, decision)
                 return decision
         raise StoreError("admission did not settle (the tier or the month kept moving)")
+
+    async def _cached(self, plan: Plan, decision: Decision) -> Decision:
+        """See :meth:`Gateway._cached`; a hit is settled by a task of its own, off the
+        client's path (``wait_for_settlements()`` waits for it)."""
+        cache, found = self.admission.cache, plan.cache
+        if found.hit is None and decision.allowed and cache.wants_lookup(found):
+            try:
+                entry = cache.choose(found, await self._run(cache.lookup_call(found)))
+                fields = await self._run(cache.fetch_call(found, entry)) if entry else None
+            except StoreError as exc:
+                log.warning("cache lookup of %s skipped: %s", plan.request_id, exc)
+                fields = None
+            except Exception:  # a bug in the cache must never cost the request
+                log.exception("cache lookup of %s failed; served as a miss", plan.request_id)
+                fields = None
+            chosen = plan.selection.chosen
+            if fields and chosen is not None and cache.hit(found, fields, "semantic", chosen):
+                decision = self.admission.hit_decision(plan, decision)
+        if found.hit is not None:
+            assert decision.ticket is not None
+            background.start(self.settle(decision.ticket, self._hit_outcome(),
+                                         decision.context))
+        return decision
 
     async def _release(self, plan: Plan) -> None:
         try:
@@ -387,12 +466,18 @@ class AsyncGateway(_Core):
         cancellation spools it before the ``CancelledError`` goes on.
         """
         call = self._settle_call(ticket, outcome, ctx)
+        store = self._store_call(ticket, outcome, ctx)
         try:
             if self.spool.pending and not self.store.health.is_down():
                 await self.spool.areplay(self._run)
             if not self.spool.pending:
                 try:
-                    await self._run(call)
+                    if store is None:
+                        await self._run(call)
+                    else:  # the cache's store rides in the same round trip
+                        settled = (await self.store.run_scripts([call, store]))[0]
+                        if isinstance(settled, StoreError):
+                            raise settled
                     return
                 except StoreRefused as exc:  # can never succeed: set aside, loudly
                     self.spool.set_aside(call, exc)

@@ -9,6 +9,7 @@ request id. No I/O: the gateway twins run (or spool) the call.
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 
 from .admission import QUOTA_TTL_S, ScriptCall
 from .config import Config
@@ -56,16 +57,23 @@ class Settlement:
 
     def __init__(self, config: Config):
         self._dedupe_ttl_s = config.redis.dedupe_ttl_s
+        self._hits_count = config.cache.count_towards_quota
 
     def call(self, ticket: Ticket, outcome: Outcome, ctx: RequestContext | None
              ) -> tuple[ScriptCall, tuple[str, str, int, int] | None]:
         """The settle.lua call for the request's usage event, and what it tells the
         observed statistics (endpoint pattern, model, completion tokens, latency ms; None
         when the request got no answer)."""
-        prompt_tokens, completion_tokens, source = usage_counts(ticket, ctx, outcome)
+        hit = ctx.cache.hit if ctx is not None and ctx.cache is not None else None
         model = (ctx.answered_by or ctx.model) if ctx is not None else ticket.model
         assert model is not None
-        cost = cost_of(model, prompt_tokens, completion_tokens)
+        if hit is None:
+            prompt_tokens, completion_tokens, source = usage_counts(ticket, ctx, outcome)
+            cost = cost_of(model, prompt_tokens, completion_tokens)
+        else:  # answered from the cache: nothing spent; the quota counts it if told to
+            prompt_tokens, completion_tokens = ((hit.prompt_tokens, hit.completion_tokens)
+                                                if self._hits_count else (0, 0))
+            source, cost = "cache", Decimal(0)
         latency_ms = int((time.monotonic() - ticket.started) * 1000)
         event = [
             "request_id", ticket.request_id,
@@ -79,7 +87,7 @@ class Settlement:
             "cost", format_usd(cost),
             "latency_ms", latency_ms,
             "status", outcome.status,
-            "cache", "miss",
+            "cache", "miss" if hit is None else "hit",
             "fallback_from", (ctx.fallback_from if ctx is not None else None) or "",
             "outcome_value", (ctx.outcome_value if ctx is not None else None) or "",
             "ts", _iso(ticket.admitted_ms),
@@ -88,6 +96,8 @@ class Settlement:
             "price_version", ticket.price_version,
             "truncated", "true" if ctx is not None and ctx.truncated else "false",
         ]
+        if hit is not None:
+            event += ["saved_cost", format_usd(hit.saved_cost), "cache_match", hit.kind]
         keys = ticket.keys
         sample = None
         if completion_tokens and outcome.status < 400 and ticket.endpoint is not None:

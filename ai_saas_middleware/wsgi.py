@@ -41,7 +41,6 @@ from .environ import environ_headers, request_path
 from .errors import RequestRefused
 from .gateway import Gateway
 from .types import Decision, RequestInfo
-from .usage import ResponseMeter
 
 __all__ = ["ENVIRON_KEY", "AISaaSMiddleware", "UsageApp", "decision_response",
            "environ_headers", "request_path"]
@@ -127,7 +126,7 @@ class AISaaSMiddleware:
         ctx, ticket = decision.context, decision.ticket
         assert ctx is not None and ticket is not None
         environ[ENVIRON_KEY] = ctx
-        meter = ResponseMeter()
+        meter = ctx.response_meter()
         extra = list(decision.headers)
 
         def metered_start_response(status: str, response_headers: list[tuple[str, str]],

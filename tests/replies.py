@@ -48,9 +48,15 @@ def completion(model_id: str, text: str, prompt_tokens: int, completion_tokens: 
 # three copies of a view.
 
 
+# How many times each test app's /ai/chat view ran (the response cache's tests read it:
+# a hit must not call the view).
+CHAT_CALLS: list[int] = [0]
+
+
 def chat_reply(model_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """``/ai/chat``: a completion by ``model_id``; ``reply_usage`` in the body sets its
     usage (default 12 + 34)."""
+    CHAT_CALLS[0] += 1
     prompt, completion_ = body.get("reply_usage", [PROMPT_TOKENS, COMPLETION_TOKENS])
     return completion(model_id, "Hello there, my good friend!", prompt, completion_)
 

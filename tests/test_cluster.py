@@ -9,6 +9,7 @@ over many shards (so over all three nodes), and runs admission and settlement th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -193,3 +194,46 @@ def test_breakers_and_the_price_book_are_shared_across_a_cluster(
     finally:
         one.close()
         other.close()
+
+
+def test_the_response_cache_on_a_cluster(cluster_url: str, tmp_path: Any,
+                                         key_prefix: str) -> None:
+    """Every cache script touches its tenant's slot alone, whichever node holds it: an exact
+    and a semantic hit for tenants spread over the three nodes (issue 11)."""
+    config = _config(cluster_url, tmp_path, key_prefix)
+    config["cache"] = {"enabled": True}
+    gateway = Gateway(config)
+    reply = (b'{"object":"chat.completion","choices":[{"index":0,"finish_reason":"stop",'
+             b'"message":{"role":"assistant","content":"Use the reset link."}}],'
+             b'"usage":{"prompt_tokens":10,"completion_tokens":5}}')
+
+    def ask(tenant: str, text: str) -> str:
+        body = json.dumps({"messages": [{"role": "user", "content": text}]}).encode()
+        decision = gateway.admit(RequestInfo("POST", "/ai/chat",
+                                             {"content-type": "application/json"}, body,
+                                             tenant_id=tenant))
+        if not decision.allowed:
+            assert decision.status == 200 and decision.body == reply
+            return dict(decision.headers)["x-ai-cache"]
+        assert decision.context is not None and decision.ticket is not None
+        meter = decision.context.response_meter()
+        meter.start(200, "application/json")
+        meter.feed(reply)
+        meter.finish()
+        gateway.settle(decision.ticket, meter.outcome(), decision.context)
+        return dict(decision.headers)["x-ai-cache"]
+
+    tenants = [f"tenant-{i}" for i in range(12)]
+    try:
+        for tenant in tenants:
+            assert ask(tenant, "How do I reset my password?") == "miss"
+            assert ask(tenant, "How do I reset my password?") == "hit"
+            assert ask(tenant, "How can I reset my password?") == "hit"
+        assert not gateway.spool.pending
+        with RedisCluster.from_url(cluster_url.replace("+cluster", ""),
+                                   decode_responses=True) as client:
+            nodes = {client.get_node_from_key(gateway.keys.tenant(t).cache_lru).name
+                     for t in tenants}
+        assert len(nodes) == 3
+    finally:
+        gateway.close()

@@ -225,9 +225,9 @@ def _sent(response: HttpResponseBase) -> _Sent:
     return response.status_code, response.get("Content-Type", ""), content
 
 
-def _meter_of(sent: _Sent) -> ResponseMeter:
+def _meter_of(sent: _Sent, ctx: RequestContext) -> ResponseMeter:
     status, content_type, content = sent
-    meter = ResponseMeter()
+    meter: ResponseMeter = ctx.response_meter()
     meter.start(status, content_type)
     if content is not None:
         meter.feed(content)
@@ -235,8 +235,8 @@ def _meter_of(sent: _Sent) -> ResponseMeter:
     return meter
 
 
-def _meter(response: HttpResponseBase) -> ResponseMeter:
-    return _meter_of(_sent(response))
+def _meter(response: HttpResponseBase, ctx: RequestContext) -> ResponseMeter:
+    return _meter_of(_sent(response), ctx)
 
 
 def _settle_sent(gateway: AsyncGateway, ticket: Ticket, ctx: RequestContext, sent: _Sent,
@@ -248,7 +248,7 @@ def _settle_sent(gateway: AsyncGateway, ticket: Ticket, ctx: RequestContext, sen
     the response; see ``_ai_request_async`` for why this runs after it.
     """
     try:
-        outcome = _meter_of(sent).outcome(failed=failed)
+        outcome = _meter_of(sent, ctx).outcome(failed=failed)
         settle_in_background(gateway, ticket, outcome, ctx)
     except Exception:  # accounting must never break the app (and this is a loop callback)
         log.exception("settling request %s failed", ticket.request_id)
@@ -363,7 +363,7 @@ class AISaaSMiddleware:
             raise
         assert isinstance(response, HttpResponseBase)
         _add_headers(response, decision)
-        meter = _meter(response)
+        meter = _meter(response, ctx)
         if isinstance(response, StreamingHttpResponse):
             content: Iterable[bytes] = (_sync_chunks(response.streaming_content)
                                         if response.is_async else response.streaming_content)
@@ -463,7 +463,7 @@ class AISaaSMiddleware:
             raise
         _add_headers(response, decision)
         if isinstance(response, StreamingHttpResponse):
-            meter = _meter(response)
+            meter = _meter(response, ctx)
             content: AsyncIterable[bytes] = (response.streaming_content if response.is_async
                                              else _async_chunks(response.streaming_content))
             response.streaming_content = AsyncMeteredBody(content, gateway, ticket,

@@ -14,6 +14,17 @@ same code runs on one Redis server or on a Redis Cluster::
                                                   <YYYY-MM-DD>'] -> lease deadline, ms)
     <prefix>:{s<shard>}:t:<tenant>:b:m:<YYYY-MM>  money spent in a month, picodollars
     <prefix>:{s<shard>}:t:<tenant>:b:d:<YYYY-MM-DD>  money spent in a day (UTC)
+    <prefix>:{s<shard>}:t:<tenant>:c:e:<entry>    cached response (hash: body, pt, ct, model,
+                                                  emb, cand = embedder id + vector + text;
+                                                  expires: cache.ttl)
+    <prefix>:{s<shard>}:t:<tenant>:c:lru          cached entries by last use (sorted set, ms)
+    <prefix>:{s<shard>}:t:<tenant>:c:sz           entry -> '<bytes> <partition> <codes>'
+                                                  (what eviction must remove)
+    <prefix>:{s<shard>}:t:<tenant>:c:bytes        bytes the tenant's entries hold (counter)
+    <prefix>:{s<shard>}:t:<tenant>:c:p:<part>     entries of one partition and embedder (set)
+    <prefix>:{s<shard>}:t:<tenant>:c:l:<part>:<t>:<code>
+                                                  LSH bucket: entries of the partition whose
+                                                  vector has sign code <code> in table <t>
     <prefix>:{s<shard>}:usage                     usage stream of the shard
     <prefix>:{s<shard>}:tenants                   ids of stored tenants in the shard (set)
 
@@ -113,6 +124,36 @@ class TenantKeys:
 
     def settled(self, request_id: str) -> str:
         return f"{self.base}:ev:{request_id}"
+
+    # The response cache (issue 11): every key under the tenant's base, so one tenant's
+    # lookups can only ever name its own entries (one hash tag, one cluster slot).
+
+    @property
+    def cache_base(self) -> str:
+        """The prefix of every cache key of the tenant (the Lua scripts build entry and
+        bucket names from it: the same hash tag)."""
+        return self.base + ":c:"
+
+    def cache_entry(self, entry_id: str) -> str:
+        return f"{self.base}:c:e:{entry_id}"
+
+    @property
+    def cache_lru(self) -> str:
+        return self.base + ":c:lru"
+
+    @property
+    def cache_sizes(self) -> str:
+        return self.base + ":c:sz"
+
+    @property
+    def cache_bytes(self) -> str:
+        return self.base + ":c:bytes"
+
+    def cache_partition(self, partition_id: str) -> str:
+        return f"{self.base}:c:p:{partition_id}"
+
+    def cache_bucket(self, partition_id: str, table: int, code: str) -> str:
+        return f"{self.base}:c:l:{partition_id}:{table}:{code}"
 
 
 class KeySchema:

@@ -70,7 +70,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - redis-py requires async-timeout before 3.11.3
     from async_timeout import timeout as _timeout
 
-__all__ = ["AsyncRedisStore", "RedisStore", "load_script"]
+__all__ = ["CACHE_SCRIPTS", "AsyncRedisStore", "RedisStore", "load_script"]
+
+# The response cache's scripts (issue 11): registered always (no I/O), loaded by the
+# server on their first use.
+CACHE_SCRIPTS = ("cache_lookup", "cache_fetch", "cache_store")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -91,7 +95,11 @@ def load_script(name: str) -> str:
 
 
 def _retry_args(which: str, args: Sequence[Any]) -> Sequence[Any]:
-    return [*args, "retry"] if which == "admit" else args
+    if which != "admit":
+        return args
+    if len(args) > 16:  # ARGV[17] is the retry flag; the cache's arguments follow it
+        return [*args[:16], "retry", *args[17:]]
+    return [*args, "retry"]
 
 
 def _split_url(url: str) -> tuple[bool, str]:
@@ -226,6 +234,33 @@ class _SyncLane:
                 args = _retry_args(which, args)
         return self._exchange(idle, self._connect(), script, keys, args)
 
+    def evalsha_many(self, calls: Sequence[tuple[Any, Sequence[Any], Sequence[Any]]]
+                     ) -> list[Any]:
+        """Several EVALSHAs written at once and their replies read in order: one network
+        round trip. Each reply is the script's result or the ``ResponseError`` of its
+        error reply (returned, not raised: the others are still read, so the connection
+        stays in step). Any other failure drops the connection and raises."""
+        idle = self._idle
+        try:
+            conn = idle.pop()
+        except IndexError:
+            conn = self._connect()
+        try:
+            conn.send_packed_command(tuple(
+                _Lane.pack("EVALSHA", script.sha, len(keys), *keys, *args)
+                for script, keys, args in calls), check_health=False)
+            replies: list[Any] = []
+            for _ in calls:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            conn.disconnect()
+            raise
+        idle.append(conn)
+        return replies
+
     @staticmethod
     def _exchange(idle: deque[Any], conn: Any, script: Any, keys: Sequence[Any],
                   args: Sequence[Any]) -> Any:
@@ -301,6 +336,8 @@ class RedisStore:
         self._renew = self.client.register_script(load_script("renew"))
         self._release = self.client.register_script(load_script("release"))
         self._breaker = self.client.register_script(load_script("breaker"))
+        for name in CACHE_SCRIPTS:
+            setattr(self, "_" + name, self.client.register_script(load_script(name)))
         self._loaded = False
         # A cluster client routes each script to its slot's node; without hiredis the
         # pooled client does the work (slower, same behaviour).
@@ -336,6 +373,39 @@ class RedisStore:
         """Run ``which``.lua (admit, settle, usage, renew, release, breaker); see its
         header."""
         return self._run(which, getattr(self, "_" + which), keys, args)
+
+    def run_scripts(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+                    ) -> list[Any]:
+        """Run several scripts in one network round trip (pipelined), in order: each
+        reply, or the :class:`StoreError` its call met (returned, not raised, so that one
+        refused script does not hide the others' results). Without a lane (a cluster, no
+        hiredis) they run one after another. A script the server does not know yet
+        (NOSCRIPT) is run again alone, which loads it."""
+        lane = self._lane
+        if lane is None or not self._loaded:
+            return [self._one_of(call) for call in calls]
+        self.health.check()
+        try:
+            replies = lane.evalsha_many([(getattr(self, "_" + which), keys, args)
+                                         for which, keys, args in calls])
+        except (RedisError, OSError) as exc:
+            raise self.health.failed(exc) from exc
+        self.health.ok()
+        out: list[Any] = []
+        for call, reply in zip(calls, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                out.append(self._one_of(call))
+            elif isinstance(reply, ResponseError):
+                out.append(self.health.refused(reply, "a script"))
+            else:
+                out.append(reply)
+        return out
+
+    def _one_of(self, call: tuple[str, Sequence[str], Sequence[Any]]) -> Any:
+        try:
+            return self.run_script(*call)
+        except StoreError as exc:
+            return exc
 
     def call(self, *command: Any) -> Any:
         """Run one plain command (admin paths only, never the request path)."""
@@ -481,6 +551,32 @@ class _Lane:
             if len(self._outbox) == 1:
                 loop.call_soon(self._flush)
         return future
+
+    def call_many(self, commands: Sequence[bytes]) -> list[Awaitable[Any]]:
+        """Send several packed commands in one write (on an idle lane; else with this loop
+        tick's others); one awaitable reply each, in order."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return [self._connect_and_send(command) for command in commands]
+        loop = asyncio.get_running_loop()
+        pending = self._pending
+        idle = not pending
+        deadline = loop.time() + self._socket_timeout_s
+        futures: list[Awaitable[Any]] = []
+        for _command in commands:
+            future = loop.create_future()
+            pending.append((future, deadline))
+            futures.append(future)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(pending[0][1], self._check_overdue)
+        if idle:
+            transport.write(b"".join(commands))
+        else:
+            first = not self._outbox
+            self._outbox.extend(commands)
+            if first:
+                loop.call_soon(self._flush)
+        return futures
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -634,6 +730,8 @@ class AsyncRedisStore:
         self._usage = client.register_script(load_script("usage"))
         self._renew = client.register_script(load_script("renew"))
         self._release = client.register_script(load_script("release"))
+        for name in CACHE_SCRIPTS:
+            setattr(self, "_" + name, client.register_script(load_script(name)))
         self._loading = None
         self._lane = None
         # A cluster client routes each script to its slot's node; without hiredis the
@@ -666,7 +764,7 @@ class AsyncRedisStore:
         self.health.check()
         if self._loop is not asyncio.get_running_loop():
             self._bind()
-        script = getattr(self, "_" + which)  # admit | settle | usage | renew | release
+        script = getattr(self, "_" + which)  # admit | settle | usage | renew | release | cache_*
         try:
             if self._loading is None or not self._loading.done():
                 await self._load_scripts()
@@ -686,6 +784,41 @@ class AsyncRedisStore:
             raise self.health.failed(exc) from exc
         self.health.ok()
         return result
+
+    async def run_scripts(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+                          ) -> list[Any]:
+        """See :meth:`RedisStore.run_scripts`: on the lane, the calls are written before
+        the first reply is read (one network round trip)."""
+        if self._loop is not asyncio.get_running_loop():
+            self._bind()
+        lane = self._lane
+        if lane is None or self._loading is None or not self._loading.done():
+            return [await self._one_of(call) for call in calls]
+        self.health.check()
+        waits = lane.call_many([lane.pack("EVALSHA", getattr(self, "_" + which).sha, len(keys),
+                                          *keys, *args) for which, keys, args in calls])
+        replies = await asyncio.gather(*waits, return_exceptions=True)
+        out: list[Any] = []
+        for call, reply in zip(calls, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                out.append(await self._one_of(call))
+            elif isinstance(reply, ResponseError):
+                out.append(self.health.refused(reply, "a script"))
+            elif isinstance(reply, (RedisError, OSError, asyncio.TimeoutError)):
+                out.append(self.health.failed(reply))
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                out.append(reply)
+        if not any(isinstance(r, StoreError) for r in out):
+            self.health.ok()
+        return out
+
+    async def _one_of(self, call: tuple[str, Sequence[str], Sequence[Any]]) -> Any:
+        try:
+            return await self.run_script(*call)
+        except StoreError as exc:
+            return exc
 
     async def _evalsha(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         lane = self._lane

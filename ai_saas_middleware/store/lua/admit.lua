@@ -39,7 +39,14 @@
 -- ARGV[16] daily budget (UTC day, by the server's clock), picodollars; -1 = none
 -- ARGV[17] optional 'retry': the caller lost the reply of an earlier attempt of this
 --          request id (same arguments); if that attempt was admitted (its reservation is
---          recorded), answer admitted again without counting it twice
+--          recorded), answer admitted again without counting it twice ('' otherwise)
+-- ARGV[18] optional, the response cache's exact lookup (issue 11): 'free' (a hit takes
+--          no quota) or 'quota' (a hit is served only if the quota can hold its tokens);
+--          absent when the cache is off for the request: then KEYS[6..8] are absent too
+-- ARGV[19] the cache entry id (the LRU member)
+-- KEYS[6]  the cache entry of the request's exact key (hash: body, pt, ct, model ...)
+-- KEYS[7]  the tenant's cached entries by last use (sorted set, ms)
+-- KEYS[8]  the request's partition (set of entry ids): only its size is read
 --
 -- Money is counted on '<tenant base>:b:m:<YYYY-MM>' and '<tenant base>:b:d:<YYYY-MM-DD>'
 -- (named from KEYS[2]: the same hash tag), in picodollars, compared as exact decimal
@@ -60,6 +67,11 @@
 --   {4, now_ms}                              no stored tenant / tenant suspended
 --   {5, now_ms, 'YYYY-MM'}                   the server's month differs; retry with it
 --   {6, now_ms, tier}                        the stored tier differs; retry with it
+--   {8, now_ms, remaining, reset_ms, body, prompt_tokens, completion_tokens, model}
+--                                            an exact cache hit (ARGV[18]): admitted
+--                                            (counted by the rate limit), nothing reserved
+-- With ARGV[18], an admission {0, ...} has a 9th element: the size of the partition
+-- (KEYS[8]), 0 telling the caller that a semantic lookup would find nothing.
 --#include _reservations.lua
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -154,6 +166,30 @@ if limit > 0 then
   end
 end
 
+-- The response cache's exact lookup (issue 11), folded into admission so that it costs
+-- no round trip: a hit is admitted like any request by the rate limit, and reserves
+-- nothing (with 'quota', only when the month can still hold the entry's tokens, which
+-- settlement then counts).
+local partition_size = nil
+if ARGV[18] then
+  local entry = redis.call('HMGET', KEYS[6], 'body', 'pt', 'ct', 'model')
+  if entry[1] then
+    local quota = tonumber(ARGV[8])
+    if ARGV[18] ~= 'quota' or quota < 0 or tonumber(redis.call('GET', KEYS[2]) or '0')
+        + tonumber(entry[2]) + tonumber(entry[3]) <= quota then
+      redis.call('ZADD', KEYS[7], 'XX', now_ms, ARGV[19])
+      if limit > 0 then
+        redis.call('ZADD', KEYS[1], now_us, ARGV[1])
+        if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[7]) + 1000 then
+          redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[7]) + 1000)
+        end
+      end
+      return {8, now_ms, remaining, reset_ms, entry[1], entry[2], entry[3], entry[4]}
+    end
+  end
+  partition_size = redis.call('SCARD', KEYS[8])
+end
+
 -- Quota: refuse a reservation the month cannot hold; never go over. (Counted first and
 -- taken back on refusal: refusals are the rare path.) Reservations of requests that will
 -- never settle (a killed process) leave the counter before a refusal, and at about one
@@ -228,4 +264,4 @@ if limit > 0 then
     redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[7]) + 1000)
   end
 end
-return {0, now_ms, remaining, reset_ms, used, spent_m, spent_d, day}
+return {0, now_ms, remaining, reset_ms, used, spent_m, spent_d, day, partition_size}
