@@ -33,6 +33,7 @@ from .config import Config, EndpointConfig
 from .errors import RequestRefused
 from .gateway import AsyncGateway
 from .types import Decision, RequestInfo
+from .usage import meter_for
 
 __all__ = ["AISaaSMiddleware"]
 
@@ -169,7 +170,7 @@ class AISaaSMiddleware:
         state["ai"] = ctx
 
         extra = [(_header_name(k), v.encode("latin-1")) for k, v in decision.headers]
-        meter = ctx.response_meter()
+        meter = meter_for(ctx)
         replayed = False
         disconnected = False
 

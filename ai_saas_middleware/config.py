@@ -739,10 +739,10 @@ def _read_endpoints(r: _Reader, value: Any) -> tuple[EndpointConfig, ...]:
 
 
 def _optional_boolean(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> bool | None:
-    """``true``, ``false``, or None when the key is absent."""
-    if m.get(key) is None:
-        return None
-    return r.boolean(m, key, path, False)
+    """``true``, ``false``, or None when the key is absent. (Read in any case: the JSON
+    Schema's recorder learns the key from the reader's call.)"""
+    value = r.boolean(m, key, path, False)
+    return None if m.get(key) is None else value
 
 
 def _read_redis(r: _Reader, value: Any) -> RedisConfig:

@@ -119,17 +119,6 @@ class RequestContext:
         self._policy = policy
         self._providers = providers
 
-    def response_meter(self) -> Any:
-        """The :class:`~ai_saas_middleware.usage.ResponseMeter` for this request's response
-        (adapters make theirs here): one that also keeps the body when the response cache
-        may store it."""
-        cache = self.cache
-        if cache is not None and cache.store and cache.hit is None:
-            return cache.meter()
-        from .usage import ResponseMeter
-
-        return ResponseMeter()
-
     @property
     def candidates(self) -> tuple[ModelProfile, ...]:
         """Every eligible model, best first by the strategy (``model`` is the first)."""

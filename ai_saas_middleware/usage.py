@@ -36,7 +36,8 @@ from . import jsonbytes
 from .estimate import estimate_prompt_tokens, estimate_tokens
 from .types import Outcome, new_outcome
 
-__all__ = ["ResponseMeter", "estimate_prompt_tokens", "estimate_tokens", "usage_from"]
+__all__ = ["ResponseMeter", "estimate_prompt_tokens", "estimate_tokens", "meter_for",
+           "usage_from"]
 
 # Why 8: BPE tokenizers (cl100k, o200k, Claude's, Llama's) average about 4 characters
 # a token on English prose, 3 on code, and 1 to 2 on CJK and most other scripts; a
@@ -623,3 +624,14 @@ class ResponseMeter:
     def completion_chars(self) -> int:
         """Characters of completion text seen so far."""
         return self._chars
+
+
+def meter_for(ctx: Any) -> ResponseMeter:
+    """The meter for the response of the request ``ctx`` (a ``RequestContext``) admitted:
+    one that also keeps the body when the response cache may store it (adapters make
+    theirs here)."""
+    cache = ctx.cache
+    if cache is not None and cache.store and cache.hit is None:
+        meter: ResponseMeter = cache.meter()
+        return meter
+    return ResponseMeter()

@@ -41,6 +41,7 @@ from .environ import environ_headers, request_path
 from .errors import RequestRefused
 from .gateway import Gateway
 from .types import Decision, RequestInfo
+from .usage import meter_for
 
 __all__ = ["ENVIRON_KEY", "AISaaSMiddleware", "UsageApp", "decision_response",
            "environ_headers", "request_path"]
@@ -126,7 +127,7 @@ class AISaaSMiddleware:
         ctx, ticket = decision.context, decision.ticket
         assert ctx is not None and ticket is not None
         environ[ENVIRON_KEY] = ctx
-        meter = ctx.response_meter()
+        meter = meter_for(ctx)
         extra = list(decision.headers)
 
         def metered_start_response(status: str, response_headers: list[tuple[str, str]],

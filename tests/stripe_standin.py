@@ -87,6 +87,7 @@ class StripeStandIn:
     received: Counter[str] = field(default_factory=Counter)  # identifier -> requests
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     violations: list[str] = field(default_factory=list)
+    cut_short: int = 0  # requests whose body never arrived whole (dropped, unanswered)
     sessions: dict[str, float] = field(default_factory=dict)  # token -> expires (unix s)
     stream_calls: int = 0
     expire_after_calls: int | None = None  # sessions expire after this many stream calls
@@ -201,6 +202,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
         path = urlsplit(self.path).path
+        if len(raw) < length:
+            # The client went away mid-body (a worker SIGKILLed while it sent): Stripe
+            # never sees a request it did not receive whole, so neither does this one.
+            with self.state.lock:
+                self.state.cut_short += 1
+            self.close_connection = True
+            return
         with self.state.lock:
             self.state.requests.append(("POST", path))
         if path == "/v1/billing/meter_events":

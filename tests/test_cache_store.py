@@ -19,6 +19,7 @@ from ai_saas_middleware.errors import ConfigError
 from ai_saas_middleware.gateway import Gateway
 from ai_saas_middleware.store.keys import KeySchema
 from ai_saas_middleware.types import RequestInfo
+from ai_saas_middleware.usage import meter_for
 
 
 def body(text: str) -> dict[str, Any]:
@@ -51,7 +52,7 @@ class Client:
         assert ctx is not None and ticket is not None
         if refuse_store:
             ctx.cache.store = False  # the app says: not this answer
-        meter = ctx.response_meter()
+        meter = meter_for(ctx)
         meter.start(status, "application/json")
         meter.feed(json.dumps(reply).encode())
         meter.finish()

@@ -26,6 +26,7 @@ from redis.cluster import RedisCluster
 from ai_saas_middleware import AsyncGateway, Gateway, RequestInfo
 from ai_saas_middleware.embedded import LocalServer, find_server_binary, start_server
 from ai_saas_middleware.types import Outcome
+from ai_saas_middleware.usage import meter_for
 
 
 def _cli_for(server_binary: str) -> str | None:
@@ -216,7 +217,7 @@ def test_the_response_cache_on_a_cluster(cluster_url: str, tmp_path: Any,
             assert decision.status == 200 and decision.body == reply
             return dict(decision.headers)["x-ai-cache"]
         assert decision.context is not None and decision.ticket is not None
-        meter = decision.context.response_meter()
+        meter = meter_for(decision.context)
         meter.start(200, "application/json")
         meter.feed(reply)
         meter.finish()

@@ -79,7 +79,7 @@ from ..environ import environ_headers
 from ..errors import ConfigError, RequestRefused
 from ..gateway import AsyncGateway, Gateway
 from ..types import Decision, RequestInfo
-from ..usage import ResponseMeter
+from ..usage import ResponseMeter, meter_for
 from .conf import ai_saas
 
 __all__ = ["AISaaSMiddleware", "get_gateway", "render", "request_headers", "resolve_tenant"]
@@ -227,7 +227,7 @@ def _sent(response: HttpResponseBase) -> _Sent:
 
 def _meter_of(sent: _Sent, ctx: RequestContext) -> ResponseMeter:
     status, content_type, content = sent
-    meter: ResponseMeter = ctx.response_meter()
+    meter: ResponseMeter = meter_for(ctx)
     meter.start(status, content_type)
     if content is not None:
         meter.feed(content)
