@@ -1,26 +1,42 @@
 -- cache_lookup.lua: the semantic lookup's candidates (issue 11): entries of one partition
--- of one tenant that may answer the request, for the client to score exactly. One round
--- trip, only after an exact miss of a cacheable request whose partition is not empty.
--- Touches one tenant's keys only.
+-- of one tenant that may answer the request, for the client to score exactly, and the
+-- body of the likeliest few, so that a semantic hit usually needs no second round trip.
+-- One round trip, only after an exact miss of a cacheable request whose partition is not
+-- empty. Touches one tenant's keys only; writes nothing but the removal of expired ids.
 --
 -- A small partition (at most ARGV[3] entries) is returned whole. A larger one is searched
 -- through its LSH buckets: the entries in the query's buckets are ranked by how many
 -- tables they share with it (ties in the order the buckets gave them), and the first
--- ARGV[2] returned. A bucket is read up to ARGV[4] members (SRANDMEMBER beyond), so the work is
--- bounded whatever the data (one command a bucket, one an entry: each costs a few us). Members whose entry has expired are dropped from the
--- partition set on the way (bucket sets hold them until eviction or their own expiry).
+-- ARGV[2] returned. A bucket is read up to ARGV[4] members (SRANDMEMBER beyond), so the
+-- work is bounded whatever the data (one command a bucket, one an entry: each costs a few
+-- us). Members whose entry has expired are dropped from the partition set on the way
+-- (bucket sets hold them until eviction or their own expiry).
+--
+-- Speculative bodies: the returned candidates are ranked by the Hamming distance between
+-- their LSH codes (from their size records, one HMGET) and the query's (ARGV[7]): over
+-- all the tables' bits that estimates the angle (Charikar), finer than the count of
+-- shared tables. The first ARGV[5] of them whose body is at most ARGV[6] bytes come back
+-- with what a hit serves (as cache_fetch.lua returns it). They are read, not used: the
+-- client decides, and records the use of the one it serves with its settlement
+-- (cache_touch.lua).
 --
 -- KEYS[1]  the partition (set of entry ids)
--- KEYS[2..] the query's LSH buckets, one a table
+-- KEYS[2]  the tenant's size records (hash: id -> '<bytes> <partition> <codes>')
+-- KEYS[3..] the query's LSH buckets, one a table
 -- ARGV[1]  the tenant's cache prefix ('<tenant base>:c:')
 -- ARGV[2]  most candidates returned
 -- ARGV[3]  largest partition returned whole
 -- ARGV[4]  most members read from one bucket
+-- ARGV[5]  most bodies returned (0: none)
+-- ARGV[6]  largest body returned, bytes
+-- ARGV[7]  the query's LSH codes (hex), space-separated, in table order
 --
--- Returns {partition size, id, candidate, id, candidate, ...}; a candidate is the entry's
--- 'cand' field: '<embedder id>\n' .. the vector (little-endian float32) .. the text.
+-- Returns {partition size, bodies, id, candidate, id, candidate, ...}; a candidate is the
+-- entry's 'cand' field: '<embedder id>\n' .. the vector (little-endian float32) .. the
+-- text; bodies is {id, body, prompt_tokens, completion_tokens, model, id, ...}, the
+-- likeliest first.
 local size = redis.call('SCARD', KEYS[1])
-if size == 0 then return {0} end
+if size == 0 then return {0, {}} end
 local max_candidates = tonumber(ARGV[2])
 local ids
 if size <= tonumber(ARGV[3]) then
@@ -28,7 +44,7 @@ if size <= tonumber(ARGV[3]) then
 else
   local per_bucket = tonumber(ARGV[4])
   local counts, order = {}, {}
-  for i = 2, #KEYS do
+  for i = 3, #KEYS do
     -- (The whole bucket when it is no larger, else that many of its members at random.)
     for _, id in ipairs(redis.call('SRANDMEMBER', KEYS[i], per_bucket)) do
       local c = counts[id]
@@ -50,7 +66,7 @@ else
     if group then group[#group + 1] = id else by_count[c] = {id} end
   end
   ids = {}
-  for c = #KEYS - 1, 1, -1 do
+  for c = #KEYS - 2, 1, -1 do
     local group = by_count[c]
     if group then
       for _, id in ipairs(group) do
@@ -61,15 +77,63 @@ else
     if #ids >= max_candidates then break end
   end
 end
-local out = {size}
 local base = ARGV[1]
+local found, candidates = {}, {}
 for _, id in ipairs(ids) do
   local candidate = redis.call('HGET', base .. 'e:' .. id, 'cand')
   if candidate then
-    out[#out + 1] = id
-    out[#out + 1] = candidate
+    found[#found + 1] = id
+    candidates[#candidates + 1] = candidate
   else
     redis.call('SREM', KEYS[1], id)  -- expired
   end
+end
+local bodies = {}
+local most_bodies = tonumber(ARGV[5])
+if most_bodies > 0 and #found > 0 then
+  local query = {}
+  for code in string.gmatch(ARGV[7], '%S+') do query[#query + 1] = tonumber(code, 16) end
+  -- Bits that differ, over every table; an entry without a size record ranks last.
+  local worst = #query * 64
+  local distance = {}
+  local records = redis.call('HMGET', KEYS[2], unpack(found))
+  for i, record in ipairs(records) do
+    local d = worst
+    if record then
+      d = 0
+      local t = 1
+      for code in string.gmatch(string.match(record, '^%d+ %S+ ?(.*)$') or '', '%S+') do
+        local x = bit.bxor(tonumber(code, 16) or 0, query[t] or 0)
+        while x ~= 0 do
+          x = bit.band(x, x - 1)
+          d = d + 1
+        end
+        t = t + 1
+      end
+    end
+    distance[i] = d
+  end
+  -- The few nearest, by selection (most_bodies is small).
+  local taken, limit = {}, tonumber(ARGV[6])
+  for _ = 1, math.min(most_bodies, #found) do
+    local best
+    for i = 1, #found do
+      if not taken[i] and (not best or distance[i] < distance[best]) then best = i end
+    end
+    taken[best] = true
+    local key = base .. 'e:' .. found[best]
+    if redis.call('HSTRLEN', key, 'body') <= limit then
+      local entry = redis.call('HMGET', key, 'body', 'pt', 'ct', 'model')
+      if entry[1] then
+        bodies[#bodies + 1] = found[best]
+        for f = 1, 4 do bodies[#bodies + 1] = entry[f] or '' end
+      end
+    end
+  end
+end
+local out = {size, bodies}
+for i, id in ipairs(found) do
+  out[#out + 1] = id
+  out[#out + 1] = candidates[i]
 end
 return out
