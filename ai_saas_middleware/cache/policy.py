@@ -198,10 +198,10 @@ class ResponseCache:
         k = plan.keys
         codes = plan.codes or []
         return ("cache_lookup",
-                [k.cache_partition(plan.partition_id), k.cache_sizes,
+                [k.cache_partition(plan.partition_id),
                  *(k.cache_bucket(plan.partition_id, t, c) for t, c in enumerate(codes))],
                 [k.cache_base, MAX_CANDIDATES, WHOLE_PARTITION, BUCKET_READ,
-                 SPECULATIVE_BODIES, SPECULATIVE_MAX_BYTES, " ".join(codes)])
+                 SPECULATIVE_BODIES, SPECULATIVE_MAX_BYTES])
 
     def choose(self, plan: CachePlan, reply: Any) -> tuple[str | None, list[Any] | None]:
         """(the entry id the lookup's candidates offer as a match, if any (guard

@@ -12,24 +12,23 @@
 -- us). Members whose entry has expired are dropped from the partition set on the way
 -- (bucket sets hold them until eviction or their own expiry).
 --
--- Speculative bodies: the returned candidates are ranked by the Hamming distance between
--- their LSH codes (from their size records, one HMGET) and the query's (ARGV[7]): over
--- all the tables' bits that estimates the angle (Charikar), finer than the count of
--- shared tables. The first ARGV[5] of them whose body is at most ARGV[6] bytes come back
--- with what a hit serves (as cache_fetch.lua returns it). They are read, not used: the
--- client decides, and records the use of the one it serves with its settlement
--- (cache_touch.lua).
+-- Speculative bodies: the ARGV[5] candidates that share the most LSH tables with the
+-- query (the bucketed search's own ranking; for a whole partition, counted from the
+-- query's buckets, at most ARGV[4] members each) come back with what a hit serves (as
+-- cache_fetch.lua returns it), when their body is at most ARGV[6] bytes. They are read,
+-- not used: the client decides, and records the use of the one it serves with its
+-- settlement (cache_touch.lua). (A Hamming distance over all the codes' bits, read
+-- from the size records, ranked no better here and cost 0.7 ms of Lua at 32
+-- candidates: benchmarks/README.md.)
 --
 -- KEYS[1]  the partition (set of entry ids)
--- KEYS[2]  the tenant's size records (hash: id -> '<bytes> <partition> <codes>')
--- KEYS[3..] the query's LSH buckets, one a table
+-- KEYS[2..] the query's LSH buckets, one a table
 -- ARGV[1]  the tenant's cache prefix ('<tenant base>:c:')
 -- ARGV[2]  most candidates returned
 -- ARGV[3]  largest partition returned whole
 -- ARGV[4]  most members read from one bucket
 -- ARGV[5]  most bodies returned (0: none)
 -- ARGV[6]  largest body returned, bytes
--- ARGV[7]  the query's LSH codes (hex), space-separated, in table order
 --
 -- Returns {partition size, bodies, id, candidate, id, candidate, ...}; a candidate is the
 -- entry's 'cand' field: '<embedder id>\n' .. the vector (little-endian float32) .. the
@@ -38,13 +37,14 @@
 local size = redis.call('SCARD', KEYS[1])
 if size == 0 then return {0, {}} end
 local max_candidates = tonumber(ARGV[2])
-local ids
+local ids, counts
 if size <= tonumber(ARGV[3]) then
   ids = redis.call('SMEMBERS', KEYS[1])
 else
   local per_bucket = tonumber(ARGV[4])
-  local counts, order = {}, {}
-  for i = 3, #KEYS do
+  local order = {}
+  counts = {}
+  for i = 2, #KEYS do
     -- (The whole bucket when it is no larger, else that many of its members at random.)
     for _, id in ipairs(redis.call('SRANDMEMBER', KEYS[i], per_bucket)) do
       local c = counts[id]
@@ -66,7 +66,7 @@ else
     if group then group[#group + 1] = id else by_count[c] = {id} end
   end
   ids = {}
-  for c = #KEYS - 2, 1, -1 do
+  for c = #KEYS - 1, 1, -1 do
     local group = by_count[c]
     if group then
       for _, id in ipairs(group) do
@@ -91,34 +91,22 @@ end
 local bodies = {}
 local most_bodies = tonumber(ARGV[5])
 if most_bodies > 0 and #found > 0 then
-  local query = {}
-  for code in string.gmatch(ARGV[7], '%S+') do query[#query + 1] = tonumber(code, 16) end
-  -- Bits that differ, over every table; an entry without a size record ranks last.
-  local worst = #query * 64
-  local distance = {}
-  local records = redis.call('HMGET', KEYS[2], unpack(found))
-  for i, record in ipairs(records) do
-    local d = worst
-    if record then
-      d = 0
-      local t = 1
-      for code in string.gmatch(string.match(record, '^%d+ %S+ ?(.*)$') or '', '%S+') do
-        local x = bit.bxor(tonumber(code, 16) or 0, query[t] or 0)
-        while x ~= 0 do
-          x = bit.band(x, x - 1)
-          d = d + 1
-        end
-        t = t + 1
+  if not counts then  -- a whole partition: its members' shared tables, from the buckets
+    counts = {}
+    for i = 2, #KEYS do
+      for _, id in ipairs(redis.call('SRANDMEMBER', KEYS[i], ARGV[4])) do
+        counts[id] = (counts[id] or 0) + 1
       end
     end
-    distance[i] = d
   end
-  -- The few nearest, by selection (most_bodies is small).
+  -- The few sharing the most tables, by selection (most_bodies is small); ties in the
+  -- candidates' order.
   local taken, limit = {}, tonumber(ARGV[6])
   for _ = 1, math.min(most_bodies, #found) do
-    local best
+    local best, best_count = nil, -1
     for i = 1, #found do
-      if not taken[i] and (not best or distance[i] < distance[best]) then best = i end
+      local c = counts[found[i]] or 0
+      if not taken[i] and c > best_count then best, best_count = i, c end
     end
     taken[best] = true
     local key = base .. 'e:' .. found[best]
