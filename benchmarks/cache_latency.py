@@ -9,8 +9,11 @@ Three parts (issue 11, benchmarks/README.md "Issue 11"):
    buckets large: a hard case for bucketing. Timed per request, as the gateway runs it:
 
    - ``semantic``: embed the last message (``ngram``), LSH codes, one EVALSHA of
-     cache_lookup.lua, the client's exact scoring (``find_match``, guard included);
-     queries are paraphrases of stored questions and novel questions, half each;
+     cache_lookup.lua, the client's exact scoring (``find_match``, guard included), and
+     on a hit whose body the lookup did not send along the fallback EVALSHA of
+     cache_fetch.lua; with 0, 1 and 2 bodies sent along (``SPECULATIVE_BODIES``),
+     interleaved, and how many hits needed the fallback; queries are paraphrases of
+     stored questions and novel questions, half each;
    - ``admit, exact lookup``: admit.lua with the exact lookup folded in (a hit) against
      ``admit, cache off``: the same admission without it.
 
@@ -24,7 +27,8 @@ Three parts (issue 11, benchmarks/README.md "Issue 11"):
    CC BY 4.0, by Mabon ap Gwyn), the rest new questions, among them the fow-cache trap
    twins of earlier ones (which must not be served). The provider is a stand-in that
    answers 150 completion tokens at ``model-medium``'s prices; the saved cost is summed
-   from the usage events (``saved_cost``), the spend from their ``cost``.
+   from the usage events (``saved_cost``), the spend from their ``cost``; the semantic
+   hits that needed the fallback fetch are counted at the store.
 
     python benchmarks/cache_latency.py            # about a minute
     python benchmarks/cache_latency.py --quick    # 1,000 entries only
