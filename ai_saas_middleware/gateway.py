@@ -166,7 +166,8 @@ class _Core:
 
     def _store_call(self, ticket: Ticket, outcome: Outcome, ctx: RequestContext | None
                     ) -> ScriptCall | None:
-        """The cache_store.lua call for a miss whose response may be cached, else None."""
+        """The cache_store.lua call for a miss whose response may be cached (or a
+        semantic hit's cache_touch.lua), else None."""
         cache = self.admission.cache
         plan = ctx.cache if ctx is not None else None
         if cache is None or plan is None or ctx is None:
@@ -275,14 +276,16 @@ class Gateway(_Core):
 
     def _cached(self, plan: Plan, decision: Decision) -> Decision:
         """After admission, for a request the cache may answer: the semantic lookup on an
-        exact miss (one round trip; one more for the body on a hit), and a hit's
-        settlement, here and now (a sync app has no loop to run it on later: the client
-        waits for it, about one round trip; it saved a model call)."""
+        exact miss (one round trip, which usually brings a hit's body along; one more for
+        it when it did not), and a hit's settlement, here and now (a sync app has no loop
+        to run it on later: the client waits for it, about one round trip; it saved a
+        model call)."""
         cache, found = self.admission.cache, plan.cache
         if found.hit is None and decision.allowed and cache.wants_lookup(found):
             try:
-                entry = cache.choose(found, self._run(cache.lookup_call(found)))
-                fields = self._run(cache.fetch_call(found, entry)) if entry else None
+                entry, fields = cache.choose(found, self._run(cache.lookup_call(found)))
+                if entry is not None and fields is None:  # not among the bodies sent along
+                    fields = self._run(cache.fetch_call(found, entry))
             except StoreError as exc:
                 log.warning("cache lookup of %s skipped: %s", plan.request_id, exc)
                 fields = None
@@ -424,8 +427,9 @@ class AsyncGateway(_Core):
         cache, found = self.admission.cache, plan.cache
         if found.hit is None and decision.allowed and cache.wants_lookup(found):
             try:
-                entry = cache.choose(found, await self._run(cache.lookup_call(found)))
-                fields = await self._run(cache.fetch_call(found, entry)) if entry else None
+                entry, fields = cache.choose(found, await self._run(cache.lookup_call(found)))
+                if entry is not None and fields is None:  # not among the bodies sent along
+                    fields = await self._run(cache.fetch_call(found, entry))
             except StoreError as exc:
                 log.warning("cache lookup of %s skipped: %s", plan.request_id, exc)
                 fields = None

@@ -9,8 +9,11 @@ Three parts (issue 11, benchmarks/README.md "Issue 11"):
    buckets large: a hard case for bucketing. Timed per request, as the gateway runs it:
 
    - ``semantic``: embed the last message (``ngram``), LSH codes, one EVALSHA of
-     cache_lookup.lua, the client's exact scoring (``find_match``, guard included);
-     queries are paraphrases of stored questions and novel questions, half each;
+     cache_lookup.lua, the client's exact scoring (``find_match``, guard included), and
+     on a hit whose body the lookup did not send along the fallback EVALSHA of
+     cache_fetch.lua; with 0, 1 and 2 bodies sent along (``SPECULATIVE_BODIES``),
+     interleaved, and how many hits needed the fallback; queries are paraphrases of
+     stored questions and novel questions, half each;
    - ``admit, exact lookup``: admit.lua with the exact lookup folded in (a hit) against
      ``admit, cache off``: the same admission without it.
 
@@ -24,7 +27,8 @@ Three parts (issue 11, benchmarks/README.md "Issue 11"):
    CC BY 4.0, by Mabon ap Gwyn), the rest new questions, among them the fow-cache trap
    twins of earlier ones (which must not be served). The provider is a stand-in that
    answers 150 completion tokens at ``model-medium``'s prices; the saved cost is summed
-   from the usage events (``saved_cost``), the spend from their ``cost``.
+   from the usage events (``saved_cost``), the spend from their ``cost``; the semantic
+   hits that needed the fallback fetch are counted at the store.
 
     python benchmarks/cache_latency.py            # about a minute
     python benchmarks/cache_latency.py --quick    # 1,000 entries only
@@ -56,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ai_saas_middleware import load_config  # noqa: E402
+from ai_saas_middleware.cache import policy  # noqa: E402
 from ai_saas_middleware.cache.match import CandidateSet, find_match  # noqa: E402
 from ai_saas_middleware.cache.policy import ResponseCache  # noqa: E402
 from ai_saas_middleware.embedded import start_server  # noqa: E402
@@ -94,6 +99,13 @@ WHENS = ["from the app", "on the website", "without logging in", "on my phone",
          "over the phone", "in the help centre", "in a browser"]
 
 
+# A stored answer of about 1.5 KB (the body a hit's lookup may carry along).
+ANSWER = "Step by step instructions follow, one short paragraph each. " * 22 + "For: "
+# Bodies cache_lookup.lua sends along, compared (the deployment's default among them).
+BODIES = (0, 1, 2)
+DEFAULT_BODIES = policy.SPECULATIVE_BODIES
+
+
 def questions() -> list[str]:
     return [f"How do I {v} my {t} {w}?" for v in VERBS for t in THINGS for w in WHENS]
 
@@ -127,7 +139,7 @@ def fill(store: RedisStore, cache: ResponseCache, config: Any, texts: list[str])
     batch = []
     for text in texts:
         plan = cache.plan("acme", endpoint, model, chat(text), {})
-        plan.captured = (False, completion("An answer to: " + text, 20, 150))
+        plan.captured = (False, completion(ANSWER + text, 20, 150))
         call = cache.store_call(plan, None, fake_ctx(model), Outcome(200), (20, 150))  # type: ignore[arg-type]
         batch.append(call)
         if len(batch) == 200:
@@ -158,15 +170,22 @@ def lookup_latency(url: str, prefix: str, entries: int, rng: random.Random) -> d
     whole = cache.embedder.embed(stored)
     everything = CandidateSet(cache.embedder.embedder_id, tuple(str(i) for i in range(entries)),
                               tuple(stored), whole)
-    timings: list[float] = []
+    timings: dict[int, list[float]] = {n: [] for n in BODIES}
+    fetched: dict[int, int] = dict.fromkeys(BODIES, 0)
     agree = hits = exhaustive_hits = 0
     for _round in range(5):
         for text in queries:
-            plan = cache.plan("acme", endpoint, model, chat(text), {})
-            started = time.perf_counter()
-            reply = store.run_script(*cache.lookup_call(plan))
-            chosen = cache.choose(plan, reply)
-            timings.append((time.perf_counter() - started) * 1e6)
+            for bodies in BODIES:  # interleaved: the same load on each variant
+                policy.SPECULATIVE_BODIES = bodies
+                plan = cache.plan("acme", endpoint, model, chat(text), {})
+                started = time.perf_counter()
+                reply = store.run_script(*cache.lookup_call(plan))
+                chosen, fields = cache.choose(plan, reply)
+                if chosen is not None and fields is None:  # the fallback: one more trip
+                    fields = store.run_script(*cache.fetch_call(plan, chosen))
+                    if _round == 0:
+                        fetched[bodies] += 1
+                timings[bodies].append((time.perf_counter() - started) * 1e6)
             if _round == 0:
                 best = find_match(plan.vector, text, everything, embedder=cache.embedder,
                                   threshold=cache.threshold)
@@ -174,6 +193,7 @@ def lookup_latency(url: str, prefix: str, entries: int, rng: random.Random) -> d
                 hits += chosen is not None
                 exhaustive_hits += exhaustive
                 agree += (chosen is not None) == exhaustive
+    policy.SPECULATIVE_BODIES = DEFAULT_BODIES
     # The exact lookup inside admit.lua, against the same admission without it.
     gateway = Gateway(raw)
     admit_on, admit_off = [], []
@@ -194,7 +214,9 @@ def lookup_latency(url: str, prefix: str, entries: int, rng: random.Random) -> d
     gateway.close()
     plain.close()
     store.close()
-    return {"entries": entries, "p50": percentile(timings, 0.5), "p99": percentile(timings, 0.99),
+    return {"entries": entries,
+            "latency": {n: (percentile(t, 0.5), percentile(t, 0.99)) for n, t in timings.items()},
+            "fetched": fetched, "body_bytes": len(completion(ANSWER + stored[0], 20, 150)),
             "hits": hits, "exhaustive_hits": exhaustive_hits, "agree": agree,
             "queries": len(set(queries)),
             "admit_on": (percentile(admit_on[100:], 0.5), percentile(admit_on[100:], 0.99)),
@@ -331,6 +353,14 @@ def replay(url: str, prefix: str, rng: random.Random) -> dict[str, Any]:
     app = Starlette(routes=[Route("/ai/chat", answer, methods=["POST"])])
     gateway = AsyncGateway(raw)
     app.add_middleware(AISaaSMiddleware, gateway=gateway)
+    scripts: dict[str, int] = {}
+    run_script = gateway.store.run_script
+
+    async def counted(which: str, keys: Any, args: Any) -> Any:
+        scripts[which] = scripts.get(which, 0) + 1
+        return await run_script(which, keys, args)
+
+    gateway.store.run_script = counted  # type: ignore[method-assign]
     served: dict[str, list[str]] = {"first": [], "repeat": [], "paraphrase": [], "trap": []}
     wrong: list[str] = []
     with TestClient(app) as client:
@@ -355,7 +385,9 @@ def replay(url: str, prefix: str, rng: random.Random) -> dict[str, Any]:
     spent = sum((Decimal(e["cost"]) for e in events), Decimal(0))
     return {"requests": len(workload), "events": len(events), "saved": saved, "spent": spent,
             "served": {k: (v.count("hit"), len(v)) for k, v in served.items()},
-            "hit_events": sum(e["cache"] == "hit" for e in events), "wrong": wrong}
+            "hit_events": sum(e["cache"] == "hit" for e in events), "wrong": wrong,
+            "semantic_hits": sum(e.get("cache_match") == "semantic" for e in events),
+            "fetched": scripts.get("cache_fetch", 0)}
 
 
 def main() -> None:
@@ -370,15 +402,26 @@ def main() -> None:
     rng = random.Random(11)
     try:
         print("## lookup latency (one tenant, one partition)\n")
-        print("| entries | semantic lookup p50 us | p99 us | hits (bucketed) | hits (whole "
-              "partition) | same verdict | admit + exact lookup p50 / p99 us | admit, "
-              "cache off p50 / p99 us |")
+        print("The semantic path until the body is in hand (lookup, scoring, and the "
+              "fallback fetch when the body was not sent along), by bodies sent along.\n")
+        print("| entries | bodies sent along | p50 us | p99 us | hits needing the fallback "
+              "fetch | hits (bucketed) | hits (whole partition) | same verdict |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        admits = []
         for entries in ([1000] if args.quick else [1000, 10000]):
             r = lookup_latency(url, f"lat{entries}", entries, rng)
-            print(f"| {entries:,} | {r['p50']:.0f} | {r['p99']:.0f} | {r['hits']} of "
-                  f"{r['queries']} | {r['exhaustive_hits']} | {r['agree']} of {r['queries']} "
-                  f"| {r['admit_on'][0]:.0f} / {r['admit_on'][1]:.0f} | "
+            for n in BODIES:
+                p50, p99 = r["latency"][n]
+                print(f"| {entries:,} | {n} | {p50:.0f} | {p99:.0f} | {r['fetched'][n]} of "
+                      f"{r['hits']} | {r['hits']} of {r['queries']} | {r['exhaustive_hits']} "
+                      f"| {r['agree']} of {r['queries']} |")
+            admits.append((entries, r))
+        print(f"\n(stored bodies: {r['body_bytes']} bytes; load average "
+              f"{os.getloadavg()[0]:.1f})\n")
+        print("| entries | admit + exact lookup p50 / p99 us | admit, cache off p50 / p99 us |")
+        print("|---:|---:|---:|")
+        for entries, r in admits:
+            print(f"| {entries:,} | {r['admit_on'][0]:.0f} / {r['admit_on'][1]:.0f} | "
                   f"{r['admit_off'][0]:.0f} / {r['admit_off'][1]:.0f} |")
         print("\n## round trips per request\n")
         print("| request | EVALSHA | network round trips |")
@@ -395,7 +438,9 @@ def main() -> None:
         for line in r["wrong"]:
             print(f"- trap served: {line}")
         print(f"\nusage events: {r['events']} for {r['requests']} requests, "
-              f"{r['hit_events']} with cache=hit")
+              f"{r['hit_events']} with cache=hit, {r['semantic_hits']} of them semantic; "
+              f"semantic hits that needed the fallback fetch (cache_fetch.lua): "
+              f"{r['fetched']}")
         print(f"spent ${r['spent']:f}, saved ${r['saved']:f} (sum of saved_cost): "
               f"{100 * r['saved'] / total:.1f}% of what the workload would have cost")
     finally:

@@ -9,6 +9,7 @@ server of our own, under a key prefix of its own). ``replies.CHAT_CALLS`` counts
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +23,9 @@ from conftest import API_KEYS, BASE_CONFIG, PrefixCommands, reservations_held
 from replies import CHAT_CALLS
 from test_contract import ADAPTERS, Driver, Reply, serve
 
+from ai_saas_middleware.cache import policy
 from ai_saas_middleware.store.keys import KeySchema
+from ai_saas_middleware.store.redis import CACHE_SCRIPTS, load_script
 
 QUESTION = "How do I reset my password?"
 PARAPHRASE = "How can I reset my password?"
@@ -257,6 +260,15 @@ def evalsha(watch: PrefixCommands) -> int:
     return sum(1 for c in watch.seen if c.startswith("EVALSHA "))
 
 
+def scripts_run(watch: PrefixCommands) -> list[str]:
+    """The names of the scripts run so far, in order (by their SHA-1)."""
+    names = {hashlib.sha1(load_script(n).encode()).hexdigest(): n
+             for n in ("admit", "settle", *CACHE_SCRIPTS)}
+    watch.count()
+    return [names.get(c.split()[1].strip("'\""), "?") for c in watch.seen
+            if c.startswith("EVALSHA ")]
+
+
 @pytest.mark.parametrize("adapter", ["starlette", "flask"])
 def test_round_trips(adapter: str, cached: Any, prefix_commands: PrefixCommands) -> None:
     with cached(adapter) as app:
@@ -265,19 +277,55 @@ def test_round_trips(adapter: str, cached: Any, prefix_commands: PrefixCommands)
         app.post(chat("warm up the scripts, too"), tenant="initech")
         app.events()
 
-        def cost(body: dict[str, Any], tenant: str = "globex") -> int:
-            before = evalsha(prefix_commands)
+        def run(body: dict[str, Any], tenant: str = "globex") -> list[str]:
+            before = len(scripts_run(prefix_commands))
             app.post(body, tenant=tenant)
             app.events()
-            return evalsha(prefix_commands) - before
+            return scripts_run(prefix_commands)[before:]
 
         # An exact miss in an empty partition: admit + (settle | store, one round trip).
-        assert cost(chat(QUESTION)) == 3
-        assert cost(chat(QUESTION)) == 2  # an exact hit: admit, settle
+        assert run(chat(QUESTION)) == ["admit", "settle", "cache_store"]
+        assert run(chat(QUESTION)) == ["admit", "settle"]  # an exact hit
         # A semantic miss: + the lookup; the store rides with the settlement.
-        assert cost(chat("Where can I download my invoices?")) == 4
-        assert cost(chat(PARAPHRASE)) == 4  # a semantic hit: admit, lookup, fetch, settle
-        assert cost(chat(QUESTION, temperature=1)) == 2  # not cacheable: as without a cache
+        assert run(chat("Where can I download my invoices?")) == [
+            "admit", "cache_lookup", "settle", "cache_store"]
+        # A semantic hit: 3 round trips: admit, the lookup (which brought the body), the
+        # settlement with the entry's touch pipelined (no cache_fetch.lua).
+        assert run(chat(PARAPHRASE)) == ["admit", "cache_lookup", "settle", "cache_touch"]
+        assert run(chat(QUESTION, temperature=1)) == ["admit", "settle"]  # not cacheable
+
+
+@pytest.mark.parametrize("adapter", ["starlette", "flask"])
+def test_a_hit_whose_body_was_not_sent_along_is_fetched(
+        adapter: str, cached: Any, prefix_commands: PrefixCommands,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback: the lookup sends no body (as when the chosen entry is not the one
+    the LSH ranks first, or its body is over the limit); cache_fetch.lua reads it."""
+    monkeypatch.setattr(policy, "SPECULATIVE_BODIES", 0)
+    with cached(adapter) as app:
+        for text in (QUESTION, PARAPHRASE):  # the scripts loaded (a first EVALSHA fails)
+            app.post(chat(text), tenant="initech")
+        app.post(chat(QUESTION))
+        app.events()
+        before = len(scripts_run(prefix_commands))
+        hit = app.post(chat(PARAPHRASE))
+        app.events()
+        assert hit.header("x-ai-cache") == "hit"
+        assert scripts_run(prefix_commands)[before:] == [
+            "admit", "cache_lookup", "cache_fetch", "settle"]
+        # The one that was sent along is used, and the same answer served.
+        before = len(scripts_run(prefix_commands))
+        monkeypatch.setattr(policy, "SPECULATIVE_BODIES", 1)
+        again = app.post(chat("How could I reset my password?"))
+        app.events()
+        assert again.header("x-ai-cache") == "hit" and again.body == hit.body
+        assert scripts_run(prefix_commands)[before:] == [
+            "admit", "cache_lookup", "settle", "cache_touch"]
+        monkeypatch.setattr(policy, "SPECULATIVE_MAX_BYTES", 10)  # the body is larger
+        before = len(scripts_run(prefix_commands))
+        assert app.post(chat("How would I reset my password?")).body == hit.body
+        app.events()
+        assert "cache_fetch" in scripts_run(prefix_commands)[before:]
 
 
 @pytest.mark.parametrize("adapter", ["starlette", "flask"])

@@ -299,9 +299,13 @@ def test_vectors_of_another_embedder_are_never_compared(make_client: Any) -> Non
     vector = plan.vector.astype("<f4").tobytes()
     own = cache.embedder.embedder_id.encode() + b"\n" + vector + b"Where is my parcel?"
     other = b"minilm@x\n" + vector + b"Where is my parcel?"
-    assert cache.choose(plan, [1, b"a" * 32, own]) == "a" * 32
-    assert cache.choose(plan, [1, b"b" * 32, other]) is None
-    assert cache.choose(plan, [1, b"c" * 32, own[:-30]]) is None  # cut short: corrupt
+    assert cache.choose(plan, [1, [], b"a" * 32, own]) == ("a" * 32, None)
+    assert cache.choose(plan, [1, [], b"b" * 32, other]) == (None, None)
+    assert cache.choose(plan, [1, [], b"c" * 32, own[:-30]]) == (None, None)  # corrupt
+    # The body sent along is used only for the entry chosen.
+    sent = [b"a" * 32, b"{}", b"1", b"2", b"model-small"]
+    assert cache.choose(plan, [1, sent, b"a" * 32, own]) == ("a" * 32, sent[1:])
+    assert cache.choose(plan, [1, [b"d" * 32, *sent[1:]], b"a" * 32, own]) == ("a" * 32, None)
 
 
 @pytest.mark.parametrize("reply", [

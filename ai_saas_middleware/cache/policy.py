@@ -12,8 +12,16 @@ two every request makes):
 exact hit                           admit.lua answers the entry: 2 (admit, settle)
 exact miss, partition empty         2: the store is pipelined with settle.lua
 exact miss, semantic lookup misses  3: + cache_lookup.lua
-semantic hit                        4: + cache_fetch.lua (the body, only on a hit)
+semantic hit                        3: the body rides in the lookup's reply (the touch
+                                    pipelined with settle.lua); 4 when the chosen
+                                    entry's body was not among those (+ cache_fetch.lua)
 ==================================  ====================================================
+
+A semantic hit takes its body from the lookup's reply when the entry the client chose is
+among the few the script ranked likeliest (:data:`SPECULATIVE_BODIES`, bodies up to
+:data:`SPECULATIVE_MAX_BYTES`); otherwise ``cache_fetch.lua`` reads it (a fourth round
+trip, measured rare: benchmarks/README.md). The served entry's use is recorded by
+``cache_touch.lua``, pipelined with the settlement.
 
 Imported only when ``cache.enabled`` is true (it needs numpy: the ``cache`` extra).
 """
@@ -45,6 +53,8 @@ log = logging.getLogger("ai_saas_middleware")
 MAX_CANDIDATES = 32  # entries a semantic lookup scores at most
 WHOLE_PARTITION = 64  # a partition this small is scored whole (no LSH)
 BUCKET_READ = 128  # members read from one LSH bucket at most
+SPECULATIVE_BODIES = 1  # bodies a lookup returns with its candidates (the likeliest)
+SPECULATIVE_MAX_BYTES = 16 * 1024  # a larger body is fetched when chosen (cache_fetch.lua)
 LSH_TABLES, LSH_BITS = 16, 10  # see cache/lsh.py and benchmarks/README.md, Issue 11
 _NO_PARTITION = "-"
 
@@ -86,6 +96,7 @@ class CachePlan:
     vector: Any = None
     codes: list[str] | None = None
     hit: CacheHit | None = None
+    touch: str | None = None  # the entry whose use the settlement records (cache_touch.lua)
     captured: tuple[bool, bytes] | None = None  # (is SSE, body) of a complete 2xx response
     capture_limit: int = MAX_CAPTURE_BYTES
 
@@ -189,19 +200,33 @@ class ResponseCache:
         return ("cache_lookup",
                 [k.cache_partition(plan.partition_id),
                  *(k.cache_bucket(plan.partition_id, t, c) for t, c in enumerate(codes))],
-                [k.cache_base, MAX_CANDIDATES, WHOLE_PARTITION, BUCKET_READ])
+                [k.cache_base, MAX_CANDIDATES, WHOLE_PARTITION, BUCKET_READ,
+                 SPECULATIVE_BODIES, SPECULATIVE_MAX_BYTES])
 
-    def choose(self, plan: CachePlan, reply: Any) -> str | None:
-        """The entry id the lookup's candidates offer as a match, if any (guard
-        included); candidates of another embedder are never compared."""
-        if not isinstance(reply, list) or len(reply) < 3 or plan.text is None:
+    def choose(self, plan: CachePlan, reply: Any) -> tuple[str | None, list[Any] | None]:
+        """(the entry id the lookup's candidates offer as a match, if any (guard
+        included), and its (body, pt, ct, model) when the reply carried them, else
+        None: then :meth:`fetch_call` reads them). Candidates of another embedder are
+        never compared."""
+        entry_id = self._choose(plan, reply)
+        if entry_id is None:
+            return None, None
+        bodies = reply[1] if isinstance(reply[1], list) else []
+        for i in range(0, len(bodies) - 4, 5):
+            if bodies[i] == entry_id.encode():
+                plan.touch = entry_id
+                return entry_id, bodies[i + 1:i + 5]
+        return entry_id, None
+
+    def _choose(self, plan: CachePlan, reply: Any) -> str | None:
+        if not isinstance(reply, list) or len(reply) < 4 or plan.text is None:
             return None
         head = self._candidate_head
         start, end = len(head), len(head) + self.embedder.dim * 4
         ids: list[str] = []
         texts: list[str] = []
         vectors: list[bytes] = []
-        for i in range(1, len(reply) - 1, 2):
+        for i in range(2, len(reply) - 1, 2):
             entry_id, candidate = reply[i], reply[i + 1]
             if not isinstance(candidate, bytes) or not candidate.startswith(head) or len(
                     candidate) < end:
@@ -220,6 +245,13 @@ class ResponseCache:
     def fetch_call(self, plan: CachePlan, entry_id: str) -> tuple[str, list[str], list[Any]]:
         k = plan.keys
         return ("cache_fetch", [k.cache_entry(entry_id), k.cache_lru], [entry_id])
+
+    def touch_call(self, plan: CachePlan) -> tuple[str, list[str], list[Any]] | None:
+        """The cache_touch.lua call that records the use of the entry a hit served from
+        the lookup's reply (pipelined with the settlement), else None."""
+        if plan.hit is None or plan.touch is None:
+            return None
+        return ("cache_touch", [plan.keys.cache_lru], [plan.touch])
 
     # ---------------------------------------------------------------- a hit
 
@@ -247,9 +279,12 @@ class ResponseCache:
                    outcome: Outcome, tokens: tuple[int, int]
                    ) -> tuple[str, list[str], list[Any]] | None:
         """The cache_store.lua call for a miss's response; None when it is not to be
-        stored (a hit, no-store, the app said no, an error, a truncated or failed
-        response, or not a complete chat completion)."""
-        if (plan.hit is not None or not plan.store or plan.captured is None
+        stored (no-store, the app said no, an error, a truncated or failed response, or
+        not a complete chat completion); for a hit, the touch of its entry when the
+        lookup served it (:meth:`touch_call`), else None."""
+        if plan.hit is not None:
+            return self.touch_call(plan)
+        if (not plan.store or not plan.store or plan.captured is None
                 or ctx.failed or ctx.truncated or outcome.failed or outcome.disconnected
                 or not 200 <= outcome.status < 300):
             return None

@@ -74,7 +74,7 @@ __all__ = ["CACHE_SCRIPTS", "AsyncRedisStore", "RedisStore", "load_script"]
 
 # The response cache's scripts (issue 11): registered always (no I/O), loaded by the
 # server on their first use.
-CACHE_SCRIPTS = ("cache_lookup", "cache_fetch", "cache_store")
+CACHE_SCRIPTS = ("cache_lookup", "cache_fetch", "cache_store", "cache_touch")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
