@@ -170,6 +170,18 @@ end
 -- no round trip: a hit is admitted like any request by the rate limit, and reserves
 -- nothing (with 'quota', only when the month can still hold the entry's tokens, which
 -- settlement then counts).
+-- The admission in the rate-limit log. The log lives at least a window past its newest
+-- admission: renewed (to two windows) only when less than that is left, so most
+-- admissions read its TTL rather than write it.
+local function log_admission()
+  if limit > 0 then
+    redis.call('ZADD', KEYS[1], now_us, ARGV[1])
+    if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[7]) + 1000 then
+      redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[7]) + 1000)
+    end
+  end
+end
+
 local partition_size = nil
 if ARGV[18] then
   local entry = redis.call('HMGET', KEYS[6], 'body', 'pt', 'ct', 'model')
@@ -178,12 +190,7 @@ if ARGV[18] then
     if ARGV[18] ~= 'quota' or quota < 0 or tonumber(redis.call('GET', KEYS[2]) or '0')
         + tonumber(entry[2]) + tonumber(entry[3]) <= quota then
       redis.call('ZADD', KEYS[7], 'XX', now_ms, ARGV[19])
-      if limit > 0 then
-        redis.call('ZADD', KEYS[1], now_us, ARGV[1])
-        if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[7]) + 1000 then
-          redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[7]) + 1000)
-        end
-      end
+      log_admission()
       return {8, now_ms, remaining, reset_ms, entry[1], entry[2], entry[3], entry[4]}
     end
   end
@@ -256,12 +263,5 @@ end
 -- (No TTL on the reservations: they empty themselves as requests settle, and what a
 -- killed process left is reclaimed here; a TTL could drop reservations still counted.)
 redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[13]), member)
-if limit > 0 then
-  redis.call('ZADD', KEYS[1], now_us, ARGV[1])
-  -- The log lives at least a window past its newest admission. Renewed (to two windows)
-  -- only when less than that is left: most admissions read its TTL rather than write it.
-  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[7]) + 1000 then
-    redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[7]) + 1000)
-  end
-end
+log_admission()
 return {0, now_ms, remaining, reset_ms, used, spent_m, spent_d, day, partition_size}
