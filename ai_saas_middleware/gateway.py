@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from typing import Any
 
 from . import background
@@ -186,6 +186,30 @@ class _Core:
     def _hit_outcome() -> Outcome:
         return Outcome(status=200)
 
+    def _semantic_steps(self, plan: Plan, decision: Decision
+                        ) -> Generator[ScriptCall, Any, Decision]:
+        """After admission, for a request the cache may answer: the semantic lookup on an
+        exact miss (one round trip, which usually brings a hit's body along; one more for
+        it when it did not). Without I/O, for both gateway twins: each script call is
+        yielded, its reply sent back (its error thrown in); returns the decision, a hit's
+        when one was found."""
+        cache, found = self.admission.cache, plan.cache
+        if found.hit is None and decision.allowed and cache.wants_lookup(found):
+            try:
+                entry, fields = cache.choose(found, (yield cache.lookup_call(found)))
+                if entry is not None and fields is None:  # not among the bodies sent along
+                    fields = yield cache.fetch_call(found, entry)
+            except StoreError as exc:
+                log.warning("cache lookup of %s skipped: %s", plan.request_id, exc)
+                fields = None
+            except Exception:  # a bug in the cache must never cost the request
+                log.exception("cache lookup of %s failed; served as a miss", plan.request_id)
+                fields = None
+            chosen = plan.selection.chosen
+            if fields and chosen is not None and cache.hit(found, fields, "semantic", chosen):
+                decision = self.admission.hit_decision(plan, decision)
+        return decision
+
     # ---------------------------------------------------------------- background jobs
 
     def _job_info(self, tenant_id: str, endpoint: str | None, body: Mapping[str, Any] | None,
@@ -275,27 +299,22 @@ class Gateway(_Core):
         raise StoreError("admission did not settle (the tier or the month kept moving)")
 
     def _cached(self, plan: Plan, decision: Decision) -> Decision:
-        """After admission, for a request the cache may answer: the semantic lookup on an
-        exact miss (one round trip, which usually brings a hit's body along; one more for
-        it when it did not), and a hit's settlement, here and now (a sync app has no loop
-        to run it on later: the client waits for it, about one round trip; it saved a
-        model call)."""
-        cache, found = self.admission.cache, plan.cache
-        if found.hit is None and decision.allowed and cache.wants_lookup(found):
-            try:
-                entry, fields = cache.choose(found, self._run(cache.lookup_call(found)))
-                if entry is not None and fields is None:  # not among the bodies sent along
-                    fields = self._run(cache.fetch_call(found, entry))
-            except StoreError as exc:
-                log.warning("cache lookup of %s skipped: %s", plan.request_id, exc)
-                fields = None
-            except Exception:  # a bug in the cache must never cost the request
-                log.exception("cache lookup of %s failed; served as a miss", plan.request_id)
-                fields = None
-            chosen = plan.selection.chosen
-            if fields and chosen is not None and cache.hit(found, fields, "semantic", chosen):
-                decision = self.admission.hit_decision(plan, decision)
-        if found.hit is not None:
+        """:meth:`_semantic_steps` run here, and a hit's settlement, here and now (a sync
+        app has no loop to run it on later: the client waits for it, about one round
+        trip; it saved a model call)."""
+        steps = self._semantic_steps(plan, decision)
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    reply = self._run(call)
+                except Exception as exc:  # (the steps decide what an error means)
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(reply)
+        except StopIteration as done:
+            decision = done.value
+        if plan.cache.hit is not None:
             assert decision.ticket is not None
             self.settle(decision.ticket, self._hit_outcome(), decision.context)
         return decision
@@ -424,22 +443,19 @@ class AsyncGateway(_Core):
     async def _cached(self, plan: Plan, decision: Decision) -> Decision:
         """See :meth:`Gateway._cached`; a hit is settled by a task of its own, off the
         client's path (``wait_for_settlements()`` waits for it)."""
-        cache, found = self.admission.cache, plan.cache
-        if found.hit is None and decision.allowed and cache.wants_lookup(found):
-            try:
-                entry, fields = cache.choose(found, await self._run(cache.lookup_call(found)))
-                if entry is not None and fields is None:  # not among the bodies sent along
-                    fields = await self._run(cache.fetch_call(found, entry))
-            except StoreError as exc:
-                log.warning("cache lookup of %s skipped: %s", plan.request_id, exc)
-                fields = None
-            except Exception:  # a bug in the cache must never cost the request
-                log.exception("cache lookup of %s failed; served as a miss", plan.request_id)
-                fields = None
-            chosen = plan.selection.chosen
-            if fields and chosen is not None and cache.hit(found, fields, "semantic", chosen):
-                decision = self.admission.hit_decision(plan, decision)
-        if found.hit is not None:
+        steps = self._semantic_steps(plan, decision)
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    reply = await self._run(call)
+                except Exception as exc:  # (a cancellation is not thrown in: it goes on)
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(reply)
+        except StopIteration as done:
+            decision = done.value
+        if plan.cache.hit is not None:
             assert decision.ticket is not None
             background.start(self.settle(decision.ticket, self._hit_outcome(),
                                          decision.context))

@@ -15,7 +15,7 @@ import redis
 from conftest import API_KEYS
 
 from ai_saas_middleware import load_config
-from ai_saas_middleware.errors import ConfigError
+from ai_saas_middleware.errors import ConfigError, StoreError
 from ai_saas_middleware.gateway import Gateway
 from ai_saas_middleware.store.keys import KeySchema
 from ai_saas_middleware.types import RequestInfo
@@ -390,3 +390,26 @@ def test_lsh_codes_are_fixed() -> None:
     assert all(len(c) == 3 and int(c, 16) < 1024 for c in codes)
     assert first.codes(-vector) != codes
     assert SignHasher(256, 16, 10).version != SignHasher(256, 16, 8).version
+
+
+def test_a_semantic_lookup_that_fails_serves_a_miss(make_client: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis refusing the lookup (or the cache's own code failing) costs the request
+    nothing but the hit: it is admitted and answered as a miss."""
+    client = make_client()
+    assert client.ask("How do I reset my password?") == "miss"
+    run, tried = client.gateway._run, []
+
+    def refusing(call: Any) -> Any:
+        if call[0] == "cache_lookup":
+            tried.append(call)
+            raise StoreError("the lookup was refused")
+        return run(call)
+
+    monkeypatch.setattr(client.gateway, "_run", refusing)
+    assert client.ask("How can I reset my password?") == "miss"  # a paraphrase: a hit else
+    assert len(tried) == 1
+    monkeypatch.setattr(client.gateway.admission.cache, "choose",
+                        lambda *_: 1 / 0)  # a bug in the cache's own code
+    monkeypatch.setattr(client.gateway, "_run", run)
+    assert client.ask("How could I reset my password?") == "miss"
