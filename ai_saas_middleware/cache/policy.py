@@ -74,6 +74,8 @@ class CacheHit:
     """What a hit serves and bills."""
 
     body: bytes  # the stored completion JSON
+    content_type: str  # of what the hit answers: the JSON, or its SSE replay
+    response: bytes
     prompt_tokens: int  # the stored entry's
     completion_tokens: int
     kind: str  # exact | semantic
@@ -261,17 +263,19 @@ class ResponseCache:
         try:
             body = bytes(fields[0])
             prompt, completion = int(fields[1]), int(fields[2])
-            hit_body(body, stream=plan.stream)  # replayable?
+            content_type, response = hit_body(body, stream=plan.stream,
+                                              include_usage=plan.include_usage)
         except (TypeError, ValueError, IndexError, AttributeError):
-            return None
-        found = CacheHit(body, prompt, completion, kind, cost_of(model, prompt, completion))
+            return None  # (not replayable: served as a miss)
+        found = CacheHit(body, content_type, response, prompt, completion, kind,
+                         cost_of(model, prompt, completion))
         plan.hit = found
         return found
 
     def response(self, plan: CachePlan) -> tuple[str, bytes]:
         """(content type, body) of the plan's hit."""
         assert plan.hit is not None
-        return hit_body(plan.hit.body, stream=plan.stream, include_usage=plan.include_usage)
+        return plan.hit.content_type, plan.hit.response
 
     # ---------------------------------------------------------------- after a miss
 
@@ -284,7 +288,7 @@ class ResponseCache:
         lookup served it (:meth:`touch_call`), else None."""
         if plan.hit is not None:
             return self.touch_call(plan)
-        if (not plan.store or not plan.store or plan.captured is None
+        if (not plan.store or plan.captured is None
                 or ctx.failed or ctx.truncated or outcome.failed or outcome.disconnected
                 or not 200 <= outcome.status < 300):
             return None

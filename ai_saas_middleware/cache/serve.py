@@ -14,11 +14,14 @@ then ``data: [DONE]``.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from ..usage import ResponseMeter
 
 __all__ = ["MAX_CAPTURE_BYTES", "CapturingMeter", "entry_body", "hit_body"]
+
+log = logging.getLogger("ai_saas_middleware")
 
 MAX_CAPTURE_BYTES = 1_048_576  # a response larger than this is not stored
 
@@ -56,7 +59,7 @@ class CapturingMeter(ResponseMeter):
             try:
                 self._sink(self._sse, b"".join(kept), self.status)
             except Exception:  # the cache must never break a response
-                pass
+                log.exception("a response could not be kept for the cache")
         return result
 
 
