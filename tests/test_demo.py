@@ -102,3 +102,25 @@ def test_cli_demo_on_its_own_redis_prints_readmes_report(
     monkeypatch.delenv("REDIS_URL", raising=False)
     assert main(["demo"]) == 0
     check_demo_run(capsys.readouterr().out, "starlette", private_redis=True)
+
+
+def test_each_steps_count_is_its_own_when_reading_the_count_is_slow(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A step's traffic starts only once the count before it is read. Reading it slowly
+    # (a busy machine) must not let the step's requests be counted in the step before, or
+    # in none: the burst's tasks were once scheduled before that count, and CI saw a step
+    # counted 77 (one call landed before it) and another 0 (the whole burst did).
+    import time
+
+    from ai_saas_middleware import demo as demo_module
+
+    count = demo_module._evalsha_calls
+
+    def slow_count(store: Any) -> int:
+        time.sleep(0.3)
+        return count(store)
+
+    monkeypatch.setattr(demo_module, "_evalsha_calls", slow_count)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert main(["demo"]) == 0
+    check_demo_run(capsys.readouterr().out, "starlette", private_redis=True)
