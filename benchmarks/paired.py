@@ -19,6 +19,7 @@ Reproduce::
 
     python benchmarks/paired.py --before 07dbcb4            # about a minute
     python benchmarks/paired.py --before 07dbcb4 --rounds 5 --blocks 40
+    python benchmarks/paired.py --before without-lease --rounds 5   # the lease's cost alone
 
 The script and the private redis-server it starts are pinned to CPUs 0 and 1 (``--cpu``,
 ``--redis-cpu``); ``--redis-url`` uses a server of yours instead.
@@ -31,6 +32,7 @@ import asyncio
 import importlib
 import io
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,29 @@ def export_before(rev: str, into: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
     (into / "ai_saas_middleware").rename(into / BEFORE)
+
+
+# The two lines that make a reservation's lease: without them, the working tree is what it
+# would be if issue 7's item 5 kept no record of reservations in Redis (a baseline only:
+# killed processes' reservations would then be held until the month ends).
+WITHOUT_LEASE = {
+    "store/lua/admit.lua": ("redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[13]), member)\n",
+                            ""),
+    "store/lua/settle.lua": ("local removed = redis.pcall('ZREM', KEYS[4], ARGV[4])",
+                             "local removed = 1  -- (as if the reservation were held)"),
+}
+
+
+def export_without_lease(into: Path) -> None:
+    """The working tree's package without the lease's write, as ``into/ai_saas_before``."""
+    shutil.copytree(HERE.parent / "ai_saas_middleware", into / BEFORE,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name, (line, replacement) in WITHOUT_LEASE.items():
+        path = into / BEFORE / name
+        text = path.read_text("utf-8")
+        if text.count(line) != 1:
+            raise SystemExit(f"{name} no longer has the lease line this baseline removes")
+        path.write_text(text.replace(line, replacement), "utf-8")
 
 
 def starlette_app(package: str, redis_url: str, prefix: str) -> Any:
@@ -136,7 +161,10 @@ VARIANTS = {"starlette": (run_starlette, "client-visible", "whole call"),
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", required=True, help="the commit to compare with")
+    parser.add_argument("--before", required=True,
+                        help="the commit to compare with, or 'without-lease': the working "
+                             "tree without the reservation lease's write (admit.lua's ZADD, "
+                             "settle.lua's ZREM), to measure what that write costs")
     parser.add_argument("--variants", default="starlette,gateway",
                         help="comma-separated: starlette, gateway")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant")
@@ -151,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        export_before(args.before, Path(tmp))
+        if args.before == "without-lease":
+            export_without_lease(Path(tmp))
+        else:
+            export_before(args.before, Path(tmp))
         sys.path.insert(0, tmp)
         with ov.redis_server(args.redis_url) as server:
             if hasattr(os, "sched_setaffinity"):
