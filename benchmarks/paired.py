@@ -20,6 +20,7 @@ Reproduce::
     python benchmarks/paired.py --before 07dbcb4            # about a minute
     python benchmarks/paired.py --before 07dbcb4 --rounds 5 --blocks 40
     python benchmarks/paired.py --before without-lease --rounds 5   # the lease's cost alone
+    python benchmarks/paired.py --before 07dbcb4 --in-process       # the Python alone
 
 The script and the private redis-server it starts are pinned to CPUs 0 and 1 (``--cpu``,
 ``--redis-cpu``); ``--redis-url`` uses a server of yours instead.
@@ -84,6 +85,34 @@ def export_without_lease(into: Path) -> None:
         path.write_text(text.replace(line, replacement), "utf-8")
 
 
+def answer_in_process(gateway: Any) -> None:
+    """``--in-process``: ``gateway`` answers its own admit.lua and settle.lua calls (an
+    admitted request; a written event), so that only the two packages' Python is timed.
+    Every other step of admission and settlement runs as shipped."""
+    real = gateway._run
+
+    def reply(call: Any) -> Any:
+        if call[0] == "admit":  # admitted: remaining, reset, used, no money, no partition
+            return [0, int(time.time() * 1000), 1_000_000, 60_000, 0, "", "", "", None]
+        if call[0] == "settle":
+            return b"0-0"
+        return None
+
+    if asyncio.iscoroutinefunction(real):
+        async def run_async(call: Any) -> Any:
+            answer = reply(call)
+            return answer if answer is not None else await real(call)
+        gateway._run = run_async
+    else:
+        def run(call: Any) -> Any:
+            answer = reply(call)
+            return answer if answer is not None else real(call)
+        gateway._run = run
+
+
+IN_PROCESS = False  # set by --in-process
+
+
 def starlette_app(package: str, redis_url: str, prefix: str) -> Any:
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -107,6 +136,8 @@ def run_starlette(redis_url: str, blocks: int, block: int) -> dict[str, tuple[fl
     samples = {p: ov.Samples() for p in apps}
     for app in apps.values():  # warm-up: connections, scripts loaded, caches filled
         loop.run_until_complete(ov.drive(app, ov.ai_scope, ov.REQUEST_BODY, 500, None))
+        if IN_PROCESS:  # (the middleware makes its gateway at the first request)
+            answer_in_process(ov.find_gateway(app))
     order = list(apps)
     for i in range(blocks):
         for p in (order if i % 2 == 0 else order[::-1]):
@@ -126,6 +157,8 @@ def run_gateway(redis_url: str, blocks: int, block: int) -> dict[str, tuple[floa
         gateway = importlib.import_module(f"{p}.gateway").Gateway(
             ov.bench_config(redis_url, f"pairedgw{p[-6:]}{os.getpid()}"))
         types = importlib.import_module(f"{p}.types")
+        if IN_PROCESS:
+            answer_in_process(gateway)
         gateways[p] = (gateway, types, gateway.endpoint_for("POST", ov.AI_PATH))
     times: dict[str, tuple[list[int], list[int]]] = {p: ([], []) for p in gateways}
 
@@ -170,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per code per round")
     parser.add_argument("--block", type=int, default=250, help="requests per block")
+    parser.add_argument("--in-process", action="store_true",
+                        help="answer admit.lua and settle.lua in process: Python alone")
     parser.add_argument("--redis-url", help="use this Redis (default: a private one)")
     parser.add_argument("--cpu", type=int, default=0, help="CPU for this process")
     parser.add_argument("--redis-cpu", type=int, default=1, help="CPU for the private Redis")
     args = parser.parse_args(argv)
+    global IN_PROCESS
+    IN_PROCESS = args.in_process
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -189,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.sched_setaffinity(0, {args.cpu})
                 if server.pid is not None:
                     os.sched_setaffinity(server.pid, {args.redis_cpu})
-            print(f"before: {args.before}; after: the working tree; redis: {server.note}")
+            print(f"before: {args.before}; after: the working tree; redis: {server.note}"
+                  + ("; admit.lua and settle.lua answered in process" if IN_PROCESS else ""))
             for variant in variants:
                 run, first, second = VARIANTS[variant]
                 print(f"\n## {variant}: median per round (us), after minus before\n")
