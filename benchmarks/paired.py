@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import overhead as ov  # noqa: E402  (the apps, the request and the ASGI harness)
+from ceiling import answer_in_process  # noqa: E402  (--in-process)
 
 BEFORE = "ai_saas_before"
 AFTER = "ai_saas_middleware"
@@ -85,32 +86,7 @@ def export_without_lease(into: Path) -> None:
         path.write_text(text.replace(line, replacement), "utf-8")
 
 
-def answer_in_process(gateway: Any) -> None:
-    """``--in-process``: ``gateway`` answers its own admit.lua and settle.lua calls (an
-    admitted request; a written event), so that only the two packages' Python is timed.
-    Every other step of admission and settlement runs as shipped."""
-    real = gateway._run
-
-    def reply(call: Any) -> Any:
-        if call[0] == "admit":  # admitted: remaining, reset, used, no money, no partition
-            return [0, int(time.time() * 1000), 1_000_000, 60_000, 0, "", "", "", None]
-        if call[0] == "settle":
-            return b"0-0"
-        return None
-
-    if asyncio.iscoroutinefunction(real):
-        async def run_async(call: Any) -> Any:
-            answer = reply(call)
-            return answer if answer is not None else await real(call)
-        gateway._run = run_async
-    else:
-        def run(call: Any) -> Any:
-            answer = reply(call)
-            return answer if answer is not None else real(call)
-        gateway._run = run
-
-
-IN_PROCESS = False  # set by --in-process
+IN_PROCESS = False  # set by --in-process: ceiling.py's answer_in_process on both gateways
 
 
 def starlette_app(package: str, redis_url: str, prefix: str) -> Any:
@@ -137,7 +113,7 @@ def run_starlette(redis_url: str, blocks: int, block: int) -> dict[str, tuple[fl
     for app in apps.values():  # warm-up: connections, scripts loaded, caches filled
         loop.run_until_complete(ov.drive(app, ov.ai_scope, ov.REQUEST_BODY, 500, None))
         if IN_PROCESS:  # (the middleware makes its gateway at the first request)
-            answer_in_process(ov.find_gateway(app))
+            answer_in_process(ov.find_gateway(app), admit=True, settle=True)
     order = list(apps)
     for i in range(blocks):
         for p in (order if i % 2 == 0 else order[::-1]):
@@ -158,7 +134,7 @@ def run_gateway(redis_url: str, blocks: int, block: int) -> dict[str, tuple[floa
             ov.bench_config(redis_url, f"pairedgw{p[-6:]}{os.getpid()}"))
         types = importlib.import_module(f"{p}.types")
         if IN_PROCESS:
-            answer_in_process(gateway)
+            answer_in_process(gateway, admit=True, settle=True)
         gateways[p] = (gateway, types, gateway.endpoint_for("POST", ov.AI_PATH))
     times: dict[str, tuple[list[int], list[int]]] = {p: ([], []) for p in gateways}
 
