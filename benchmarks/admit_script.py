@@ -60,10 +60,10 @@ def variants(before: str) -> dict[str, str]:
     return {"before": old, "now": now, "without-lease": now.replace(line, replacement)}
 
 
-def arguments(variant: str, request_id: str) -> list[object]:
+def arguments(variant: str, request_id: str) -> list[str | int]:
     # The benchmark app's admission: static tenant, tier 'bench', reserve 400 tokens.
-    common = [request_id, MONTH, "static", "", "bench", HUGE, 60_000, HUGE, 400, 3_000_000,
-              MONTH_START, MONTH_END]
+    common: list[str | int] = [request_id, MONTH, "static", "", "bench", HUGE, 60_000, HUGE,
+                               400, 3_000_000, MONTH_START, MONTH_END]
     if variant == "before":
         return [*common, ""]  # ARGV[13]: no retry
     return [*common, 60_000, "0", -1, -1]  # lease ms, no money, no budgets
