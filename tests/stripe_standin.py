@@ -81,6 +81,7 @@ class StripeStandIn:
     retry_after: str | None = "0"
     fail_after_commit: int = 0
     refuse_customers: set[str] = field(default_factory=set)  # 400 "No such customer"
+    latency_s: float = 0.0  # a slow Stripe: every POST is answered this much later
     hold: threading.Event | None = None  # set: v1 events wait after storing until released
     held: threading.Event = field(default_factory=threading.Event)  # one is being held
     events: dict[str, Stored] = field(default_factory=dict)
@@ -211,6 +212,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.state.lock:
             self.state.requests.append(("POST", path))
+            latency = self.state.latency_s
+        if latency:
+            time.sleep(latency)
         if path == "/v1/billing/meter_events":
             if self._common("key"):
                 self._v1_event(raw)

@@ -27,7 +27,7 @@ from stripe_standin import API_KEY as STRIPE_KEY
 from stripe_standin import start as start_stripe
 
 from ai_saas_middleware.billing import tables as t
-from ai_saas_middleware.billing.ledger import Ledger
+from ai_saas_middleware.billing.ledger import Ledger, Prepared
 from ai_saas_middleware.billing.worker import GROUP, Worker, status
 from ai_saas_middleware.budgets import from_picodollars
 from ai_saas_middleware.cli import main
@@ -131,6 +131,100 @@ def test_every_event_is_in_the_ledger_once_with_exact_aggregates(
     # Everything acknowledged, so everything trimmed.
     assert sum(raw_client.xlen(s) for s in keys.streams()) == 0
     assert all(raw_client.xpending(s, GROUP)["pending"] == 0 for s in keys.streams())
+
+
+def test_a_worker_never_takes_back_its_own_batch_however_slow_its_commit(
+        billing_config: Callable[..., dict[str, Any]], ledger_url: str,
+        raw_client: redis.Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit slower than ``claimIdle`` (a busy database): the worker's own entries stay
+    its own, recorded once; they are not taken over by the worker itself and recorded a
+    second time (as duplicates) while the first commit still runs."""
+    # 75 events a stream, 20 a batch: four batches, each read while the one before commits.
+    config = billing_config(worker={"claimIdle": "0.2s", "trimInterval": "0.05s",
+                                    "batchSize": 20})
+    keys = KeySchema(key_prefix, 16)
+    expected = Expected()
+    settle_events(raw_client, keys, 0, 600, tenants(8), expected)
+    slow_commit = Prepared.commit
+
+    def commit(self: Prepared) -> Any:
+        time.sleep(0.5)  # longer than claimIdle, well within the drain's deadline
+        return slow_commit(self)
+
+    monkeypatch.setattr(Prepared, "commit", commit)
+    worker = Worker(config)
+    try:
+        inserted = worker.drain(60)
+    finally:
+        worker.close()
+
+    assert inserted == 600
+    assert worker.progress.claimed == 0 and worker.progress.duplicates == 0
+    assert worker.progress.read == 600
+    totals, count = ledger_totals(ledger_url)
+    assert count == 600 and totals == expected_totals(expected)
+
+
+def test_entries_a_dead_consumer_held_are_taken_over_once_idle(
+        billing_config: Callable[..., dict[str, Any]], ledger_url: str,
+        raw_client: redis.Redis, key_prefix: str) -> None:
+    """A consumer that read entries and died before acknowledging them: once they are idle
+    for ``claimIdle``, a worker takes them over, records them once and acknowledges them;
+    the dead consumer holds nothing after."""
+    config = billing_config(worker={"claimIdle": "0.3s"})
+    keys = KeySchema(key_prefix, 16)
+    expected = Expected()
+    settle_events(raw_client, keys, 0, 400, tenants(8), expected)
+    held = 0
+    for stream in keys.streams():
+        if raw_client.xlen(stream):
+            raw_client.xgroup_create(stream, GROUP, "0")
+            read = raw_client.xreadgroup(GROUP, "dead", {stream: ">"}, count=30)
+            held += len(read[0][1]) if read else 0
+    assert held > 100
+
+    worker = Worker(config)
+    try:
+        inserted = worker.drain(60)
+    finally:
+        worker.close()
+
+    assert inserted == 400
+    assert worker.progress.claimed == held and worker.progress.duplicates == 0
+    totals, count = ledger_totals(ledger_url)
+    assert count == 400 and totals == expected_totals(expected)
+    for stream in keys.streams():
+        if raw_client.exists(stream):
+            assert raw_client.xpending(stream, GROUP)["pending"] == 0
+
+
+def test_a_consumer_that_still_reads_is_not_robbed_of_its_entries(
+        billing_config: Callable[..., dict[str, Any]], raw_client: redis.Redis,
+        key_prefix: str) -> None:
+    """Entries idle far past ``claimIdle`` on a consumer that still reads (a worker busy
+    with a long batch) stay its own; once the consumer itself stops for ``claimIdle``,
+    they are taken over."""
+    config = billing_config(worker={"claimIdle": "0.3s"})
+    keys = KeySchema(key_prefix, 16)
+    settle_events(raw_client, keys, 0, 40, tenants(1), Expected())
+    stream = keys.tenant("tenant-000").stream
+    raw_client.xgroup_create(stream, GROUP, "0")
+    held = len(raw_client.xreadgroup(GROUP, "busy", {stream: ">"}, count=25)[0][1])
+    worker = Worker(config)
+    try:
+        for _ in range(6):  # 1.2 s: its entries idle four times claimIdle, it still reads
+            time.sleep(0.2)
+            raw_client.xreadgroup(GROUP, "busy", {stream: "0"}, count=1)  # its own history
+            worker.upkeep(force=True, deliver=False)
+        assert worker.progress.claimed == 0
+        assert raw_client.xpending(stream, GROUP)["consumers"] == [
+            {"name": b"busy", "pending": held}]
+        time.sleep(0.5)  # the consumer is gone now
+        worker.upkeep(force=True, deliver=False)
+        assert worker.progress.claimed == held and worker.progress.inserted == held
+        assert raw_client.xpending(stream, GROUP)["pending"] == 0
+    finally:
+        worker.close()
 
 
 def test_streams_are_trimmed_only_below_what_every_group_acknowledged(
@@ -414,6 +508,50 @@ def test_usage_shows_the_same_totals_after_the_worker_moved_and_trimmed_the_even
     assert "total cost: $" in before and after != before
     total = sum(reference.cost.values())
     assert f"total cost: ${format_usd(total)}" in after
+
+
+def test_a_long_delivery_round_does_not_hold_up_shutdown(
+        billing_config: Callable[..., dict[str, Any]], ledger_url: str,
+        raw_client: redis.Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow Stripe (0.1 s a request) and 200 deliveries: a round takes 20 s. stop() in
+    the middle of it: the round ends after the request in hand, the last round has its
+    few seconds, and the worker is gone within seconds; every delivery is delivered once
+    or still pending in the ledger (sent at the next run), none lost."""
+    monkeypatch.setenv("AI_SAAS_TEST_STRIPE_KEY", STRIPE_KEY)
+    stripe = start_stripe()
+    config = billing_config(stripe={
+        "apiKeyEnv": "AI_SAAS_TEST_STRIPE_KEY", "apiBase": stripe.url,
+        "meterEventsBase": stripe.url, "interval": "0.1s", "streamAbove": 10 ** 6})
+    config["tenants"] = [{"id": tn, "tier": "pro", "apiKeys": [],
+                          "stripeCustomerId": f"cus_{tn}"} for tn in tenants(200)]
+    with stripe.state.lock:
+        stripe.state.latency_s = 0.1
+    keys = KeySchema(key_prefix, 16)
+    worker = Worker(config)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        settle_events(raw_client, keys, 0, 200, tenants(200), Expected())
+        wait_until(lambda: ledger_count(ledger_url) == 200, 30, "the events")
+        wait_until(lambda: len(stripe.state.requests) >= 20, 30, "a delivery round underway")
+    finally:
+        started = time.monotonic()
+        worker.stop()
+        runner.join(timeout=60)
+        stopped_in = time.monotonic() - started
+        worker.close()
+        stripe.close()
+    assert not runner.is_alive()
+    assert stopped_in < 12  # the round in hand ends at once; the last round has 5 s
+    ledger = Ledger(ledger_url)
+    with ledger.reading() as conn:
+        rows = conn.execute(select(t.stripe_deliveries.c.identifier,
+                                   t.stripe_deliveries.c.state)).all()
+    ledger.close()
+    delivered = {identifier for identifier, state in rows if state == "delivered"}
+    assert {state for _, state in rows} <= {"pending", "delivered"}
+    assert 20 <= len(delivered) < 200  # part of it sent, the rest kept for the next run
+    assert all(stripe.state.received[i] == 1 for i in delivered)
 
 
 def test_an_unwell_stripe_holds_up_neither_ingestion_nor_shutdown(

@@ -168,6 +168,11 @@ class Deliverer:
         self._claim_limit = claim_limit
         self._last: float | None = None
         self._no_customer: dict[str, float] = {}  # tenant -> when customer_of said None
+        # The round in progress ends (no more gathering or sending) at this instant on the
+        # meter's clock; None: when it is done.
+        self._until: float | None = None
+        self._halted = False  # halt(): the worker is stopping
+        self._final = False  # the round in progress is the worker's last (flush(final=True))
 
     # -- gathering
 
@@ -258,6 +263,12 @@ class Deliverer:
                 .values(state=state, attempts=d.attempts + attempts, last_error=error,
                         delivered_at=now_iso() if state == "delivered" else None))
 
+    def _in_time(self) -> bool:
+        """Whether the round in progress may go on (gather more, send the next)."""
+        if self._halted and not self._final:
+            return False
+        return self._until is None or self.meter.clock() < self._until
+
     def send(self) -> Sent:
         """Send every pending delivery to Stripe, marking each as Stripe takes it."""
         done = Sent()
@@ -279,6 +290,9 @@ class Deliverer:
     def _send_each(self, events: list[MeterEvent], attempts: dict[str, int],
                    done: Sent) -> None:
         for i, ev in enumerate(events):
+            if not self._in_time():  # the rest stays pending in the ledger
+                done.pending += len(events) - i
+                return
             try:
                 duplicate, made = self.meter.create(ev, attempts[ev.identifier])
             except StripeRefused as exc:
@@ -310,6 +324,9 @@ class Deliverer:
                 self._mark([ev.identifier for ev in batch], made)
                 sent += len(batch)
                 done.delivered += len(batch)
+                if not self._in_time():  # the rest stays pending in the ledger
+                    done.pending += len(events) - sent
+                    break
         except StripeRefused as exc:
             batch_ids = [ev.identifier for ev in events[sent:sent + STREAM_BATCH]]
             self._mark(batch_ids, 1, "failed", exc.reason)
@@ -328,17 +345,33 @@ class Deliverer:
 
     # -- the worker's calls
 
-    def flush(self, budget_s: float | None = None) -> Sent:
+    def halt(self) -> None:
+        """The worker is stopping (signal-safe): the round in progress ends soon -- no
+        more gathering, no retry sleeps, no next send; what it has not sent stays pending
+        in the ledger -- and no other starts but the final one (``flush(final=True)``)."""
+        self._halted = True
+        self.meter.deadline = self.meter.clock()
+
+    def flush(self, budget_s: float | None = None, *, final: bool = False) -> Sent:
         """Gather everything undelivered and send it now. ``budget_s`` bounds the time
-        spent retrying an unwell Stripe (the worker's shutdown passes a few seconds):
-        what is not sent by then stays pending in the ledger for the next run."""
-        while self.gather():
-            pass
-        self.meter.deadline = None if budget_s is None else self.meter.clock() + budget_s
+        spent retrying an unwell Stripe; with ``final`` (the worker's last round, after
+        :meth:`halt`: it passes a few seconds) it bounds the whole round, gathering and
+        sending too. What is not sent by then stays pending in the ledger for the next
+        run."""
+        clock = self.meter.clock
+        budget_until = None if budget_s is None else clock() + budget_s
+        self._final = final
+        self._until = budget_until if final else None
         try:
+            while self._in_time() and self.gather():
+                pass
+            # (After halt(), retries end at once: the deadline is now.)
+            self.meter.deadline = clock() if self._halted and not final else budget_until
             sent = self.send()
         finally:
-            self.meter.deadline = None
+            self.meter.deadline = clock() if self._halted and not final else None
+            self._until = None
+            self._final = False
         self._last = self._clock()
         return sent
 
@@ -351,7 +384,8 @@ class Deliverer:
         left stays pending for the next tick), whatever ``maxRetries`` and Stripe's
         ``Retry-After`` would allow (``Worker.run`` ticks in a thread of its own; ``drain``
         between batches)."""
-        if self._last is not None and self._clock() - self._last < self.stripe.interval_s:
+        if self._halted or (self._last is not None
+                            and self._clock() - self._last < self.stripe.interval_s):
             return None
         try:
             return self.flush(budget_s=TICK_BUDGET_S)

@@ -11,8 +11,9 @@ One consumer group, :data:`GROUP`, over every shard stream. A worker:
    batch: see :meth:`Worker.step`);
 3. acknowledges the entries (``XACK``) **only after** the commit. A crash before the
    ``XACK`` leaves them pending; they are read again (by this worker when it restarts
-   under the same name, else taken by another with ``XAUTOCLAIM`` once idle for
-   ``billing.worker.claimIdle``), and the ledger's key makes the second insert a no-op;
+   under the same name, else taken by another with ``XCLAIM`` once the consumer holding
+   them has itself been idle for ``billing.worker.claimIdle``: a worker that still reads
+   is never robbed of its batch), and the ledger's key makes a second insert a no-op;
 4. every ``trimInterval``: claims entries idle too long, trims each stream below what
    *every* consumer group has acknowledged (``XTRIM MINID``: never an entry some group
    has not acknowledged), forgets consumers gone for an hour with nothing pending, logs
@@ -58,6 +59,10 @@ __all__ = ["GROUP", "ShardStatus", "Worker", "cmd_worker", "status"]
 log = logging.getLogger("ai_saas_middleware.billing")
 
 GROUP = "ai-saas-billing"
+# Shutdown stays "within seconds" (DESIGN.md): the Stripe thread's round is waited for
+# this long, the final round is given this long.
+_DELIVERY_JOIN_S = 5.0
+_FINAL_DELIVERY_S = 5.0
 _FORGET_CONSUMER_MS = 3_600_000  # a consumer idle this long with nothing pending is removed
 _PROGRESS_S = 10.0
 
@@ -128,7 +133,7 @@ class Worker:
         self.redis = self.store.client
         # Replies as Redis sends them (flat lists of bytes): redis-py's own turn every
         # entry into a dict first, which costs more than the rest of the parse.
-        for command in ("XREADGROUP", "XAUTOCLAIM", "XINFO GROUPS", "XINFO CONSUMERS",
+        for command in ("XREADGROUP", "XCLAIM", "XINFO GROUPS", "XINFO CONSUMERS",
                         "XINFO STREAM", "XPENDING"):
             self.redis.set_response_callback(command, lambda reply, **_: reply)
         self.ledger = Ledger(ledger_url or billing.database)
@@ -155,8 +160,8 @@ class Worker:
     def stop(self) -> None:
         """Finish the batch in hand, then return from :meth:`run` (signal-safe)."""
         self._stopping.set()
-        if self.deliverer is not None:  # a Stripe round backing off ends its retries now
-            self.deliverer.meter.deadline = self.deliverer.meter.clock()
+        if self.deliverer is not None:  # a Stripe round in progress ends soon
+            self.deliverer.halt()
 
     @property
     def stopping(self) -> bool:
@@ -227,11 +232,20 @@ class Worker:
             except (RedisError, OSError, AISaaSError, SQLAlchemyError) as exc:
                 delay = min(max(delay * 2, 0.25), 5.0)
                 self._failed(exc, delay)
+        log.info("billing worker %s: stopping: the batch in hand is finished first", self.name)
         self._finish_ahead()
         self._settle_quietly()
         if delivery is not None:
-            delivery.join(timeout=30)
-        self._final_delivery()
+            # A halted round ends after its current request to Stripe or the ledger.
+            delivery.join(timeout=_DELIVERY_JOIN_S)
+        if delivery is not None and delivery.is_alive():
+            # Stopping anyway is what a crash would do, and safe: delivery state is in the
+            # ledger, and what was sent unrecorded is sent again, under the same identifier.
+            log.warning("billing worker %s: a Stripe round is still waiting on Stripe or the "
+                        "ledger; the worker stops without it (what it did not record is "
+                        "sent again at the next start)", self.name)
+        else:
+            self._final_delivery()
         self._log_progress(final=True)
 
     def _deliver(self) -> None:
@@ -512,25 +526,52 @@ class Worker:
         return list(pipe.execute())
 
     def _claim(self) -> None:
+        """Take over what a gone consumer of the group left pending, and commit it: the
+        entries of every *other* consumer that has itself been idle (no read, no claim)
+        for ``claimIdle`` -- a worker killed, or stuck, before acknowledging them.
+
+        A consumer that still reads is not robbed, however long its batch takes (a slow
+        commit, a large batch on a busy machine), and this consumer never claims its own
+        entries: they are in its hands, or read again by its recovery read when it starts
+        under its name. (Claiming by entry idle time alone, ``XAUTOCLAIM``, took a live
+        worker's batch in flight and recorded it twice, the second time as duplicates, and
+        under load two workers took each other's batches in turn.)"""
+        self._ensure_groups()  # (upkeep may come first: XINFO needs the streams)
         idle_ms = int(self.settings.claim_idle_s * 1000)
         count = self.settings.batch_size
-        replies = self._each([("XAUTOCLAIM", stream, GROUP, self.name, idle_ms, "0-0",
-                               "COUNT", count) for stream in self.streams])
-        for stream, reply in zip(self.streams, replies, strict=True):
-            while not self.stopping:
-                cursor = _text(reply[0])
-                entries = [(stream, _text(eid), fields) for eid, fields in reply[1] if fields]
+        infos = self._each([("XINFO", "CONSUMERS", stream, GROUP) for stream in self.streams])
+        asks = []
+        for stream, consumers in zip(self.streams, infos, strict=True):
+            for consumer in consumers or ():
+                info = _pairs(consumer)
+                name = _text(info[b"name"])
+                if (name != self.name and int(info[b"pending"]) > 0
+                        and int(info[b"idle"]) >= idle_ms):
+                    asks.append((stream, name))
+        while asks and not self.stopping:
+            pending = self._each([("XPENDING", stream, GROUP, "IDLE", idle_ms, "-", "+",
+                                   count, consumer) for stream, consumer in asks])
+            takes = [(stream, consumer, [entry[0] for entry in entries])
+                     for (stream, consumer), entries in zip(asks, pending, strict=True)
+                     if entries]
+            claimed = self._each([("XCLAIM", stream, GROUP, self.name, idle_ms, *ids)
+                                  for stream, _, ids in takes]) if takes else []
+            for (stream, _, _ids), reply in zip(takes, claimed, strict=True):
+                if self.stopping:  # what is claimed and not committed: read at our restart
+                    return
+                # (An entry trimmed from the stream meanwhile is not in the reply, or is a
+                # nil or has no fields before Redis 7; XCLAIM drops it from the pending list.)
+                entries = [(stream, _text(item[0]), item[1]) for item in reply
+                           if item and item[1]]
                 if entries:
                     self.progress.claimed += len(entries)
-                    log.info("billing worker %s: took over %d entries of %s idle over "
-                             "%.0fs", self.name, len(entries), stream,
+                    log.info("billing worker %s: took over %d entries of %s from a consumer "
+                             "idle over %.0fs", self.name, len(entries), stream,
                              self.settings.claim_idle_s)
                     self.settle()  # the batch in flight may hold the ledger's write lock
                     self._commit(entries)
-                if cursor == "0-0":
-                    break
-                reply = self.redis.execute_command("XAUTOCLAIM", stream, GROUP, self.name,
-                                                   idle_ms, cursor, "COUNT", count)
+            # A consumer that had a full page may have more.
+            asks = [(stream, consumer) for stream, consumer, ids in takes if len(ids) >= count]
 
     def _trim(self) -> None:
         """Trim each stream below what every group of it has acknowledged; forget this
@@ -624,7 +665,7 @@ class Worker:
         if self.deliverer is None:
             return
         try:
-            self.deliverer.flush(budget_s=5.0)
+            self.deliverer.flush(budget_s=_FINAL_DELIVERY_S, final=True)
         except Exception as exc:
             log.warning("billing worker %s: the last Stripe delivery failed (%s); it is "
                         "sent at the next start", self.name, exc)
