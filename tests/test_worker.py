@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,16 @@ def ledger_count(url: str) -> int:
         ledger.close()
 
 
+def drain_once(config: dict[str, Any]) -> tuple[Worker, int]:
+    """A worker of ``config`` drains the streams (60 s at most) and is closed: it, and the
+    events it inserted."""
+    worker = Worker(config)
+    try:
+        return worker, worker.drain(60)
+    finally:
+        worker.close()
+
+
 def test_every_event_is_in_the_ledger_once_with_exact_aggregates(
         billing_config: Callable[..., dict[str, Any]], ledger_url: str,
         raw_client: redis.Redis, key_prefix: str) -> None:
@@ -111,11 +122,7 @@ def test_every_event_is_in_the_ledger_once_with_exact_aggregates(
     raw_client.xadd(keys.tenant("tenant-000").stream, first)
     raw_client.xadd(keys.tenant("tenant-001").stream, {"request_id": "bad", "cost": "1e3"})
 
-    worker = Worker(config)
-    try:
-        inserted = worker.drain(60)
-    finally:
-        worker.close()
+    worker, inserted = drain_once(config)
 
     assert inserted == 3000
     totals, count = ledger_totals(ledger_url)
@@ -152,11 +159,7 @@ def test_a_worker_never_takes_back_its_own_batch_however_slow_its_commit(
         return slow_commit(self)
 
     monkeypatch.setattr(Prepared, "commit", commit)
-    worker = Worker(config)
-    try:
-        inserted = worker.drain(60)
-    finally:
-        worker.close()
+    worker, inserted = drain_once(config)
 
     assert inserted == 600
     assert worker.progress.claimed == 0 and worker.progress.duplicates == 0
@@ -183,11 +186,7 @@ def test_entries_a_dead_consumer_held_are_taken_over_once_idle(
             held += len(read[0][1]) if read else 0
     assert held > 100
 
-    worker = Worker(config)
-    try:
-        inserted = worker.drain(60)
-    finally:
-        worker.close()
+    worker, inserted = drain_once(config)
 
     assert inserted == 400
     assert worker.progress.claimed == held and worker.progress.duplicates == 0
@@ -510,6 +509,25 @@ def test_usage_shows_the_same_totals_after_the_worker_moved_and_trimmed_the_even
     assert f"total cost: ${format_usd(total)}" in after
 
 
+@contextmanager
+def running(worker: Worker, stripe: Any) -> Iterator[list[float]]:
+    """``worker.run()`` in a thread for the block; then ``stop()``, timed: the list holds
+    the seconds from ``stop()`` until ``run()`` returned. Closes the worker and ``stripe``."""
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    stopped_in: list[float] = []
+    try:
+        yield stopped_in
+    finally:
+        started = time.monotonic()
+        worker.stop()
+        runner.join(timeout=60)
+        stopped_in.append(time.monotonic() - started)
+        worker.close()
+        stripe.close()
+    assert not runner.is_alive()
+
+
 def test_a_long_delivery_round_does_not_hold_up_shutdown(
         billing_config: Callable[..., dict[str, Any]], ledger_url: str,
         raw_client: redis.Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -527,22 +545,11 @@ def test_a_long_delivery_round_does_not_hold_up_shutdown(
     with stripe.state.lock:
         stripe.state.latency_s = 0.1
     keys = KeySchema(key_prefix, 16)
-    worker = Worker(config)
-    runner = threading.Thread(target=worker.run)
-    runner.start()
-    try:
+    with running(Worker(config), stripe) as stopped_in:
         settle_events(raw_client, keys, 0, 200, tenants(200), Expected())
         wait_until(lambda: ledger_count(ledger_url) == 200, 30, "the events")
         wait_until(lambda: len(stripe.state.requests) >= 20, 30, "a delivery round underway")
-    finally:
-        started = time.monotonic()
-        worker.stop()
-        runner.join(timeout=60)
-        stopped_in = time.monotonic() - started
-        worker.close()
-        stripe.close()
-    assert not runner.is_alive()
-    assert stopped_in < 12  # the round in hand ends at once; the last round has 5 s
+    assert stopped_in[0] < 12  # the round in hand ends at once; the last round has 5 s
     ledger = Ledger(ledger_url)
     with ledger.reading() as conn:
         rows = conn.execute(select(t.stripe_deliveries.c.identifier,
@@ -571,10 +578,7 @@ def test_an_unwell_stripe_holds_up_neither_ingestion_nor_shutdown(
         stripe.state.rate_limit_burst = 10 ** 6
         stripe.state.retry_after = "1"
     keys = KeySchema(key_prefix, 16)
-    worker = Worker(config)
-    runner = threading.Thread(target=worker.run)
-    runner.start()
-    try:
+    with running(Worker(config), stripe) as stopped_in:
         settle_events(raw_client, keys, 0, 200, tenants(5), Expected())
         wait_until(lambda: ledger_count(ledger_url) == 200, 30, "the first events")
         seen = len(stripe.state.requests)
@@ -584,15 +588,7 @@ def test_an_unwell_stripe_holds_up_neither_ingestion_nor_shutdown(
         # A round is now backing off (up to 10 s); the next events land meanwhile.
         wait_until(lambda: ledger_count(ledger_url) == 400, 5,
                    "the next events, while Stripe is backed off")
-    finally:
-        started = time.monotonic()
-        worker.stop()
-        runner.join(timeout=30)
-        stopped_in = time.monotonic() - started
-        worker.close()
-        stripe.close()
-    assert not runner.is_alive()
-    assert stopped_in < 12  # the round's retries end at stop(); the last round has 5 s
+    assert stopped_in[0] < 12  # the round's retries end at stop(); the last round has 5 s
     ledger = Ledger(ledger_url)
     with ledger.reading() as conn:
         states = set(conn.execute(select(t.stripe_deliveries.c.state)).scalars())
