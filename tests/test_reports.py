@@ -18,8 +18,10 @@ import io
 import json
 import os
 import pty
+import select as io_select
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -441,6 +443,19 @@ def test_an_unmigrated_ledger_is_one_line(tmp_path: Path,
     assert "run 'ai-saas billing migrate'" in err and "Traceback" not in err
 
 
+def _read_terminal(primary: int, until: str, timeout_s: float = 10.0) -> str:
+    """What was written to a pty's other side, read until ``until`` arrived (a pty hands
+    writes over to its reader asynchronously: one read right after the writer returned
+    can miss the last of them)."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    while until.encode() not in data and time.monotonic() < deadline:
+        ready, _, _ = io_select.select([primary], [], [], 0.1)
+        if ready:
+            data += os.read(primary, 65536)
+    return data.decode()
+
+
 def test_library_report_and_a_progress_bar_only_on_a_terminal(ledger_url: str) -> None:
     # 120 tenants (over the bar's threshold of 100), one event each: cost 0.01, revenue
     # 1000 x 0.00001 = 0.01; gross profit 0 for all.
@@ -453,7 +468,7 @@ def test_library_report_and_a_progress_bar_only_on_a_terminal(ledger_url: str) -
     try:
         with os.fdopen(secondary, "w", closefd=False) as terminal:
             report = build_report(ledger, config, "2026-11", progress=terminal)
-        drawn = os.read(primary, 65536).decode()
+        drawn = _read_terminal(primary, until="\033[K")
         piped = io.StringIO()
         build_report(ledger, config, "2026-11", progress=piped)
     finally:
