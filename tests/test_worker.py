@@ -412,6 +412,41 @@ def test_sigterm_finishes_the_batch_and_exits_0_within_seconds(
     assert all(raw_client.xpending(s, GROUP)["pending"] == 0 for s in keys.streams())
 
 
+def test_a_worker_whose_streams_vanished_makes_its_group_again_and_goes_on(
+        billing_config: Callable[..., dict[str, Any]], ledger_url: str,
+        raw_client: redis.Redis, key_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A Redis restarted without its data (no persistence, a failover to an empty replica)
+    # or a stream deleted by hand: the group is gone with the streams, settle.lua's XADD
+    # makes each stream again without it, and a worker that only retried its XREADGROUP
+    # got NOGROUP forever while the new events waited unread.
+    keys = KeySchema(key_prefix, 16)
+    expected = Expected()
+    worker = Worker(billing_config())
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        settle_events(raw_client, keys, 0, 500, tenants(10), expected)
+        wait_until(lambda: ledger_count(ledger_url) == 500, 60, "the first events")
+        raw_client.delete(*keys.streams())
+        settle_events(raw_client, keys, 500, 500, tenants(10), expected)
+        wait_until(lambda: ledger_count(ledger_url) == 1000, 30,
+                   lambda: f"the events after the streams vanished ({ledger_count(ledger_url)}"
+                           " of 1000 in the ledger)")
+    finally:
+        worker.stop()
+        runner.join(timeout=30)
+        worker.close()
+    assert not runner.is_alive()
+    assert worker.progress.failures > 0  # it did meet the missing group
+    # ... and said so, loudly: what the vanished streams held is not in them any more.
+    assert any(r.levelname == "ERROR" and "consumer group of 16 stream(s) was gone"
+               in r.getMessage() for r in caplog.records)
+    totals, count = ledger_totals(ledger_url)
+    assert count == 1000 and totals == expected_totals(expected)
+    wait_until(lambda: all(raw_client.xpending(s, GROUP)["pending"] == 0
+                           for s in keys.streams()), 10, "every entry acknowledged")
+
+
 @pytest.mark.billing_faults
 def test_postgresql_restarted_under_the_worker_loses_and_doubles_nothing(
         make_config: Callable[..., dict[str, Any]], postgres: Any,

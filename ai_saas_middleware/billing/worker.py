@@ -151,6 +151,7 @@ class Worker:
         self._ahead: Any = None
         self._recover = True  # read this consumer's own pending entries first
         self._groups_made = False
+        self._groups_seen = False  # made (or found) once: a group made after is one lost
         self._last_upkeep = 0.0
         self._last_progress = time.monotonic()
         self.deliverer = self._deliverer()
@@ -296,6 +297,12 @@ class Worker:
         self._drop_ahead()
         self.progress.failures += 1
         self._recover = True  # what was read and not committed is read again
+        if isinstance(exc, RedisError):
+            # Redis may have come back without its data (no persistence, a failover to an
+            # empty replica) or a stream may have been deleted: the group is gone with
+            # it, and settle.lua's XADD makes the stream again without one (NOGROUP at
+            # every read). Made again before the next read (it exists: BUSYGROUP).
+            self._groups_made = False
         what = "the ledger" if isinstance(exc, SQLAlchemyError) else "Redis"
         detail = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300] \
             if isinstance(exc, DBAPIError) else str(exc).splitlines()[0][:300] if str(exc) \
@@ -308,13 +315,22 @@ class Worker:
     def _ensure_groups(self) -> None:
         if self._groups_made:
             return
+        made = []
         for stream in self.streams:
             try:
                 self.redis.execute_command("XGROUP", "CREATE", stream, GROUP, "0", "MKSTREAM")
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        self._groups_made = True
+            else:
+                made.append(stream)
+        if made and self._groups_seen:
+            log.error("billing worker %s: the consumer group of %d stream(s) was gone (Redis "
+                      "restarted without its data, or the streams were deleted), e.g. %s: "
+                      "made again from each stream's start; what they held before is not "
+                      "in them any more (`ai-saas billing audit` shows what is missing)",
+                      self.name, len(made), made[0])
+        self._groups_made = self._groups_seen = True
 
     def _read(self, block_ms: int) -> list[tuple[str, str, Any]]:
         """(stream, entry id, fields) of the next batch: the one read ahead if any, else
