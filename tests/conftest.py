@@ -103,6 +103,15 @@ def rclient(redis_server_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+# Redis timeouts of the tests that expect Redis to answer. The package's defaults (0.25 s)
+# are right for an app server, but a loaded test machine (two suites on two cores, a TLS
+# handshake, a subprocess starting) can stall one connection that long: seen three times,
+# each a request admitted locally or a timeout where the test looked for another error.
+# Tests about timeouts and outages set their own (tests/faults.py, test_outage.py's
+# make_twin, test_store.py's frozen server).
+PATIENT_REDIS = {"connectTimeout": "5s", "socketTimeout": "5s"}
+
+
 @pytest.fixture
 def make_config(redis_server_url: str, key_prefix: str, tmp_path: Any
                 ) -> Callable[..., dict[str, Any]]:
@@ -111,7 +120,7 @@ def make_config(redis_server_url: str, key_prefix: str, tmp_path: Any
     def make(**overrides: Any) -> dict[str, Any]:
         config = copy.deepcopy(BASE_CONFIG)
         config["redis"] = {"url": redis_server_url, "keyPrefix": key_prefix,
-                           "spoolDir": str(tmp_path / "spool"),
+                           "spoolDir": str(tmp_path / "spool"), **PATIENT_REDIS,
                            **overrides.pop("redis", {})}
         config.update(overrides)
         return config

@@ -102,7 +102,8 @@ async def make_twin(request: pytest.FixtureRequest, make_config: Callable[..., d
 
     def make(on_unavailable: str = "open", **overrides: Any) -> Twin:
         redis_section = {"url": f"redis://127.0.0.1:{port}/0", "onUnavailable": on_unavailable,
-                         "retryInterval": "100ms", **overrides.pop("redis", {})}
+                         "retryInterval": "100ms", "connectTimeout": "250ms",
+                         "socketTimeout": "250ms", **overrides.pop("redis", {})}
         config = make_config(redis=redis_section, **overrides)
         cls = Gateway if request.param == "sync" else AsyncGateway
         twin = Twin(cls(config))

@@ -75,12 +75,6 @@ def tls_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TLSSe
     server.stop()
 
 
-# For the tests that expect Redis to answer: a TLS handshake and the first script load on a
-# busy machine can take longer than the default 0.25 s (seen: admitted locally, once, with
-# two suites on two cores). These tests are about TLS parameters, not timeouts.
-_PATIENT = {"connectTimeout": "5s", "socketTimeout": "5s"}
-
-
 @pytest.mark.parametrize("twin", ["sync", "async"])
 async def test_admit_and_settle_over_tls_with_a_private_ca(
         twin: str, tls_server: TLSServer, make_config: Callable[..., dict[str, Any]],
@@ -90,8 +84,7 @@ async def test_admit_and_settle_over_tls_with_a_private_ca(
         params |= {"ssl_certfile": tls_server.files["client"],
                    "ssl_keyfile": tls_server.files["client_key"]}
     cls = Gateway if twin == "sync" else AsyncGateway
-    gateway = cls(make_config(redis={"url": tls_server.url(**params), "retryInterval": "1h",
-                                     **_PATIENT}))
+    gateway = cls(make_config(redis={"url": tls_server.url(**params), "retryInterval": "1h"}))
     decision = await _maybe(gateway.admit(_info()))
     assert decision.allowed and not decision.ticket.local  # admitted by Redis, not locally
     await _maybe(gateway.settle(decision.ticket, Outcome(200, provider_usage=(3, 2)),
@@ -130,8 +123,7 @@ async def test_ssl_cert_reqs_none_skips_verification_on_both_stores(
     if tls_server.mutual:  # type: ignore[attr-defined]
         pytest.skip("the server wants a client certificate")
     cls = Gateway if twin == "sync" else AsyncGateway
-    gateway = cls(make_config(redis={"url": tls_server.url(ssl_cert_reqs="none"),
-                                     **_PATIENT}))
+    gateway = cls(make_config(redis={"url": tls_server.url(ssl_cert_reqs="none")}))
     decision = await _maybe(gateway.admit(_info()))
     assert decision.allowed and not decision.ticket.local
     await _maybe(gateway.close())
