@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import API_KEYS, BASE_CONFIG, PrefixCommands, reservations_held
+from conftest import API_KEYS, BASE_CONFIG, PATIENT_REDIS, PrefixCommands, reservations_held
 from replies import CHAT_CALLS
 from test_contract import ADAPTERS, Driver, Reply, serve
 
@@ -78,7 +78,7 @@ def cached(redis_server_url: str, key_prefix: str, rclient: redis.Redis, tmp_pat
     def make(adapter: str, **cache: Any) -> Iterator[Cached]:
         config = copy.deepcopy(BASE_CONFIG)
         config["redis"] = {"url": redis_server_url, "keyPrefix": key_prefix,
-                           "spoolDir": str(tmp_path / "spool")}
+                           "spoolDir": str(tmp_path / "spool"), **PATIENT_REDIS}
         config["cache"] = {"enabled": True, **cache}
         with serve(adapter, config) as server:
             yield Cached(server, rclient, key_prefix)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import BASE_CONFIG
+from conftest import BASE_CONFIG, PATIENT_REDIS
 from redis.cluster import RedisCluster
 
 from ai_saas_middleware import AsyncGateway, Gateway, RequestInfo
@@ -71,7 +71,7 @@ def _config(url: str, tmp_path: Any, key_prefix: str) -> dict[str, Any]:
     tenants = [{"id": f"tenant-{i}", "tier": "pro"} for i in range(24)]
     config["tenants"] = list(BASE_CONFIG["tenants"]) + tenants
     config["redis"] = {"url": url, "keyPrefix": key_prefix, "shards": 16,
-                       "spoolDir": str(tmp_path / "spool")}
+                       "spoolDir": str(tmp_path / "spool"), **PATIENT_REDIS}
     return config
 
 

@@ -100,7 +100,7 @@ from wsgiref.util import setup_testing_defaults
 import django
 import pytest
 import redis
-from conftest import API_KEYS, BASE_CONFIG, PrefixCommands, body_then_disconnect
+from conftest import API_KEYS, BASE_CONFIG, PATIENT_REDIS, PrefixCommands, body_then_disconnect
 from django_app import build_django_apps
 from flask_app import make_flask_app
 from replies import CHAT, SSE_WORDS, completion, sse_body
@@ -433,7 +433,8 @@ class Run:
 
 def contract_config(redis_url: str, prefix: str, spool_dir: Path) -> dict[str, Any]:
     config = copy.deepcopy(BASE_CONFIG)
-    config["redis"] = {"url": redis_url, "keyPrefix": prefix, "spoolDir": str(spool_dir)}
+    config["redis"] = {"url": redis_url, "keyPrefix": prefix, "spoolDir": str(spool_dir),
+                       **PATIENT_REDIS}
     return config
 
 
