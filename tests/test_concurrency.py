@@ -21,7 +21,12 @@ from typing import Any
 
 from ai_saas_middleware import AsyncGateway, Decision, Gateway, Outcome, RequestInfo
 
-QUOTA = 5_000
+# More than either process can take alone (every request of one admitted bills 5,177 or
+# 5,278 tokens, with at most 8 x 122 reserved in flight), less than both together (10,455):
+# so each process gets through and the quota runs out part way, whichever starts first and
+# however the machine schedules them. (At 5,000, one process alone could use it all: with
+# two suites on two cores, the asyncio process was once refused every request.)
+QUOTA = 7_000
 CLIENTS_PER_PROCESS = 8
 ATTEMPTS_PER_CLIENT = 12
 PROMPT = "p" * 40  # its estimate: estimate_prompt_tokens of the body
@@ -78,8 +83,7 @@ def _threads(config: dict[str, Any], barrier: Any, seed: int) -> list[Any]:
     return results
 
 
-async def _tasks(config: dict[str, Any], seed: int) -> list[Any]:
-    gateway = AsyncGateway(config)
+async def _tasks(gateway: AsyncGateway, seed: int) -> list[Any]:
     results: list[Any] = []
 
     async def client(n: int) -> None:
@@ -103,9 +107,10 @@ def client_process(style: str, config: dict[str, Any], barrier: Any, results: An
     try:
         if style == "threads":
             out = _threads(config, barrier, seed)
-        else:
+        else:  # the gateway made before the barrier, as the threads' is
+            gateway = AsyncGateway(config)
             barrier.wait()
-            out = asyncio.run(_tasks(config, seed))
+            out = asyncio.run(_tasks(gateway, seed))
         results.put((style, out))
     except BaseException as exc:  # report, so the parent fails instead of waiting
         results.put((style, f"{type(exc).__name__}: {exc}"))
