@@ -207,6 +207,69 @@ async def test_a_cancelled_caller_does_not_shift_the_replies_of_others(
     await store.close()
 
 
+async def test_callers_waiting_on_a_connection_lost_as_it_opened_get_a_fresh_one(
+        make_config, rclient, key_prefix) -> None:
+    """A connection lost in the instant after it opened (seen under a proxy that drops
+    replies: its loss was reported before the callers waiting on its connect resumed)
+    is an outage like any other: each caller's command goes on a fresh connection (the
+    store's one retry), never an AssertionError that a server answers with a 500."""
+    config = load_config(make_config())
+    store = AsyncRedisStore(config.redis)
+    month = time.strftime("%Y-%m", time.gmtime())
+    schema = KeySchema(key_prefix, 16)
+    for i in range(20):
+        rclient.set(schema.tenant(f"w{i}").quota(month), i + 1)
+
+    async def used(i: int) -> int:
+        k = schema.tenant(f"w{i}")
+        reply = await store.run_script(
+            "usage", [k.rate_limit, k.quota(month), k.record, k.api_keys], _usage_args(month))
+        return int(reply[2])
+
+    assert await used(0) == 1  # bound, scripts loaded
+    lane = store._lane
+    assert lane is not None
+    lane._drop(redis_py.ConnectionError("closed by the test"))
+    real_open, opened = lane._open, []
+
+    async def open_then_lose(loop: asyncio.AbstractEventLoop) -> None:
+        await real_open(loop)
+        opened.append(lane._transport)
+        if len(opened) == 1:  # lost before the callers waiting on this connect resume
+            loop.call_soon(lane._drop, redis_py.ConnectionError("lost as it opened"))
+
+    lane._open = open_then_lose  # type: ignore[method-assign]
+    assert await asyncio.gather(*(used(i) for i in range(20))) == list(range(1, 21))
+    assert len(opened) == 2  # the lost one, then one fresh connection for all the retries
+    await store.close()
+
+
+async def test_a_dropped_connections_late_loss_leaves_the_next_connection_alone(
+        make_config, rclient, key_prefix) -> None:
+    """asyncio reports a dropped connection's loss a loop tick or more after the drop; by
+    then the lane may be on a new connection with calls in flight, which that late report
+    must not fail (nor may the old connection's late bytes reach the new reader)."""
+    config = load_config(make_config())
+    store = AsyncRedisStore(config.redis)
+    month = time.strftime("%Y-%m", time.gmtime())
+    k = KeySchema(key_prefix, 16).tenant("late")
+    rclient.set(k.quota(month), 7)
+    args = ([k.rate_limit, k.quota(month), k.record, k.api_keys], _usage_args(month))
+    await store.run_script("usage", *args)
+    lane = store._lane
+    assert lane is not None and lane._transport is not None
+    old = lane._transport.get_protocol()
+    lane._drop(redis_py.ConnectionError("dropped by the test"))
+    await store.run_script("usage", *args)  # a new connection
+    call = asyncio.ensure_future(store.run_script("usage", *args))
+    await asyncio.sleep(0)  # written, in flight on the new connection
+    old.data_received(b"+stray\r\n")  # the old connection's last bytes, late
+    old.connection_lost(None)  # and its loss, late
+    assert int((await call)[2]) == 7
+    assert int((await store.run_script("usage", *args))[2]) == 7  # still in step
+    await store.close()
+
+
 async def test_lane_reloads_scripts_after_a_script_flush(make_config, rclient, key_prefix) -> None:
     config = load_config(make_config())
     store = AsyncRedisStore(config.redis)

@@ -432,14 +432,25 @@ class RedisStore:
 
 
 class _LaneProtocol(asyncio.Protocol):
+    """One connection of a :class:`_Lane`. Only the lane's current connection speaks
+    for it: a connection it has dropped or replaced may still deliver bytes or its loss
+    (asyncio reports them a loop tick or more later), which must not touch the calls or
+    the reader of the connection after it."""
+
     def __init__(self, lane: _Lane):
         self.lane = lane
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.lane._on_data(data)
+        if self.lane._transport is self.transport:
+            self.lane._on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lane._on_lost(exc)
+        if self.lane._transport is self.transport:
+            self.lane._on_lost(exc)
 
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
@@ -534,7 +545,11 @@ class _Lane:
     async def _connect_and_send(self, command: bytes) -> Any:
         await self._connect()
         transport = self._transport
-        assert transport is not None
+        if transport is None or transport.is_closing():
+            # Lost between its opening and this call's turn (a caller waiting on another's
+            # connect resumes a loop tick or two after it): an outage like any lost
+            # connection, which the store retries once on a fresh one.
+            raise RedisConnectionError("connection to Redis lost before the command was sent")
         return await self._send(transport, command)
 
     def _send(self, transport: asyncio.Transport, command: bytes) -> asyncio.Future[Any]:
@@ -594,6 +609,8 @@ class _Lane:
             await self._open(loop)
             self._connecting.set_result(None)
         except BaseException as exc:
+            if self._transport is not None:  # opened, but its AUTH or SELECT did not answer
+                self._drop(RedisConnectionError(f"cannot connect: {exc}"))
             # A refused AUTH (WRONGPASS, NOAUTH, NOPERM) stays an authentication error, as
             # redis-py's own connections raise it, so the store logs it as one.
             auth = isinstance(exc, ResponseError) and classify_reply(exc) is ReplyKind.AUTH
@@ -620,6 +637,8 @@ class _Lane:
                 transport, _ = await loop.create_connection(
                     lambda: _LaneProtocol(self), params.get("host", "localhost"),
                     params.get("port", 6379), ssl=ssl_context)
+            if transport.is_closing():  # the server closed it at once
+                raise RedisConnectionError("the connection was closed as it opened")
             self._transport = transport
             handshake = []
             if params.get("password"):
