@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -644,6 +645,45 @@ def test_the_worker_moves_settled_usage_through_the_ledger_to_stripe_once(
         worker.close()
     billed = {f"cus_{n}": expected.tokens[n] for i, n in enumerate(names) if i % 3}
     assert {c: int(v) for c, v in standin.state.totals().items()} == billed
+    assert standin.state.violations == []
+
+
+def test_a_drain_to_the_end_delivers_everything_to_a_slow_stripe(
+        make_config: Callable[..., dict[str, Any]], ledger_url: str, standin: Running,
+        redis_server_url: str, key_prefix: str) -> None:
+    """``ai-saas worker --once`` (``drain``) ends with a whole Stripe round, however long a
+    healthy Stripe takes: its last round is not the 5 s of a stop by signal (which left
+    deliveries pending after a cron run on a loaded machine)."""
+    import redis
+    from billing_events import Expected, settle_events, tenants
+
+    from ai_saas_middleware.billing.worker import Worker
+    from ai_saas_middleware.store.keys import KeySchema
+
+    names = tenants(12)
+    raw = make_config()
+    raw["tenants"] = [{"id": n, "tier": "pro", "apiKeys": [], "stripeCustomerId": f"cus_{n}"}
+                      for n in names]
+    raw["billing"] = {"database": ledger_url, "stripe": {
+        "apiKeyEnv": KEY_ENV, "apiBase": standin.url, "meterEventsBase": standin.url,
+        "interval": "1h", "streamAbove": 1000}}  # one request per delivery
+    config = load_config(raw)
+    client = redis.Redis.from_url(redis_server_url)
+    expected = Expected()
+    try:
+        settle_events(client, KeySchema(key_prefix, 16), 0, 600, names, expected)
+    finally:
+        client.close()
+    standin.state.latency_s = 0.5  # 12 deliveries: 6 s, more than a stop's 5 s
+    worker = Worker(config)
+    started = time.monotonic()
+    try:
+        assert worker.drain(60) == 600
+    finally:
+        worker.close()
+    assert time.monotonic() - started > 5  # (the round did take longer than a stop's)
+    assert {c: int(v) for c, v in standin.state.totals().items()} == {
+        f"cus_{n}": expected.tokens[n] for n in names}
     assert standin.state.violations == []
 
 

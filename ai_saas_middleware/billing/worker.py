@@ -678,10 +678,20 @@ class Worker:
         return Deliverer(self.config, self.ledger, customers_of(self.config, self.store))
 
     def _final_delivery(self) -> None:
+        """The last Stripe round. Stopping (a signal, :meth:`stop`): 5 s in all, so that
+        shutdown stays within seconds. A drain that ended by itself (``--once``): a whole
+        round, every delivery gathered and sent, only its retries of an unwell Stripe
+        bounded (as a tick's), so that a cron run leaves nothing behind for a healthy
+        Stripe however long the round takes."""
         if self.deliverer is None:
             return
+        from .stripe_sync import TICK_BUDGET_S
+
         try:
-            self.deliverer.flush(budget_s=_FINAL_DELIVERY_S, final=True)
+            if self.stopping:
+                self.deliverer.flush(budget_s=_FINAL_DELIVERY_S, final=True)
+            else:
+                self.deliverer.flush(budget_s=TICK_BUDGET_S)
         except Exception as exc:
             log.warning("billing worker %s: the last Stripe delivery failed (%s); it is "
                         "sent at the next start", self.name, exc)
