@@ -603,6 +603,8 @@ class _Lane:
         if self._connecting is not None:
             await asyncio.shield(self._connecting)
             return
+        if self._transport is not None:  # closing: its calls in flight end with it, now
+            self._drop(RedisConnectionError("connection to Redis lost: closed"))
         loop = asyncio.get_running_loop()
         self._connecting = loop.create_future()
         try:
