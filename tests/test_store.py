@@ -270,6 +270,41 @@ async def test_a_dropped_connections_late_loss_leaves_the_next_connection_alone(
     await store.close()
 
 
+async def test_a_reconnect_over_a_closing_connection_never_hands_its_replies_to_old_calls(
+        make_config, rclient, key_prefix) -> None:
+    """A connection that is closing (its loss not yet reported: asyncio waits for a write
+    buffer a stalled peer does not drain) still has calls in flight when the next call
+    reconnects. Those calls end with it, as an outage the store retries; they must never
+    be paired with the new connection's replies (a caller given another's answer)."""
+    config = load_config(make_config())
+    store = AsyncRedisStore(config.redis)
+    month = time.strftime("%Y-%m", time.gmtime())
+    schema = KeySchema(key_prefix, 16)
+    for name, value in (("old", 7), ("new", 11)):
+        rclient.set(schema.tenant(name).quota(month), value)
+
+    async def used(name: str) -> int:
+        k = schema.tenant(name)
+        reply = await store.run_script(
+            "usage", [k.rate_limit, k.quota(month), k.record, k.api_keys], _usage_args(month))
+        return int(reply[2])
+
+    assert await used("old") == 7  # connected, scripts loaded
+    lane = store._lane
+    assert lane is not None and lane._transport is not None
+    closing = lane._transport
+    held: list[Exception | None] = []
+    closing.get_protocol().connection_lost = held.append  # type: ignore[method-assign]
+    in_flight = asyncio.ensure_future(used("old"))
+    await asyncio.sleep(0)  # written on the old connection
+    closing.close()  # closing, its reply never read, its loss held back
+    assert closing.is_closing() and lane._transport is closing
+    assert await asyncio.wait_for(used("new"), 5) == 11  # reconnects over it
+    assert await asyncio.wait_for(in_flight, 5) == 7  # its own answer, on a retry
+    assert await used("new") == 11 and await used("old") == 7  # the new one in step
+    await store.close()
+
+
 async def test_lane_reloads_scripts_after_a_script_flush(make_config, rclient, key_prefix) -> None:
     config = load_config(make_config())
     store = AsyncRedisStore(config.redis)
