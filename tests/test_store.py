@@ -297,6 +297,7 @@ async def test_a_reconnect_over_a_closing_connection_never_hands_its_replies_to_
     closing.get_protocol().connection_lost = held.append  # type: ignore[method-assign]
     in_flight = asyncio.ensure_future(used("old"))
     await asyncio.sleep(0)  # written on the old connection
+    assert len(lane._pending) == 1  # (else the race below would not be run at all)
     closing.close()  # closing, its reply never read, its loss held back
     assert closing.is_closing() and lane._transport is closing
     assert await asyncio.wait_for(used("new"), 5) == 11  # reconnects over it
